@@ -1,0 +1,202 @@
+//! The listener: accept loop, ACL, client limit and the registry of sessions.
+//!
+//! # Handshakes
+//! - [`Shutdown`] (main → listener): stop accepting (the listening socket is closed), ask
+//!   every session to [`Close`], answer once the registry is empty. A second `Shutdown`
+//!   waits for the same moment.
+//! - [`SessionEnded`] (session → listener): removes the session from the registry; answers
+//!   pending shutdown waiters when it was the last one.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures_util::Stream;
+use tokio::sync::oneshot;
+
+use crate::acl::Acl;
+
+use super::session::{Close, CloseReason, Session, SessionConfig, SessionEnded};
+use super::ClientId;
+
+/// Pause after a failing `accept()` (for example EMFILE) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Settings of a listener.
+pub struct ListenerConfig {
+    pub acl: Acl,
+    pub max_clients: usize,
+    pub session: Arc<SessionConfig>,
+    /// Arbiters the sessions run on, used round-robin.
+    pub arbiters: Vec<ArbiterHandle>,
+}
+
+struct SessionEntry {
+    addr: Addr<Session>,
+    peer: SocketAddr,
+}
+
+pub struct Listener {
+    socket: Option<std::net::TcpListener>,
+    accept: Option<SpawnHandle>,
+    config: ListenerConfig,
+    sessions: HashMap<ClientId, SessionEntry>,
+    next_id: ClientId,
+    next_arbiter: usize,
+    /// Answered when the registry becomes empty after a shutdown began.
+    shutdown_waiters: Vec<oneshot::Sender<()>>,
+    shutting_down: bool,
+}
+
+/// Main → listener: stop accepting and close every session; answered when none is left.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+/// A new connection from the accept loop.
+struct Accepted(std::io::Result<(tokio::net::TcpStream, SocketAddr)>);
+
+impl Listener {
+    pub fn new(socket: std::net::TcpListener, config: ListenerConfig) -> Listener {
+        Listener {
+            socket: Some(socket),
+            accept: None,
+            config,
+            sessions: HashMap::new(),
+            next_id: 1,
+            next_arbiter: 0,
+            shutdown_waiters: Vec::new(),
+            shutting_down: false,
+        }
+    }
+
+    fn accept_stream(listener: tokio::net::TcpListener) -> impl Stream<Item = Accepted> {
+        futures_util::stream::unfold(listener, |listener| async move {
+            let result = listener.accept().await;
+            if let Err(e) = &result {
+                tracing::error!("accept() failed: {e}; retrying");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+            Some((Accepted(result), listener))
+        })
+    }
+
+    fn admit(&mut self, stream: tokio::net::TcpStream, peer: SocketAddr, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
+        }
+        if let Err(e) = crate::net::configure_accepted(&stream) {
+            tracing::error!("Couldn't set socket options for client {peer}: {e}; closing it");
+            return;
+        }
+        if !self.config.acl.allows(&peer.ip()) {
+            tracing::warn!("Rejecting client {peer}: Access control error");
+            return;
+        }
+        if self.sessions.len() >= self.config.max_clients {
+            tracing::warn!(
+                "Rejecting client {peer}: too many clients ({} connected)",
+                self.sessions.len()
+            );
+            return;
+        }
+        let socket = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("Couldn't hand over the socket of client {peer}: {e}");
+                return;
+            }
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let arbiters = &self.config.arbiters;
+        let session_config = self.config.session.clone();
+        let me = ctx.address().recipient();
+        let make =
+            move |_: &mut Context<Session>| Session::new(id, peer, socket, session_config, me);
+        let addr = if arbiters.is_empty() {
+            Session::create(make)
+        } else {
+            let arbiter = &arbiters[self.next_arbiter % arbiters.len()];
+            self.next_arbiter += 1;
+            Session::start_in_arbiter(arbiter, make)
+        };
+        tracing::info!(
+            "Client {} port {} accepted (session {id}).",
+            peer.ip(),
+            peer.port()
+        );
+        self.sessions.insert(id, SessionEntry { addr, peer });
+    }
+
+    fn answer_waiters_if_empty(&mut self) {
+        if self.sessions.is_empty() {
+            for waiter in self.shutdown_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+}
+
+impl Actor for Listener {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let socket = self.socket.take().expect("the listener starts once");
+        match tokio::net::TcpListener::from_std(socket) {
+            Ok(listener) => self.accept = Some(ctx.add_stream(Self::accept_stream(listener))),
+            Err(e) => {
+                crate::fatal!("Couldn't register the listening socket: {e}");
+                System::current().stop_with_code(1);
+            }
+        }
+    }
+}
+
+impl StreamHandler<Accepted> for Listener {
+    fn handle(&mut self, item: Accepted, ctx: &mut Self::Context) {
+        if let Accepted(Ok((stream, peer))) = item {
+            self.admit(stream, peer, ctx);
+        }
+    }
+
+    /// The accept stream never ends by itself; it is cancelled at shutdown, which must not
+    /// stop the listener while sessions are still closing.
+    fn finished(&mut self, _ctx: &mut Self::Context) {}
+}
+
+impl Handler<SessionEnded> for Listener {
+    type Result = ();
+
+    fn handle(&mut self, msg: SessionEnded, _ctx: &mut Self::Context) {
+        if let Some(entry) = self.sessions.remove(&msg.id) {
+            tracing::info!("Client {} disconnected (session {}).", entry.peer, msg.id);
+        }
+        self.answer_waiters_if_empty();
+    }
+}
+
+impl Handler<Shutdown> for Listener {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _msg: Shutdown, ctx: &mut Self::Context) -> Self::Result {
+        if !self.shutting_down {
+            self.shutting_down = true;
+            if let Some(accept) = self.accept.take() {
+                ctx.cancel_future(accept);
+            }
+            tracing::info!("Closing {} client(s) for shutdown", self.sessions.len());
+            for entry in self.sessions.values() {
+                entry.addr.do_send(Close(CloseReason::Shutdown));
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.shutdown_waiters.push(tx);
+        self.answer_waiters_if_empty();
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}

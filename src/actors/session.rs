@@ -1,0 +1,459 @@
+//! One client connection.
+//!
+//! The session owns its socket. A [`Reader`] stream (added with `ctx.add_stream`) yields
+//! checked requests; the session executes each one at once, without waiting for the
+//! previous ones, and hands the reply to its writer task. Cached reads are answered inline
+//! (`preadv2(RWF_NOWAIT)`), everything that may block (uncached reads, writes, flushes)
+//! runs on the blocking pool, so the mailbox and the reader stay live.
+//!
+//! Memory is bounded per connection by two semaphores: `max_in_flight` slots (one per
+//! request from header to reply) and a payload budget in bytes (a WRITE part from its first
+//! byte until it is in the file, a READ buffer from before the file is read until the
+//! reply is on the socket). See `docs/architecture.md`.
+//!
+//! # Handshakes
+//! - [`Close`] (listener → session): stop reading requests, answer those in flight (up to
+//!   the grace period), then close the socket and stop. Answered at once; the listener
+//!   learns the end through [`SessionEnded`].
+//! - [`SessionEnded`] (session → listener): sent from `stopped()`, whatever the reason.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::protocol::reply::simple_reply;
+use crate::protocol::request::ExportRules;
+use crate::protocol::Errno;
+use crate::storage::{Backing, NowaitRead};
+
+use super::reader::{Incoming, Reader, ReaderConfig, WriteCompletion};
+use super::writer::{self, Body, Outgoing, Permits};
+use super::ClientId;
+
+/// What every session of a server shares: the export and the limits.
+#[derive(Debug)]
+pub struct SessionConfig {
+    pub backing: Arc<Backing>,
+    pub rules: ExportRules,
+    /// The bytes sent before the first request (the old-style hello).
+    pub hello: Bytes,
+    /// Every WRITE durable before its reply (`--sync-writes`, what C flexnbd always does).
+    pub sync_writes: bool,
+    /// Requests in flight per connection (64 by default).
+    pub max_in_flight: usize,
+    /// Payload bytes buffered per connection; at least `part_size`.
+    pub payload_budget: usize,
+    /// Largest piece of a payload handled as one unit.
+    pub part_size: usize,
+    /// `-k`: close a client whose request makes no progress for this long.
+    pub killswitch: Option<Duration>,
+    /// How long a closing session waits for its requests in flight.
+    pub grace: Duration,
+}
+
+impl SessionConfig {
+    pub const DEFAULT_IN_FLIGHT: usize = 64;
+    pub const DEFAULT_PART: usize = 8 << 20;
+    pub const DEFAULT_BUDGET: usize = 32 << 20;
+}
+
+/// Why a session is asked to close.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    Shutdown,
+    AclChanged,
+    Migration,
+}
+
+/// Listener → session: finish what is in flight and close. See the module docs.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Close(pub CloseReason);
+
+/// Session → listener: the session has stopped and its socket is closed.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct SessionEnded {
+    pub id: ClientId,
+    /// The client sent NBD_CMD_DISC (a listener treats this as migration complete).
+    pub disconnect_seen: bool,
+}
+
+pub struct Session {
+    id: ClientId,
+    peer: std::net::SocketAddr,
+    config: Arc<SessionConfig>,
+    listener: Recipient<SessionEnded>,
+    /// The accepted socket until `started` splits it.
+    socket: Option<std::net::TcpStream>,
+    /// A duplicate of the socket, to shut it down when a client must be cut off.
+    killer: Option<OwnedFd>,
+    replies: Option<mpsc::Sender<Outgoing>>,
+    reader: Option<SpawnHandle>,
+    slots: Arc<Semaphore>,
+    budget: Arc<Semaphore>,
+    disconnect: Arc<AtomicBool>,
+    closing: bool,
+    writer_done: bool,
+    /// When the last reply left (for the killswitch).
+    last_progress: Instant,
+}
+
+impl Session {
+    pub fn new(
+        id: ClientId,
+        peer: std::net::SocketAddr,
+        socket: std::net::TcpStream,
+        config: Arc<SessionConfig>,
+        listener: Recipient<SessionEnded>,
+    ) -> Session {
+        let slots = Arc::new(Semaphore::new(config.max_in_flight));
+        let budget = Arc::new(Semaphore::new(config.payload_budget.max(config.part_size)));
+        Session {
+            id,
+            peer,
+            config,
+            listener,
+            socket: Some(socket),
+            killer: None,
+            replies: None,
+            reader: None,
+            slots,
+            budget,
+            disconnect: Default::default(),
+            closing: false,
+            writer_done: false,
+            last_progress: Instant::now(),
+        }
+    }
+
+    fn start_io(&mut self, ctx: &mut Context<Self>) -> std::io::Result<()> {
+        let socket = self.socket.take().ok_or(std::io::ErrorKind::NotConnected)?;
+        let stream = tokio::net::TcpStream::from_std(socket)?;
+        self.killer = stream.as_fd().try_clone_to_owned().ok();
+        let (read_half, write_half) = stream.into_split();
+
+        let (tx, rx) = mpsc::channel(self.config.max_in_flight + 1);
+        self.replies = Some(tx);
+        let writer = actix_rt::spawn(writer::run(write_half, self.config.hello.clone(), rx));
+        ctx.spawn(writer.into_actor(self).map(|result, act, ctx| {
+            act.writer_done = true;
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("Sending to client {} failed: {e}", act.peer),
+                Err(e) => tracing::error!("The writer of client {} failed: {e}", act.peer),
+            }
+            if act.closing && act.replies.is_none() {
+                ctx.stop();
+            } else {
+                act.begin_close("its connection failed", ctx);
+            }
+        }));
+
+        let reader = Reader::new(
+            read_half,
+            ReaderConfig {
+                rules: self.config.rules,
+                part_size: self.config.part_size,
+                sync_writes: self.config.sync_writes,
+                killswitch: self.config.killswitch,
+                peer: self.peer,
+            },
+            self.slots.clone(),
+            self.budget.clone(),
+        );
+        self.disconnect = reader.disconnect.clone();
+        self.reader = Some(ctx.add_stream(reader.into_stream()));
+        if let Some(limit) = self.config.killswitch {
+            ctx.run_interval(Duration::from_secs(1), move |act, _| {
+                act.check_killswitch(limit)
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends a reply. Every reply holds an in-flight slot and the channel has room for
+    /// all slots, so this never waits; if the writer is gone the reply is dropped (and
+    /// its permits released).
+    fn send(replies: &Option<mpsc::Sender<Outgoing>>, reply: Outgoing) {
+        if let Some(tx) = replies {
+            let _ = tx.try_send(reply);
+        }
+    }
+
+    fn reply(cookie: u64, error: Option<Errno>, body: Body, permits: Permits) -> Outgoing {
+        Outgoing {
+            header: Bytes::copy_from_slice(&simple_reply(cookie, error)),
+            body,
+            permits,
+        }
+    }
+
+    fn execute(&mut self, item: Incoming) {
+        match item {
+            Incoming::Read {
+                cookie,
+                offset,
+                length,
+                permits,
+            } => self.read(cookie, offset, length, permits),
+            Incoming::Write {
+                offset,
+                data,
+                durable,
+                completion,
+                budget,
+            } => self.write(offset, data, durable, completion, budget),
+            Incoming::Flush { cookie, permits } => self.flush(cookie, permits),
+            Incoming::Reply {
+                cookie,
+                error,
+                permits,
+            } => Self::send(
+                &self.replies,
+                Self::reply(cookie, error, Body::None, permits),
+            ),
+            Incoming::BadMagic { cookie, permits } => Self::send(
+                &self.replies,
+                Self::reply(cookie, Some(Errno::EBADMSG), Body::None, permits),
+            ),
+        }
+    }
+
+    fn read(&mut self, cookie: u64, offset: u64, length: u64, permits: Permits) {
+        let backing = self.config.backing.clone();
+        if length > self.config.part_size as u64 {
+            let body = Body::File {
+                backing,
+                offset,
+                length,
+                part: self.config.part_size,
+            };
+            Self::send(&self.replies, Self::reply(cookie, None, body, permits));
+            return;
+        }
+        let len = length as usize;
+        let mut buf = BytesMut::with_capacity(len);
+        let done = match backing.read_nowait(&mut buf, offset, len) {
+            Ok(NowaitRead::Done) => Ok(buf),
+            Ok(NowaitRead::Partial(n)) => {
+                let replies = self.replies.clone();
+                actix_rt::spawn(async move {
+                    let result = tokio::task::spawn_blocking(move || {
+                        backing
+                            .read_into(&mut buf, offset + n as u64, len - n)
+                            .map(|()| buf)
+                    })
+                    .await;
+                    let reply = match result {
+                        Ok(Ok(buf)) => Self::reply(cookie, None, Body::Data(buf.freeze()), permits),
+                        Ok(Err(e)) => Self::read_failed(cookie, offset, length, e, permits),
+                        Err(e) => Self::read_failed(
+                            cookie,
+                            offset,
+                            length,
+                            std::io::Error::other(e),
+                            permits,
+                        ),
+                    };
+                    Self::send(&replies, reply);
+                });
+                return;
+            }
+            Err(e) => Err(e),
+        };
+        let reply = match done {
+            Ok(buf) => Self::reply(cookie, None, Body::Data(buf.freeze()), permits),
+            Err(e) => Self::read_failed(cookie, offset, length, e, permits),
+        };
+        Self::send(&self.replies, reply);
+    }
+
+    fn read_failed(
+        cookie: u64,
+        offset: u64,
+        length: u64,
+        e: std::io::Error,
+        permits: Permits,
+    ) -> Outgoing {
+        tracing::error!("Reading {length} bytes at {offset} failed: {e}");
+        Self::reply(
+            cookie,
+            Some(Errno::from_os_error(e.raw_os_error())),
+            Body::None,
+            permits,
+        )
+    }
+
+    fn write(
+        &mut self,
+        offset: u64,
+        data: Bytes,
+        durable: bool,
+        completion: WriteCompletion,
+        budget: Option<OwnedSemaphorePermit>,
+    ) {
+        let backing = self.config.backing.clone();
+        let replies = self.replies.clone();
+        actix_rt::spawn(async move {
+            let len = data.len() as u64;
+            let result =
+                tokio::task::spawn_blocking(move || backing.write_at(&data, offset, durable)).await;
+            // The payload is in the file (or failed): its budget is free again.
+            drop(budget);
+            let error = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => {
+                    tracing::error!("Writing {len} bytes at {offset} failed: {e}");
+                    Some(Errno::from_os_error(e.raw_os_error()))
+                }
+                Err(e) => {
+                    tracing::error!("Writing {len} bytes at {offset} failed: {e}");
+                    Some(Errno::EIO)
+                }
+            };
+            let (cookie, error, slot) = match completion {
+                WriteCompletion::Whole { cookie, slot } => (cookie, error, slot),
+                WriteCompletion::Part(group) => match group.part_done(len, error) {
+                    Some(done) => done,
+                    None => return,
+                },
+            };
+            let permits = Permits { slot, bytes: None };
+            Self::send(&replies, Self::reply(cookie, error, Body::None, permits));
+        });
+    }
+
+    fn flush(&mut self, cookie: u64, permits: Permits) {
+        let backing = self.config.backing.clone();
+        let replies = self.replies.clone();
+        actix_rt::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || backing.sync_data()).await;
+            let error = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => {
+                    tracing::error!("Flushing the export failed: {e}");
+                    Some(Errno::EIO)
+                }
+                Err(e) => {
+                    tracing::error!("Flushing the export failed: {e}");
+                    Some(Errno::EIO)
+                }
+            };
+            Self::send(&replies, Self::reply(cookie, error, Body::None, permits));
+        });
+    }
+
+    /// Stops reading, waits (up to the grace period) until every request in flight has
+    /// been answered, then lets the writer finish and stops.
+    fn begin_close(&mut self, why: &str, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        tracing::info!("Closing client {}: {why}", self.peer);
+        if let Some(reader) = self.reader.take() {
+            ctx.cancel_future(reader);
+        }
+        let slots = self.slots.clone();
+        let all = self.config.max_in_flight as u32;
+        let grace = self.config.grace;
+        let drained = async move {
+            tokio::time::timeout(grace, slots.acquire_many_owned(all))
+                .await
+                .is_ok()
+        };
+        ctx.spawn(drained.into_actor(self).map(|drained, act, ctx| {
+            if !drained {
+                tracing::warn!(
+                    "Client {} still had requests in flight after {:?}; cutting it off",
+                    act.peer,
+                    act.config.grace
+                );
+                act.shut_socket();
+            }
+            // Every reply is on the socket (or abandoned): the writer ends once the last
+            // sender is gone.
+            act.replies = None;
+            if act.writer_done || !drained {
+                ctx.stop();
+            }
+        }));
+    }
+
+    fn shut_socket(&self) {
+        if let Some(fd) = &self.killer {
+            // SAFETY: `fd` is an open descriptor we own (a dup of the socket); shutdown has no
+            // memory-safety preconditions and only affects the connection.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+
+    fn check_killswitch(&mut self, limit: Duration) {
+        let busy = self.slots.available_permits() < self.config.max_in_flight;
+        if busy && self.last_progress.elapsed() > limit {
+            tracing::warn!(
+                "Killswitch: a request of client {} made no progress for {} s; closing it",
+                self.peer,
+                limit.as_secs()
+            );
+            self.shut_socket();
+        } else if !busy {
+            self.last_progress = Instant::now();
+        }
+    }
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Err(e) = self.start_io(ctx) {
+            tracing::error!(
+                "Couldn't set up the connection of client {}: {e}",
+                self.peer
+            );
+            ctx.stop();
+        }
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.shut_socket();
+        self.listener.do_send(SessionEnded {
+            id: self.id,
+            disconnect_seen: self.disconnect.load(Ordering::Relaxed),
+        });
+    }
+}
+
+impl StreamHandler<Incoming> for Session {
+    fn handle(&mut self, item: Incoming, _ctx: &mut Self::Context) {
+        self.last_progress = Instant::now();
+        self.execute(item);
+    }
+
+    /// The client disconnected, sent DISC, sent garbage, or its socket failed. The default
+    /// would stop the actor at once; we first answer what is in flight.
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        self.reader = None;
+        self.begin_close("its request stream ended", ctx);
+    }
+}
+
+impl Handler<Close> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: Close, ctx: &mut Self::Context) {
+        let why = match msg.0 {
+            CloseReason::Shutdown => "the server is shutting down",
+            CloseReason::AclChanged => "the access control list no longer admits it",
+            CloseReason::Migration => "the migration is entering its final pass",
+        };
+        self.begin_close(why, ctx);
+    }
+}

@@ -1,0 +1,151 @@
+//! The task that owns a session's write half and sends its replies.
+//!
+//! Replies arrive on a bounded channel in completion order. The writer takes everything
+//! queued (up to a batch) and sends it with vectored writes, header and payload `Bytes`
+//! side by side with no copy. It is the only place that writes to the socket, so replies are
+//! never interleaved. A reply's permits are released only after its bytes were written:
+//! that is what bounds a session's memory when a client stops reading.
+
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use crate::storage::Backing;
+
+/// Replies gathered into one vectored write at most.
+const BATCH: usize = 64;
+
+/// The permits a request holds from the moment its header is read until its reply has
+/// been written: one in-flight slot, and its share of the payload byte budget.
+#[derive(Debug, Default)]
+pub(crate) struct Permits {
+    #[expect(dead_code, reason = "held only for its Drop, which frees the slot")]
+    pub slot: Option<OwnedSemaphorePermit>,
+    pub bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// What follows a reply header.
+pub(crate) enum Body {
+    None,
+    Data(Bytes),
+    /// A read too large to buffer whole: the writer reads and sends it part by part, so the
+    /// reply stays contiguous on the wire while memory stays bounded.
+    File {
+        backing: Arc<Backing>,
+        offset: u64,
+        length: u64,
+        part: usize,
+    },
+}
+
+/// One reply, ready to be written.
+pub(crate) struct Outgoing {
+    pub header: Bytes,
+    pub body: Body,
+    #[expect(
+        dead_code,
+        reason = "held only for its Drop, after the reply is written"
+    )]
+    pub permits: Permits,
+}
+
+/// Runs until the channel closes (every sender gone) or a write fails. Sends `hello`
+/// first, then the replies.
+pub(crate) async fn run(
+    mut sock: OwnedWriteHalf,
+    hello: Bytes,
+    mut replies: mpsc::Receiver<Outgoing>,
+) -> io::Result<()> {
+    sock.write_all(&hello).await?;
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(BATCH);
+    while let Some(first) = replies.recv().await {
+        batch.push(first);
+        while batch.len() < BATCH {
+            match replies.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        write_batch(&mut sock, &mut batch).await?;
+    }
+    sock.shutdown().await
+}
+
+async fn write_batch(sock: &mut OwnedWriteHalf, batch: &mut Vec<Outgoing>) -> io::Result<()> {
+    let mut start = 0;
+    while start < batch.len() {
+        // Send every in-memory reply up to the next file-streamed one in one go.
+        let end = batch[start..]
+            .iter()
+            .position(|o| matches!(o.body, Body::File { .. }))
+            .map_or(batch.len(), |p| start + p);
+        write_vectored_all(sock, &batch[start..end]).await?;
+        if end < batch.len() {
+            stream_file_reply(sock, &batch[end]).await?;
+            start = end + 1;
+        } else {
+            start = end;
+        }
+    }
+    // Dropping the replies releases their permits.
+    batch.clear();
+    Ok(())
+}
+
+async fn write_vectored_all(sock: &mut OwnedWriteHalf, items: &[Outgoing]) -> io::Result<()> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(items.len() * 2);
+    for item in items {
+        slices.push(IoSlice::new(&item.header));
+        if let Body::Data(data) = &item.body {
+            if !data.is_empty() {
+                slices.push(IoSlice::new(data));
+            }
+        }
+    }
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = sock.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+async fn stream_file_reply(sock: &mut OwnedWriteHalf, item: &Outgoing) -> io::Result<()> {
+    let Body::File {
+        backing,
+        offset,
+        length,
+        part,
+    } = &item.body
+    else {
+        return Ok(());
+    };
+    sock.write_all(&item.header).await?;
+    let mut done = 0u64;
+    while done < *length {
+        let len = (*length - done).min(*part as u64) as usize;
+        let at = offset + done;
+        let backing = backing.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            let mut buf = BytesMut::with_capacity(len);
+            backing.read_into(&mut buf, at, len).map(|()| buf)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        // A failure here, after an OK header, can only be reported by closing the
+        // connection: the `?` ends the writer and the session closes the socket.
+        sock.write_all(&data).await?;
+        done += len as u64;
+    }
+    Ok(())
+}

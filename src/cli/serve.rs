@@ -1,0 +1,220 @@
+//! `flexnbd serve` (flexnbd §3.2, §5).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use clap::ArgMatches;
+
+use crate::acl::Acl;
+use crate::actors::listener::{Listener, ListenerConfig, Shutdown};
+use crate::actors::session::SessionConfig;
+use crate::addr::{parse_ip, parse_port};
+use crate::protocol::handshake::OldstyleHello;
+use crate::protocol::request::{Dialect, ExportRules};
+use crate::protocol::tflags;
+use crate::storage::Backing;
+use crate::{fatal, logging};
+
+use super::{flag, value};
+
+/// Seconds a `-k` client may make no progress (flexnbd §11).
+const KILLSWITCH: Duration = Duration::from_secs(120);
+/// Default client limit of `serve` (flexnbd §14).
+const DEFAULT_MAX_CLIENTS: usize = 16;
+/// Default grace for requests in flight at shutdown.
+const DEFAULT_GRACE_SECS: u64 = 10;
+
+/// Everything `serve` needs, validated.
+struct ServeOptions {
+    addr: IpAddr,
+    port: u16,
+    file: PathBuf,
+    acl: Acl,
+    killswitch: bool,
+    max_clients: usize,
+    sync_writes: bool,
+    grace: Duration,
+}
+
+pub fn serve(matches: &ArgMatches) -> i32 {
+    let (addr, port, file) = (
+        value(matches, "addr"),
+        value(matches, "port"),
+        value(matches, "file"),
+    );
+    let mut missing = false;
+    if addr.is_none() || port.is_none() {
+        eprintln!("both --addr and --port are required.");
+        missing = true;
+    }
+    if file.is_none() {
+        eprintln!("--file is required");
+        missing = true;
+    }
+    if missing {
+        eprint!(
+            "{}",
+            super::spec::find("serve").expect("serve exists").help()
+        );
+        return 1;
+    }
+    logging::set_context(file.unwrap_or_default());
+    match options(matches).and_then(run) {
+        Ok(code) => code,
+        Err(e) => {
+            fatal!("{e:#}");
+            1
+        }
+    }
+}
+
+fn options(matches: &ArgMatches) -> anyhow::Result<ServeOptions> {
+    let addr_text = value(matches, "addr").unwrap_or_default();
+    let Some(addr) = parse_ip(addr_text) else {
+        bail!("Couldn't parse server address '{addr_text}' (use 0 if you want to bind to all)");
+    };
+    let entries: Vec<&String> = matches
+        .get_many::<String>("positional")
+        .into_iter()
+        .flatten()
+        .collect();
+    let acl = Acl::parse(&entries, flag(matches, "default-deny"))?;
+    let port = parse_port(value(matches, "port").unwrap_or_default())?;
+    let max_clients = match value(matches, "max-clients") {
+        None => DEFAULT_MAX_CLIENTS,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => bail!("--max-clients must be a positive whole number, not '{text}'"),
+        },
+    };
+    let grace = match value(matches, "grace") {
+        None => Duration::from_secs(DEFAULT_GRACE_SECS),
+        Some(text) => match text.parse::<f64>() {
+            Ok(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
+            _ => bail!("--grace must be a number of seconds, not '{text}'"),
+        },
+    };
+    Ok(ServeOptions {
+        addr,
+        port,
+        file: PathBuf::from(value(matches, "file").unwrap_or_default()),
+        acl,
+        killswitch: flag(matches, "killswitch"),
+        max_clients,
+        sync_writes: flag(matches, "sync-writes"),
+        grace,
+    })
+}
+
+fn run(opts: ServeOptions) -> anyhow::Result<i32> {
+    // Validate the file before the port is bound, so nothing looks ready for a server that
+    // is about to fail (flexnbd §5.1).
+    let backing = Arc::new(Backing::open(&opts.file)?);
+    let socket = crate::net::bind_listener(opts.addr, opts.port)
+        .map_err(|e| anyhow::anyhow!("Failed to bind() socket: {e}"))?;
+    let local = socket.local_addr().context("reading the bound address")?;
+    tracing::info!(
+        "Serving {} ({} bytes) on {local}",
+        opts.file.display(),
+        backing.size()
+    );
+
+    let hello = OldstyleHello {
+        size: backing.size(),
+        flags: tflags::FLEXNBD_COMPAT,
+    };
+    let session = Arc::new(SessionConfig {
+        backing: backing.clone(),
+        rules: ExportRules {
+            size: backing.size(),
+            dialect: Dialect::Oldstyle,
+        },
+        hello: Bytes::copy_from_slice(&hello.encode()),
+        sync_writes: opts.sync_writes,
+        max_in_flight: SessionConfig::DEFAULT_IN_FLIGHT,
+        payload_budget: SessionConfig::DEFAULT_BUDGET,
+        part_size: SessionConfig::DEFAULT_PART,
+        killswitch: opts.killswitch.then_some(KILLSWITCH),
+        grace: opts.grace,
+    });
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let grace = opts.grace;
+    let system = System::new();
+    system.block_on(async move {
+        let mut signals = Signals::install()?;
+        let arbiters: Vec<Arbiter> = (0..workers).map(|_| Arbiter::new()).collect();
+        let listener = Listener::new(
+            socket,
+            ListenerConfig {
+                acl: opts.acl,
+                max_clients: opts.max_clients,
+                session,
+                arbiters: arbiters.iter().map(Arbiter::handle).collect(),
+            },
+        )
+        .start();
+        let signal = signals.wait().await;
+        tracing::info!("Received {signal}: shutting down");
+        // Sessions enforce the grace themselves; the extra time only guards against a
+        // session that cannot even report its end.
+        let backstop = grace + Duration::from_secs(5);
+        if tokio::time::timeout(backstop, listener.send(Shutdown))
+            .await
+            .is_err()
+        {
+            tracing::error!("Some clients did not close within {backstop:?}; exiting anyway");
+        }
+        for arbiter in &arbiters {
+            arbiter.stop();
+        }
+        for arbiter in arbiters {
+            let _ = arbiter.join();
+        }
+        flush(&backing)
+    })
+}
+
+/// The last step of every shutdown: nothing acknowledged stays only in the page cache.
+fn flush(backing: &Backing) -> anyhow::Result<i32> {
+    match backing.sync_data() {
+        Ok(()) => {
+            tracing::info!("Flushed {}; exiting", backing.path().display());
+            Ok(0)
+        }
+        Err(e) => bail!(
+            "Flushing {} at shutdown failed: {e}",
+            backing.path().display()
+        ),
+    }
+}
+
+/// SIGINT, SIGTERM and SIGQUIT, the signals that start a graceful shutdown.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            quit: signal(SignalKind::quit()).context("installing the SIGQUIT handler")?,
+        })
+    }
+
+    async fn wait(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.quit.recv() => "SIGQUIT",
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The table of modes and options, from which both the clap parsers and the help texts are
+//! made, so that the two never disagree.
+
+use clap::{Arg, ArgAction, Command};
+
+/// How an option takes its value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `--opt VALUE` or `--opt=VALUE`.
+    Value(&'static str),
+    /// A plain flag.
+    Flag,
+    /// A plain flag that tolerates (and ignores) `--opt=VALUE`, as C's `--killswitch` and
+    /// `--unlink` took one (flexnbd §3.2). A following separate word is never consumed.
+    FlagIgnoringValue,
+}
+
+pub struct Opt {
+    pub long: &'static str,
+    pub short: Option<char>,
+    pub kind: Kind,
+    pub help: &'static str,
+}
+
+pub struct Mode {
+    pub name: &'static str,
+    pub usage: &'static str,
+    pub description: &'static str,
+    pub opts: &'static [Opt],
+    /// Name of the positional arguments, if the mode takes any.
+    pub positional: Option<&'static str>,
+    /// `flexnbd help MODE` knows this mode (flexnbd §3.12).
+    pub in_help_mode: bool,
+}
+
+const fn opt(long: &'static str, short: char, kind: Kind, help: &'static str) -> Opt {
+    Opt {
+        long,
+        short: Some(short),
+        kind,
+        help,
+    }
+}
+
+const fn long_only(long: &'static str, kind: Kind, help: &'static str) -> Opt {
+    Opt {
+        long,
+        short: None,
+        kind,
+        help,
+    }
+}
+
+use Kind::{Flag, FlagIgnoringValue, Value};
+
+const COMMON: &[Opt] = &[
+    opt("help", 'h', Flag, "Print this text and exit."),
+    opt(
+        "verbose",
+        'v',
+        Flag,
+        "Log informational messages (and debug ones in debug builds).",
+    ),
+    opt("quiet", 'q', Flag, "Log only fatal errors."),
+];
+
+const SERVE_OPTS: &[Opt] = &[
+    opt(
+        "addr",
+        'l',
+        Value("ADDR"),
+        "The address to serve on (0 for every IPv4 address).",
+    ),
+    opt("port", 'p', Value("PORT"), "The port to serve on."),
+    opt("file", 'f', Value("FILE"), "The file to serve."),
+    opt(
+        "sock",
+        's',
+        Value("SOCK"),
+        "Path of the control socket to open.",
+    ),
+    opt(
+        "default-deny",
+        'd',
+        Flag,
+        "Refuse every client while the access control list is empty.",
+    ),
+    opt(
+        "killswitch",
+        'k',
+        FlagIgnoringValue,
+        "Close a client whose request makes no progress for 120 s.",
+    ),
+    long_only(
+        "max-clients",
+        Value("N"),
+        "Serve at most N clients at once (default 16).",
+    ),
+    long_only(
+        "sync-writes",
+        Flag,
+        "Make every write durable before answering it, as C flexnbd does.",
+    ),
+    long_only(
+        "grace",
+        Value("SECONDS"),
+        "At shutdown, wait this long for requests in flight (default 10).",
+    ),
+];
+
+const CLIENT_OPTS: &[Opt] = &[
+    opt("addr", 'l', Value("ADDR"), "The address of the server."),
+    opt("port", 'p', Value("PORT"), "The port of the server."),
+    opt("from", 'F', Value("OFFSET"), "Byte offset to start at."),
+    opt(
+        "size",
+        'S',
+        Value("SIZE"),
+        "Number of bytes (for write: or a file whose contents to write).",
+    ),
+    opt(
+        "bind",
+        'b',
+        Value("BIND_ADDR"),
+        "Local address to connect from.",
+    ),
+];
+
+const SOCK_ONLY: &[Opt] = &[opt(
+    "sock",
+    's',
+    Value("SOCK"),
+    "The control socket of the server.",
+)];
+
+pub const MODES: &[Mode] = &[
+    Mode {
+        name: "serve",
+        usage: "flexnbd serve --addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny] [--killswitch] [ACL_ENTRY...]",
+        description: "Serve FILE over NBD on ADDR:PORT to the clients the access control list admits.",
+        opts: SERVE_OPTS,
+        positional: Some("ACL_ENTRY"),
+        in_help_mode: true,
+    },
+    Mode {
+        name: "listen",
+        usage: "flexnbd listen --addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny] [ACL_ENTRY...]",
+        description: "Receive a migration into FILE on ADDR:PORT, then exit.",
+        opts: SERVE_OPTS,
+        positional: Some("ACL_ENTRY"),
+        in_help_mode: true,
+    },
+    Mode {
+        name: "read",
+        usage: "flexnbd read --addr ADDR --port PORT --from OFFSET --size SIZE [--bind BIND_ADDR]",
+        description: "Read SIZE bytes at OFFSET from an NBD server and write them to standard output.",
+        opts: CLIENT_OPTS,
+        positional: None,
+        in_help_mode: true,
+    },
+    Mode {
+        name: "write",
+        usage: "flexnbd write --addr ADDR --port PORT --from OFFSET --size SIZE [--bind BIND_ADDR]",
+        description: "Write SIZE bytes from standard input to an NBD server at OFFSET.",
+        opts: CLIENT_OPTS,
+        positional: None,
+        in_help_mode: true,
+    },
+    Mode {
+        name: "acl",
+        usage: "flexnbd acl --sock SOCK [ACL_ENTRY...]",
+        description: "Replace the access control list of a running server.",
+        opts: SOCK_ONLY,
+        positional: Some("ACL_ENTRY"),
+        in_help_mode: true,
+    },
+    Mode {
+        name: "mirror-speed",
+        usage: "flexnbd mirror-speed --sock SOCK --max-speed BPS",
+        description: "Set the bandwidth limit of a running migration.",
+        opts: &[
+            opt("sock", 's', Value("SOCK"), "The control socket of the source server."),
+            opt("max-speed", 'm', Value("BPS"), "The limit in bytes per second."),
+        ],
+        positional: None,
+        in_help_mode: false,
+    },
+    Mode {
+        name: "mirror",
+        usage: "flexnbd mirror --addr ADDR --port PORT --sock SOCK [--unlink] [--bind BIND_ADDR]",
+        description: "Migrate a running server's export to the server listening on ADDR:PORT.",
+        opts: &[
+            opt("sock", 's', Value("SOCK"), "The control socket of the source server."),
+            opt("addr", 'l', Value("ADDR"), "The address of the destination."),
+            opt("port", 'p', Value("PORT"), "The port of the destination."),
+            opt("unlink", 'u', FlagIgnoringValue, "Delete the source file before handing over."),
+            opt("bind", 'b', Value("BIND_ADDR"), "Local address to connect from."),
+        ],
+        positional: None,
+        in_help_mode: true,
+    },
+    Mode {
+        name: "break",
+        usage: "flexnbd break --sock SOCK",
+        description: "Stop a running migration.",
+        opts: SOCK_ONLY,
+        positional: Some("ARG"),
+        in_help_mode: false,
+    },
+    Mode {
+        name: "status",
+        usage: "flexnbd status --sock SOCK",
+        description: "Print the status line of a running server.",
+        opts: SOCK_ONLY,
+        positional: None,
+        in_help_mode: true,
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static Mode> {
+    MODES.iter().find(|m| m.name == name)
+}
+
+pub fn general_help() -> String {
+    let mut out = String::from(
+        "Usage: flexnbd <cmd> [cmd options]\n\n\
+         Commands:\n\
+         \tflexnbd serve\n\
+         \tflexnbd listen\n\
+         \tflexnbd read\n\
+         \tflexnbd write\n\
+         \tflexnbd acl\n\
+         \tflexnbd mirror-speed\n\
+         \tflexnbd mirror\n\
+         \tflexnbd break\n\
+         \tflexnbd status\n\
+         \tflexnbd help\n\n",
+    );
+    out.push_str("See flexnbd help <cmd> for further info\n");
+    out
+}
+
+impl Mode {
+    pub fn all_opts(&self) -> impl Iterator<Item = &Opt> {
+        self.opts.iter().chain(COMMON.iter())
+    }
+
+    /// `Usage: ...`, a description, then one tab-indented line per option.
+    pub fn help(&self) -> String {
+        let mut out = format!("Usage: {}\n\n{}\n\n", self.usage, self.description);
+        for o in self.all_opts() {
+            let short = o.short.map(|s| format!(",-{s}")).unwrap_or_default();
+            let arg = match o.kind {
+                Value(name) => format!(" <{name}>"),
+                _ => String::new(),
+            };
+            out.push_str(&format!("\t--{}{short}{arg}\t{}\n", o.long, o.help));
+        }
+        out
+    }
+
+    /// A clap parser for this mode, getopt-like (see the module docs of `cli`).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(self.name)
+            .no_binary_name(true)
+            .disable_help_flag(true)
+            .disable_version_flag(true)
+            .infer_long_args(true)
+            .allow_negative_numbers(false)
+            .dont_delimit_trailing_values(true);
+        for o in self.all_opts() {
+            let mut arg = Arg::new(o.long).long(o.long);
+            if let Some(s) = o.short {
+                arg = arg.short(s);
+            }
+            arg = match o.kind {
+                Value(name) => arg
+                    .value_name(name)
+                    .num_args(1)
+                    .allow_hyphen_values(true)
+                    .action(ArgAction::Set),
+                Flag if o.long == "verbose" || o.long == "quiet" => arg.action(ArgAction::Count),
+                Flag => arg.action(ArgAction::SetTrue),
+                FlagIgnoringValue => arg
+                    .num_args(0..=1)
+                    .require_equals(true)
+                    .default_missing_value("")
+                    .action(ArgAction::Set),
+            };
+            cmd = cmd.arg(arg);
+        }
+        if let Some(name) = self.positional {
+            cmd = cmd.arg(
+                Arg::new("positional")
+                    .value_name(name)
+                    .num_args(0..)
+                    .action(ArgAction::Append),
+            );
+        }
+        cmd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsers_are_well_formed() {
+        for mode in MODES {
+            mode.command().debug_assert();
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! flexnbd: a fast NBD server that serves a disk image and migrates it live.
+//!
+//! Components, from the wire inwards:
+//! - [`protocol`]: NBD wire formats, pure (no I/O, no actix).
+//! - [`storage`]: the backing file.
+//! - [`actors`]: the listener and one session per client (actix).
+//! - [`cli`]: the `flexnbd` command line; [`logging`]: flexnbd's log line format.
+//! - [`acl`], [`addr`], [`net`]: access control, address parsing, socket options.
+
+pub mod acl;
+pub mod actors;
+pub mod addr;
+pub mod cli;
+pub mod logging;
+pub mod net;
+pub mod protocol;
+pub mod storage;

@@ -1,0 +1,24 @@
+//! Wire formats of NBD, free of I/O and of actix types.
+//!
+//! Everything here works on byte slices and plain values so that it can be unit-tested,
+//! property-tested and fuzzed without a socket. The session actor feeds socket bytes into
+//! [`request::RequestFramer`] and turns the frames into file operations; the replies it
+//! sends are encoded by [`reply`].
+//!
+//! Layout of the module:
+//! - [`consts`]: magic numbers, transmission flags, command numbers and flags.
+//! - [`errno`]: the error values that travel in replies.
+//! - [`handshake`]: the old-style hello (new-style negotiation lives beside it).
+//! - [`request`]: request headers (28-byte compact, 32-byte extended), the incremental
+//!   framer, and the validation rules a server applies before touching the file.
+//! - [`reply`]: simple reply headers (and, later, structured chunks).
+
+pub mod consts;
+pub mod errno;
+pub mod handshake;
+pub mod reply;
+pub mod request;
+
+pub use consts::*;
+pub use errno::Errno;
+pub use request::{Command, Request};

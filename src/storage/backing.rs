@@ -1,0 +1,290 @@
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::BytesMut;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("Couldn't open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("Couldn't determine the size of {path}: {source}")]
+    Size { path: PathBuf, source: io::Error },
+    #[error("{path} is smaller than 512 bytes: a zero-size export cannot be served")]
+    Empty { path: PathBuf },
+}
+
+/// Outcome of a read that must not block.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NowaitRead {
+    /// All requested bytes were read from the page cache.
+    Done,
+    /// Only this many bytes could be read without waiting for the disk; the rest must be
+    /// read on a thread that may block.
+    Partial(usize),
+}
+
+/// The file or block device a server exports.
+#[derive(Debug)]
+pub struct Backing {
+    file: File,
+    path: PathBuf,
+    /// Export size: the file's size rounded down to a multiple of 512 (flexnbd §4.1).
+    size: u64,
+    /// Cleared the first time the kernel says `RWF_NOWAIT` is unsupported for this file
+    /// (tmpfs on older kernels); reads then go straight to plain `pread`.
+    nowait_reads: AtomicBool,
+}
+
+impl Backing {
+    /// Opens `path` for reading and writing and determines the export size.
+    ///
+    /// Refuses a file smaller than 512 bytes: C flexnbd crashed on such exports, and there
+    /// is nothing a client could do with one.
+    pub fn open(path: &Path) -> Result<Backing, StorageError> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| StorageError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let raw_size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| StorageError::Size {
+                path: path.to_owned(),
+                source,
+            })?;
+        let size = raw_size & !511;
+        if size == 0 {
+            return Err(StorageError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        if size != raw_size {
+            tracing::warn!(
+                "{} is {raw_size} bytes, not a multiple of 512: serving the first {size}",
+                path.display()
+            );
+        }
+        Ok(Backing {
+            file,
+            path: path.to_owned(),
+            size,
+            nowait_reads: AtomicBool::new(true),
+        })
+    }
+
+    /// The export size in bytes (a positive multiple of 512).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads `len` bytes at `offset` into `buf`'s spare capacity without waiting for the
+    /// disk, so that a cached read can be answered on the session's own thread.
+    ///
+    /// Whatever was read is appended to `buf`. The caller reads the remainder with
+    /// [`Backing::read_into`] on a thread that may block.
+    pub fn read_nowait(
+        &self,
+        buf: &mut BytesMut,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<NowaitRead> {
+        buf.reserve(len);
+        let start = buf.len();
+        if !self.nowait_reads.load(Ordering::Relaxed) {
+            self.read_into(buf, offset, len)?;
+            return Ok(NowaitRead::Done);
+        }
+        let mut done = 0usize;
+        while done < len {
+            let spare = &mut buf.spare_capacity_mut()[..len - done];
+            let iov = libc::iovec {
+                iov_base: spare.as_mut_ptr().cast(),
+                iov_len: spare.len(),
+            };
+            // SAFETY: `iov` points into `buf`'s spare capacity, which is valid for writes of
+            // `len - done` bytes (reserved above) and outlives the call. The kernel writes at
+            // most that many bytes, and we only extend `buf`'s length by the count it reports.
+            let n = unsafe {
+                libc::preadv2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    (offset + done as u64) as libc::off_t,
+                    libc::RWF_NOWAIT,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EAGAIN) => return Ok(NowaitRead::Partial(done)),
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
+                        self.nowait_reads.store(false, Ordering::Relaxed);
+                        self.read_into(buf, offset + done as u64, len - done)?;
+                        return Ok(NowaitRead::Done);
+                    }
+                    _ => return Err(err),
+                }
+            }
+            if n == 0 {
+                return Err(short_read(offset + done as u64));
+            }
+            // SAFETY: the kernel initialised `n` more bytes of the spare capacity.
+            unsafe { buf.set_len(start + done + n as usize) };
+            done += n as usize;
+        }
+        Ok(NowaitRead::Done)
+    }
+
+    /// Reads exactly `len` bytes at `offset`, appending them to `buf`. May block.
+    pub fn read_into(&self, buf: &mut BytesMut, offset: u64, len: usize) -> io::Result<()> {
+        buf.reserve(len);
+        let start = buf.len();
+        let mut done = 0usize;
+        while done < len {
+            let spare = &mut buf.spare_capacity_mut()[..len - done];
+            // SAFETY: as in `read_nowait`: the pointer and length describe reserved, writable
+            // spare capacity, and the length is extended only by what the kernel reports.
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                return Err(short_read(offset + done as u64));
+            }
+            // SAFETY: the kernel initialised `n` more bytes of the spare capacity.
+            unsafe { buf.set_len(start + done + n as usize) };
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Writes all of `data` at `offset`. With `durable`, the data (and the metadata needed
+    /// to read it back) is on stable storage when this returns (`RWF_DSYNC`).
+    pub fn write_at(&self, data: &[u8], offset: u64, durable: bool) -> io::Result<()> {
+        if !durable {
+            return self.file.write_all_at(data, offset);
+        }
+        let mut done = 0usize;
+        while done < data.len() {
+            let rest = &data[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_ptr() as *mut libc::c_void,
+                iov_len: rest.len(),
+            };
+            // SAFETY: `iov` describes `rest`, a live slice the kernel only reads from.
+            let n = unsafe {
+                libc::pwritev2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    (offset + done as u64) as libc::off_t,
+                    libc::RWF_DSYNC,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the file accepted no bytes",
+                ));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable (`fdatasync`).
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+fn short_read(at: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("the file ended at byte {at}, inside the export"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn backing_with(bytes: &[u8]) -> (tempfile::NamedTempFile, Backing) {
+        let mut tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.write_all(bytes).unwrap();
+        let backing = Backing::open(tmp.path()).unwrap();
+        (tmp, backing)
+    }
+
+    #[test]
+    fn size_is_rounded_down_to_512() {
+        let (_tmp, backing) = backing_with(&vec![1u8; 1024 + 511]);
+        assert_eq!(backing.size(), 1024);
+    }
+
+    #[test]
+    fn tiny_and_missing_files_are_refused() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        assert!(matches!(
+            Backing::open(tmp.path()),
+            Err(StorageError::Empty { .. })
+        ));
+        let missing = tmp.path().with_extension("missing");
+        let err = Backing::open(&missing).unwrap_err();
+        assert!(err.to_string().starts_with("Couldn't open "), "{err}");
+    }
+
+    #[test]
+    fn reads_and_writes_round_trip() {
+        let (_tmp, backing) = backing_with(&[0u8; 8192]);
+        backing.write_at(b"hello", 4000, false).unwrap();
+        backing.write_at(b"world", 5000, true).unwrap();
+        let mut buf = BytesMut::new();
+        assert_eq!(
+            backing.read_nowait(&mut buf, 4000, 5).unwrap(),
+            NowaitRead::Done
+        );
+        backing.read_into(&mut buf, 5000, 5).unwrap();
+        assert_eq!(&buf[..], b"helloworld");
+        backing.sync_data().unwrap();
+    }
+
+    #[test]
+    fn reading_past_the_end_of_the_file_is_an_error() {
+        let (_tmp, backing) = backing_with(&[0u8; 512]);
+        let mut buf = BytesMut::new();
+        assert!(backing.read_into(&mut buf, 256, 512).is_err());
+    }
+}

@@ -1,0 +1,10 @@
+//! The backing file: positional reads and writes, durability, and (later) hole punching and
+//! the allocation walk.
+//!
+//! Nothing here knows about sockets or actors. A [`Backing`] is opened once per server and
+//! shared read-only (`Arc`) by every session: all operations are positional, so sessions
+//! never contend on a cursor or a lock.
+
+mod backing;
+
+pub use backing::{Backing, NowaitRead, StorageError};
