@@ -14,5 +14,8 @@ mod reader;
 pub mod session;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
 /// Identifies a session within its listener's registry.
 pub type ClientId = u64;

@@ -1,0 +1,1 @@
+//! Actor tests in isolation: each actor against fake peers.
