@@ -1,0 +1,989 @@
+#!/usr/bin/env python3
+"""Compare flexnbd with qemu-nbd and nbdkit serving the same page-cached file.
+
+Every server serves the same file, one server at a time. Trials are
+interleaved: for each round, for each test, every server runs once, in an
+order rotated from round to round, so that slow drifts of the machine (other
+load, thermal state, page-cache state) hit every server alike instead of
+landing on whichever server happened to run last. The figure reported per
+(test, server) is the median over the rounds, and each flexnbd variant is
+judged by its ratio to the best of the other servers.
+
+Python 3 standard library only. See bench/README.md for how to read the
+output. Run `python3 bench/bench.py --help` for the options.
+"""
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST = "127.0.0.1"
+MIB = 1 << 20
+
+SERVER_START_TIMEOUT = 10.0  # seconds until a server must accept connections
+SERVER_STOP_TIMEOUT = 15.0  # SIGTERM, then SIGKILL after this long
+PROBE_SIZE = 4 * MIB  # size of the file served while probing each server
+
+
+class BenchError(Exception):
+    """A failure the user must see; the message says what went wrong."""
+
+
+class Interrupted(Exception):
+    """SIGINT, SIGTERM or SIGHUP arrived."""
+
+
+# --------------------------------------------------------------------------
+# Process handling. Every process we start is recorded in LIVE until it has
+# been reaped, so that cleanup can stop exactly those (by pid, never by name).
+
+LIVE: Dict[int, subprocess.Popen] = {}
+
+_libc = None
+
+
+def _die_with_parent():
+    """preexec_fn: have the kernel SIGKILL the child if this script dies
+    without running its cleanup (e.g. it is itself SIGKILLed)."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def spawn(argv, stdout, stderr) -> subprocess.Popen:
+    """Start argv in its own process group (so that Ctrl-C reaches only this
+    script, which then stops the child in an orderly way)."""
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    except OSError as e:
+        raise BenchError("cannot run %s: %s" % (argv[0], e))
+    LIVE[proc.pid] = proc
+    return proc
+
+
+def stop(proc: subprocess.Popen, term_timeout: float = SERVER_STOP_TIMEOUT) -> Optional[int]:
+    """SIGTERM the process group of proc, SIGKILL it if it does not exit in
+    time, and reap it. Returns the exit status. proc stays in LIVE until it
+    has been reaped, so an interrupted stop() is finished by stop_all()."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=term_timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
+    LIVE.pop(proc.pid, None)
+    return proc.returncode
+
+
+def stop_all():
+    for proc in list(LIVE.values()):
+        try:
+            stop(proc, term_timeout=5)
+        except Exception as e:  # keep going: stop every other one too
+            print("warning: could not stop pid %d: %s" % (proc.pid, e), file=sys.stderr)
+
+
+def run_client(argv, timeout: float, what: str) -> "tuple[float, str, str]":
+    """Run a client to completion, bounded by timeout. Returns (wall-clock
+    seconds, stdout, stderr). A non-zero exit is a BenchError."""
+    t0 = time.monotonic()
+    proc = spawn(argv, subprocess.PIPE, subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc, term_timeout=2)
+        raise BenchError("%s did not finish within %.0f s: %s" % (what, timeout, shlex.join(argv)))
+    finally:
+        stop(proc, term_timeout=2)  # only reaps it if it has exited
+    elapsed = time.monotonic() - t0
+    out = out.decode(errors="replace")
+    err = err.decode(errors="replace")
+    if proc.returncode != 0:
+        raise BenchError(
+            "%s failed (exit %s): %s\n%s" % (what, proc.returncode, shlex.join(argv), tail(out + err))
+        )
+    return elapsed, out, err
+
+
+def tail(text: str, lines: int = 15) -> str:
+    return "\n".join("    " + l for l in text.strip().splitlines()[-lines:])
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def accepts(port: int) -> bool:
+    """True when something on port answers with an NBD greeting. Reading the
+    greeting before closing makes the close an orderly one (FIN, not RST), so
+    the server logs a plain disconnect rather than an error."""
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5) as s:
+            greeting = b""
+            while len(greeting) < 8:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                greeting += chunk
+            return greeting.startswith(b"NBDMAGIC")
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------
+# Servers. To add one (e.g. flexnbd --newstyle), add an entry to SERVERS.
+# role "candidate": judged by its ratio to the best "reference" server.
+
+
+@dataclass
+class Server:
+    id: str  # used with --servers and in table columns
+    label: str  # how it is shown in the ratio rows
+    role: str  # "candidate" or "reference"
+    tool: Callable[["Ctx"], str]  # the executable (checked before running)
+    argv: Callable[["Ctx", int, str], List[str]]  # (ctx, port, file) -> command line
+
+
+def flexnbd_argv(*extra):
+    def argv(ctx, port, path):
+        return [ctx.flexnbd, "serve", "-v", "-l", HOST, "-p", str(port), "-f", path, *extra]
+
+    return argv
+
+
+SERVERS = [
+    Server("flexnbd", "flexnbd", "candidate", lambda c: c.flexnbd, flexnbd_argv()),
+    Server(
+        "flexnbd-sync",
+        "flexnbd --sync-writes",
+        "candidate",
+        lambda c: c.flexnbd,
+        flexnbd_argv("--sync-writes"),
+    ),
+    Server(
+        "qemu-nbd",
+        "qemu-nbd",
+        "reference",
+        lambda c: "qemu-nbd",
+        lambda c, port, path: [
+            "qemu-nbd", "-f", "raw", "-b", HOST, "-p", str(port), "-x", "", "-t",
+            "--shared=16", "--cache=writeback", "--aio=threads", path,
+        ],
+    ),
+    Server(
+        "nbdkit",
+        "nbdkit",
+        "reference",
+        lambda c: "nbdkit",
+        lambda c, port, path: ["nbdkit", "-f", "-i", HOST, "-p", str(port), "file", path],
+    ),
+]
+
+
+class Running:
+    """Context manager: a server serving path on a fresh port, stopped (and
+    reaped) on exit whatever happens."""
+
+    def __init__(self, ctx: "Ctx", server: Server, path: str):
+        self.ctx, self.server, self.path = ctx, server, path
+        self.proc = None
+        self.port = None
+
+    def __enter__(self):
+        last = ""
+        for _attempt in range(3):  # the port may be taken between probe and bind
+            self.port = free_port()
+            argv = self.server.argv(self.ctx, self.port, self.path)
+            log_path = os.path.join(self.ctx.workdir, "%s.log" % self.server.id)
+            with open(log_path, "ab") as log:
+                log.write(("\n=== %s %s\n" % (time.strftime("%H:%M:%S"), shlex.join(argv))).encode())
+                log.flush()
+                self.proc = spawn(argv, subprocess.DEVNULL, log)
+            deadline = time.monotonic() + SERVER_START_TIMEOUT
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                if accepts(self.port) and self.proc.poll() is None:
+                    return self
+                time.sleep(0.05)
+            status = self.proc.poll()
+            stop(self.proc)
+            with open(log_path, "rb") as f:
+                last = f.read().decode(errors="replace")[-3000:]
+            if status is None:
+                raise BenchError(
+                    "%s did not accept connections on %s:%d within %.0f s: %s\nlog (%s):\n%s"
+                    % (self.server.label, HOST, self.port, SERVER_START_TIMEOUT,
+                       shlex.join(argv), log_path, tail(last))
+                )
+            # exited early: maybe the port was taken; try another one
+        raise BenchError(
+            "%s exited at start-up (3 attempts): %s\nlog (%s):\n%s"
+            % (self.server.label, shlex.join(argv), log_path, tail(last))
+        )
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            stop(self.proc)
+        return False
+
+
+# --------------------------------------------------------------------------
+# Tests. To add a row, add an entry to TESTS. A test names the fixture file
+# the servers serve and a measure function (ctx, test, srv) -> Measurement,
+# where srv is the Running server (srv.port, srv.server, srv.path). Fixtures
+# are created once per run by the functions in FIXTURES; a test that needs
+# another one (e.g. a sparse image) adds it there and names it in `serves`
+# or in params["source"].
+
+
+@dataclass
+class Measurement:
+    value: float  # in the test's unit; higher is better
+    lat_us: Optional[float] = None  # clat p50, microseconds
+    info: Dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class Test:
+    id: str
+    label: str
+    unit: str  # "MiB/s" or "IOPS"
+    target: float  # flexnbd / best-other must be at least this
+    measure: Callable[["Ctx", "Test", "Running"], Measurement]
+    serves: str = "data"  # fixture the servers serve
+    params: Dict[str, object] = field(default_factory=dict)
+
+
+def fio_argv(ctx, test, port, output):
+    p = test.params
+    return [
+        "fio", "--name=%s" % test.id, "--ioengine=nbd", "--uri=nbd://%s:%d" % (HOST, port),
+        "--rw=%s" % p["rw"], "--bs=%s" % p["bs"], "--iodepth=%d" % p["iodepth"],
+        "--runtime=%d" % ctx.runtime, "--time_based", "--thread",
+        "--output-format=json", "--output=%s" % output,
+    ]
+
+
+def measure_fio(ctx, test, srv) -> Measurement:
+    """One fio job = one libnbd handle = one NBD connection; the nbd engine
+    issues nbd_aio_* requests, so iodepth N really means N requests in
+    flight on that connection. We check that in fio's iodepth histogram."""
+    output = os.path.join(ctx.workdir, "fio.json")
+    if os.path.exists(output):
+        os.unlink(output)
+    argv = fio_argv(ctx, test, srv.port, output)
+    run_client(argv, timeout=ctx.runtime + 60, what="fio")
+    try:
+        with open(output) as f:
+            text = f.read()
+        report = json.loads(text[text.index("{"):])
+        job = report["jobs"][0]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise BenchError("cannot parse fio output %s: %s" % (output, e))
+    if job.get("error"):
+        raise BenchError("fio reported error %s for %s" % (job["error"], shlex.join(argv)))
+    rw = "write" if "write" in test.params["rw"] else "read"
+    d = job[rw]
+    if not d.get("io_bytes"):
+        raise BenchError("fio did no %s I/O: %s" % (rw, shlex.join(argv)))
+    value = d["iops"] if test.unit == "IOPS" else d["bw_bytes"] / MIB
+    pct = d.get("clat_ns", {}).get("percentile", {})
+    lat = pct.get("50.000000")
+    p99 = pct.get("99.000000")
+    qd = test.params["iodepth"]
+    levels = job.get("iodepth_level", {})
+    at_depth = float(levels.get(str(qd), 0.0)) if qd > 1 else 100.0
+    info = {"at_depth_pct": at_depth}
+    if p99 is not None:
+        info["p99_us"] = p99 / 1000.0
+    return Measurement(value, lat / 1000.0 if lat is not None else None, info)
+
+
+def measure_nbdcopy(ctx, test, srv) -> Measurement:
+    """Wall clock of the whole nbdcopy process (connect, copy, and for the
+    write direction the final flush), as MiB/s of the copied size."""
+    uri = "nbd://%s:%d" % (HOST, srv.port)
+    argv = ["nbdcopy"] + ctx.nbdcopy_extra
+    if test.params["direction"] == "read":
+        argv += [uri, "null:"]
+    else:
+        argv += ["--flush", ctx.files[test.params["source"]], uri]
+    secs, _, _ = run_client(argv, timeout=600, what="nbdcopy")
+    return Measurement(ctx.size / MIB / secs, None, {"seconds": secs})
+
+
+def fio_test(id, label, rw, bs, iodepth, unit, target):
+    return Test(id, label, unit, target, measure_fio,
+                params={"rw": rw, "bs": bs, "iodepth": iodepth})
+
+
+TESTS = [
+    fio_test("read-1m-qd1", "1 MiB sequential read, QD1", "read", "1M", 1, "MiB/s", 1.0),
+    fio_test("write-1m-qd1", "1 MiB sequential write, QD1", "write", "1M", 1, "MiB/s", 1.0),
+    fio_test("randread-4k-qd1", "4 KiB random read, QD1", "randread", "4k", 1, "IOPS", 1.1),
+    fio_test("randread-4k-qd16", "4 KiB random read, QD16", "randread", "4k", 16, "IOPS", 1.1),
+    fio_test("randwrite-4k-qd16", "4 KiB random write, QD16", "randwrite", "4k", 16, "IOPS", 1.1),
+    Test("nbdcopy-read", "nbdcopy server -> null:", "MiB/s", 1.0, measure_nbdcopy,
+         params={"direction": "read"}),
+    Test("nbdcopy-write", "nbdcopy file -> server, --flush", "MiB/s", 1.0, measure_nbdcopy,
+         params={"direction": "write", "source": "src"}),
+]
+
+
+def fill_random(path, size):
+    chunk = 4 * MIB
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(chunk, left)
+            f.write(os.urandom(n))
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+
+
+FIXTURES = {
+    # name -> (file name, creator(path, ctx))
+    "data": ("data.raw", lambda path, ctx: fill_random(path, ctx.size)),
+    "src": ("src.raw", lambda path, ctx: fill_random(path, ctx.size)),
+    "probe": ("probe.raw", lambda path, ctx: fill_random(path, PROBE_SIZE)),
+}
+
+
+# --------------------------------------------------------------------------
+# Run context, environment description.
+
+
+class Ctx:
+    def __init__(self, args):
+        self.rounds = args.rounds
+        self.runtime = args.runtime
+        self.size = args.size
+        self.flexnbd = args.flexnbd
+        self.workdir = None
+        self.files: Dict[str, str] = {}
+        self.probes: Dict[str, Dict[str, object]] = {}
+        self.nbdcopy_extra = (["--connections=%d" % args.nbdcopy_connections]
+                              if args.nbdcopy_connections else [])
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper().rstrip("B").rstrip("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if t and t[-1] in mult:
+            n = int(float(t[:-1]) * mult[t[-1]])
+        else:
+            n = int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError("bad size %r (use e.g. 1G, 256M)" % text)
+    if n < 16 * MIB or n % MIB:
+        raise argparse.ArgumentTypeError("size must be a whole number of MiB, at least 16M")
+    return n
+
+
+def human(n: int) -> str:
+    return "%d GiB" % (n >> 30) if n % (1 << 30) == 0 else "%d MiB" % (n >> 20)
+
+
+def first_line(argv) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, timeout=10)
+        text = (r.stdout or r.stderr).decode(errors="replace").strip()
+        return text.splitlines()[0] if text else "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def fs_type(path: str) -> str:
+    best, kind = "", "?"
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mnt = parts[1].replace("\\040", " ")
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def mem_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def cached_pct(path: str) -> Optional[float]:
+    if not shutil.which("fincore"):
+        return None
+    try:
+        r = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                           capture_output=True, timeout=30)
+        return 100.0 * int(r.stdout.split()[0]) / os.path.getsize(path)
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def git_describe() -> str:
+    try:
+        r = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=12"],
+                           capture_output=True, timeout=10)
+        return r.stdout.decode().strip() or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def check_tools(ctx, servers, tests):
+    needed: Dict[str, List[str]] = {}
+    for s in servers:
+        needed.setdefault(s.tool(ctx), []).append("server %s" % s.id)
+    for t in tests:
+        needed.setdefault("fio" if t.measure is measure_fio else "nbdcopy", []).append("test %s" % t.id)
+    needed.setdefault("nbdcopy", []).append("probing the servers")
+    needed.setdefault("nbdinfo", []).append("probing the servers")
+    needed.setdefault("cat", []).append("page-caching the files")
+    missing = []
+    for tool, whys in needed.items():
+        why = ", ".join(whys)
+        found = (os.access(tool, os.X_OK) and os.path.isfile(tool)) if os.sep in tool else shutil.which(tool)
+        if not found:
+            missing.append("  %s (needed for %s)" % (tool, why))
+    if missing:
+        raise BenchError(
+            "missing tools:\n%s\n(Debian: apt-get install qemu-utils nbdkit libnbd-bin fio; "
+            "flexnbd: cargo build --release, or --flexnbd PATH)" % "\n".join(missing)
+        )
+
+
+def probe(ctx, server) -> Dict[str, object]:
+    """Start the server on a small file, ask nbdinfo what it advertises and
+    nbdcopy how many connections it would open. Also proves early that every
+    server starts, before the long part of the run."""
+    with Running(ctx, server, ctx.files["probe"]) as srv:
+        uri = "nbd://%s:%d" % (HOST, srv.port)
+        _, out, _ = run_client(["nbdinfo", "--json", "--no-content", uri], 30, "nbdinfo")
+        info = json.loads(out)
+        exp = info["exports"][0]
+        flags = [k[4:] for k in sorted(exp) if k.startswith("can_") and exp[k] is True]
+        _, _, err = run_client(["nbdcopy", "-v"] + ctx.nbdcopy_extra + [uri, "null:"], 60, "nbdcopy")
+        conns = "?"
+        for line in err.splitlines():
+            if line.startswith("nbdcopy: connections="):
+                conns = line.split()[1].split("=")[1]
+        return {
+            "protocol": info.get("protocol", "?"),
+            "structured": info.get("structured"),
+            "flags": flags,
+            "nbdcopy_connections": conns,
+        }
+
+
+# --------------------------------------------------------------------------
+# Results.
+
+
+class Results:
+    def __init__(self, tests, servers):
+        self.tests, self.servers = tests, servers
+        self.trials: Dict[tuple, List[Measurement]] = {}
+
+    def add(self, test, server, m):
+        self.trials.setdefault((test.id, server.id), []).append(m)
+
+    def median(self, test, server) -> Optional[float]:
+        ms = self.trials.get((test.id, server.id))
+        return statistics.median(m.value for m in ms) if ms else None
+
+    def lat_median(self, test, server) -> Optional[float]:
+        ls = [m.lat_us for m in self.trials.get((test.id, server.id), []) if m.lat_us is not None]
+        return statistics.median(ls) if ls else None
+
+    def spread(self, test, server) -> Optional[float]:
+        vs = [m.value for m in self.trials.get((test.id, server.id), [])]
+        if len(vs) < 2:
+            return None
+        med = statistics.median(vs)
+        return 100.0 * (max(vs) - min(vs)) / med if med else None
+
+    def best_reference(self, test):
+        best = None
+        for s in self.servers:
+            if s.role != "reference":
+                continue
+            v = self.median(test, s)
+            if v is not None and (best is None or v > best[1]):
+                best = (s, v)
+        return best
+
+    def ratio_rows(self):
+        """One row per (test, candidate): median, best other, ratio, verdict."""
+        rows = []
+        for t in self.tests:
+            best = self.best_reference(t)
+            for s in self.servers:
+                if s.role != "candidate":
+                    continue
+                v = self.median(t, s)
+                if v is None:
+                    continue
+                if best is None or not best[1]:
+                    ratio, verdict, other = None, "n/a", "-"
+                else:
+                    ratio = v / best[1]
+                    verdict = "PASS" if ratio >= t.target else "MISS"
+                    other = "%s %s" % (best[0].id, fmt(best[1]))
+                rows.append([t.id, s.label, t.unit, fmt(v), other,
+                             "%.2f" % ratio if ratio is not None else "-",
+                             ">= %.2f" % t.target, verdict])
+        return rows
+
+    def median_rows(self, getter, digits=None):
+        rows = []
+        for t in self.tests:
+            cells = [getter(t, s) for s in self.servers]
+            if all(c is None for c in cells):
+                continue
+            rows.append([t.id, t.unit] + [fmt(c, digits) if c is not None else "-" for c in cells])
+        return rows
+
+    def to_json(self):
+        return {
+            "%s/%s" % k: [{"value": m.value, "lat_us": m.lat_us, **m.info} for m in v]
+            for k, v in self.trials.items()
+        }
+
+
+def fmt(v, digits=None) -> str:
+    if v is None:
+        return "-"
+    if digits is not None:
+        return "%.*f" % (digits, v)
+    if v >= 1000:
+        return "%.0f" % v
+    if v >= 100:
+        return "%.1f" % v
+    return "%.2f" % v
+
+
+def text_table(header, rows) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(r):
+        return "  ".join(
+            str(c).ljust(w) if i < 2 or not _numeric(c) else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _numeric(c) -> bool:
+    try:
+        float(str(c))
+        return True
+    except ValueError:
+        return False
+
+
+def md_table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def render(results, ctx, env, partial, table):
+    """The result tables, with `table` as the table formatter."""
+    ids = [s.id for s in results.servers]
+    parts = []
+    title = "Results" + (" (PARTIAL: run did not complete)" if partial else "")
+    ratio_rows = results.ratio_rows()
+    if ratio_rows:
+        done = max(len(v) for v in results.trials.values())
+        parts.append((title + ": flexnbd variants vs. the best other server, median of %d round(s)"
+                      % done, table(
+                          ["test", "server", "unit", "median", "best other", "ratio", "target", "result"],
+                          ratio_rows)))
+    else:
+        title = "(no ratios: the selected servers lack a flexnbd variant or a reference) " + title
+    parts.append((title + ": medians, all servers (MiB/s or IOPS; higher is better)" if not ratio_rows
+                  else "Medians, all servers (MiB/s or IOPS; higher is better)",
+                  table(["test", "unit"] + ids, results.median_rows(results.median))))
+    lat = results.median_rows(results.lat_median, 1)
+    if lat:
+        parts.append(("fio completion latency p50 in microseconds, median of rounds (lower is better)",
+                      table(["test", "unit"] + ids, [[r[0], "us"] + r[2:] for r in lat])))
+    if ctx.rounds > 1:
+        parts.append(("Spread: (max - min) / median across rounds, percent",
+                      table(["test", "unit"] + ids, results.median_rows(results.spread, 0))))
+    return parts
+
+
+# --------------------------------------------------------------------------
+# Main flow.
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)
+    signal.signal(signal.SIGINT, _raise_interrupted)
+
+    ctx = Ctx(args)
+    tests = select(TESTS, args.only, "test")
+    servers = select(SERVERS, args.servers, "server")
+    results = Results(tests, servers)
+    env: Dict[str, object] = {}
+    status = 0
+    completed = False
+    try:
+        if not args.no_build and not args.flexnbd_given and any(s.tool(ctx) == ctx.flexnbd for s in servers):
+            build_flexnbd()
+        check_tools(ctx, servers, tests)
+        prepare(ctx, args, tests, servers)
+        env = describe(ctx, args, servers, tests)
+        print_header(env)
+        run_matrix(ctx, tests, servers, results)
+        completed = True
+        env["cached_end"] = {n: cached_pct(p) for n, p in ctx.files.items() if n != "probe"}
+    except BenchError as e:
+        print("\nerror: %s" % e, file=sys.stderr)
+        status = 1
+    except (Interrupted, KeyboardInterrupt):
+        print("\ninterrupted; stopping servers", file=sys.stderr)
+        status = 130
+    finally:
+        stop_all()
+        if ctx.workdir and not args.keep:
+            shutil.rmtree(ctx.workdir, ignore_errors=True)
+        elif ctx.workdir:
+            print("kept %s" % ctx.workdir, file=sys.stderr)
+
+    if results.trials:
+        report(results, ctx, env, args, partial=not completed)
+    return status
+
+
+def _raise_interrupted(signum, frame):
+    # Restore defaults so that a second signal during cleanup is not caught
+    # again mid-way; cleanup itself is bounded.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted()
+
+
+def select(items, wanted, what):
+    if not wanted:
+        return list(items)
+    ids = [w.strip() for w in wanted.split(",") if w.strip()]
+    known = {i.id: i for i in items}
+    bad = [w for w in ids if w not in known]
+    if bad:
+        raise SystemExit("unknown %s(s): %s (known: %s)" % (what, ", ".join(bad), ", ".join(known)))
+    return [i for i in items if i.id in ids]  # keep table order
+
+
+def build_flexnbd():
+    print("building flexnbd: cargo build --release (pass --no-build to skip)", file=sys.stderr, flush=True)
+    if not shutil.which("cargo"):
+        raise BenchError("cargo not found; build flexnbd yourself and pass --flexnbd PATH or --no-build")
+    proc = spawn(["cargo", "build", "--release", "--manifest-path", os.path.join(REPO, "Cargo.toml")],
+                 None, None)
+    try:
+        proc.wait(timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise BenchError("cargo build --release took more than 30 minutes")
+    finally:
+        stop(proc, term_timeout=5)
+    if proc.returncode != 0:
+        raise BenchError("cargo build --release failed (exit %s)" % proc.returncode)
+
+
+def prepare(ctx, args, tests, servers):
+    if not os.path.isdir(args.dir):
+        raise BenchError("--dir %s is not a directory" % args.dir)
+    fixtures = ["probe"] + sorted({t.serves for t in tests} |
+                                  {t.params["source"] for t in tests if "source" in t.params})
+    need = sum(PROBE_SIZE if f == "probe" else ctx.size for f in fixtures)
+    free = shutil.disk_usage(args.dir).free
+    if free < need + 256 * MIB:
+        raise BenchError("%s has %s free; the run needs %s" % (args.dir, human(free), human(need)))
+    avail = mem_available()
+    if avail is not None and avail < need + 512 * MIB:
+        print("warning: only %s of memory available for %s of files: they may not stay page-cached"
+              % (human(avail), human(need)), file=sys.stderr)
+    kind = fs_type(args.dir)
+    if kind != "ext4":
+        print("warning: %s is on %s, not ext4" % (args.dir, kind), file=sys.stderr)
+    ctx.workdir = tempfile.mkdtemp(prefix="flexnbd-bench.", dir=args.dir)
+    for name in fixtures:
+        if name != "probe" and not ctx.probes:
+            # Probe first: a server that does not start fails the run in
+            # seconds, before the big files are written.
+            print("probing the servers", file=sys.stderr, flush=True)
+            ctx.probes = {s.id: probe(ctx, s) for s in servers}
+        fname, create = FIXTURES[name]
+        path = os.path.join(ctx.workdir, fname)
+        print("creating %s (%s of random data)" % (path, human(PROBE_SIZE if name == "probe" else ctx.size)),
+              file=sys.stderr, flush=True)
+        create(path, ctx)
+        # Read it once so that it is in the page cache: the servers then
+        # compete on protocol handling and copying, not on the disk.
+        with open(os.devnull, "wb") as null:
+            r = subprocess.run(["cat", path], stdout=null, timeout=600)
+        if r.returncode != 0:
+            raise BenchError("cat %s failed" % path)
+        ctx.files[name] = path
+
+
+def describe(ctx, args, servers, tests):
+    dummy_port = "PORT"
+    env = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "nproc": os.cpu_count(),
+        "cpu": cpu_model(),
+        "kernel": platform.release(),
+        "memory": human((mem_available() or 0) // MIB * MIB) + " available",
+        "dir": "%s (%s)" % (ctx.workdir, fs_type(ctx.workdir)),
+        "size": human(ctx.size),
+        "rounds": ctx.rounds,
+        "runtime": ctx.runtime,
+        "flexnbd": "%s (git %s)" % (ctx.flexnbd, git_describe()),
+        "versions": {
+            "qemu-nbd": first_line(["qemu-nbd", "--version"]),
+            "nbdkit": first_line(["nbdkit", "--version"]),
+            "fio": first_line(["fio", "--version"]),
+            "nbdcopy": first_line(["nbdcopy", "--version"]),
+            "python": platform.python_version(),
+        },
+        "servers": {s.id: shlex.join(s.argv(ctx, dummy_port, ctx.files["data"])) for s in servers},
+        "tests": {},
+        "cached": {n: cached_pct(p) for n, p in ctx.files.items() if n != "probe"},
+        "probes": ctx.probes,
+    }
+    for t in tests:
+        if t.measure is measure_fio:
+            cmd = shlex.join(fio_argv(ctx, t, 0, "OUT.json")).replace("127.0.0.1:0", "127.0.0.1:PORT")
+        else:
+            uri = "nbd://%s:PORT" % HOST
+            src = ctx.files.get(t.params.get("source", ""), "")
+            cmd = shlex.join(["nbdcopy"] + ctx.nbdcopy_extra +
+                             ([uri, "null:"] if t.params["direction"] == "read" else ["--flush", src, uri]))
+            cmd += "   (timed: wall clock of the process)"
+        env["tests"][t.id] = cmd
+    return env
+
+
+def print_header(env):
+    v = env["versions"]
+    print("flexnbd benchmark  %s  on %s" % (env["date"], env["host"]))
+    print("machine: %s CPUs (%s), kernel %s, %s" % (env["nproc"], env["cpu"], env["kernel"], env["memory"]))
+    print("tools:   %s; %s; %s; %s; python %s"
+          % (v["qemu-nbd"], v["nbdkit"], v["fio"], v["nbdcopy"], v["python"]))
+    print("flexnbd: %s" % env["flexnbd"])
+    cached = ", ".join("%s %s" % (n, "?" if p is None else "%.0f%% cached" % p) for n, p in env["cached"].items())
+    print("files:   %s each, in %s; %s" % (env["size"], env["dir"], cached))
+    print("method:  %d round(s); in each, every test runs once on every server, in rotated order;"
+          % env["rounds"])
+    print("         fio jobs run %d s; figure = median over rounds; ratio = flexnbd / best other"
+          % env["runtime"])
+    print("servers:")
+    for sid, cmd in env["servers"].items():
+        print("  %-13s %s" % (sid, cmd))
+    print("servers as seen by nbdinfo / nbdcopy -v:")
+    for line in probe_lines(env):
+        print("  " + line)
+    print("tests:")
+    for tid, cmd in env["tests"].items():
+        print("  %-18s %s" % (tid, cmd))
+    print(flush=True)
+
+
+def probe_lines(env):
+    return ["%-13s %s, structured replies: %s, flags: %s; nbdcopy opens %s connection(s)"
+            % (sid, p["protocol"], "yes" if p["structured"] else "no", ",".join(p["flags"]),
+               p["nbdcopy_connections"])
+            for sid, p in env.get("probes", {}).items()]
+
+
+def settle(ctx):
+    """Between trials: write back what the previous server dirtied, so that
+    its writeback does not run during (and get charged to) the next trial."""
+    for name, path in ctx.files.items():
+        if name == "probe":
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def run_matrix(ctx, tests, servers, results):
+    total = ctx.rounds * len(tests) * len(servers)
+    n = 0
+    for rnd in range(ctx.rounds):
+        for ti, test in enumerate(tests):
+            k = (rnd + ti) % len(servers)
+            order = servers[k:] + servers[:k]
+            for server in order:
+                n += 1
+                settle(ctx)
+                with Running(ctx, server, ctx.files[test.serves]) as srv:
+                    m = test.measure(ctx, test, srv)
+                results.add(test, server, m)
+                extra = ""
+                if m.lat_us is not None:
+                    extra += "  p50 %.1f us" % m.lat_us
+                if "p99_us" in m.info:
+                    extra += "  p99 %.1f us" % m.info["p99_us"]
+                if m.info.get("at_depth_pct", 100.0) < 90.0:
+                    extra += "  WARNING: only %.1f%% of I/O at depth %d" % (
+                        m.info["at_depth_pct"], test.params["iodepth"])
+                print("[%3d/%d] round %d  %-18s %-13s %10s %s%s"
+                      % (n, total, rnd + 1, test.id, server.id, fmt(m.value), test.unit, extra),
+                      file=sys.stderr, flush=True)
+
+
+def report(results, ctx, env, args, partial):
+    parts = render(results, ctx, env, partial, text_table)
+    print()
+    for title, table in parts:
+        print("== %s" % title)
+        print(table)
+        print()
+    refs = [s.id for s in results.servers if s.role == "reference"]
+    if refs:
+        print("ratio = median of the flexnbd variant / best median of (%s); PASS when ratio >= target."
+              % ", ".join(refs))
+    if env.get("cached_end"):
+        print("page cache at the end: %s" % ", ".join(
+            "%s %s" % (n, "?" if p is None else "%.0f%%" % p) for n, p in env["cached_end"].items()))
+    print(flush=True)
+    if args.markdown:
+        write_markdown(results, ctx, env, partial, args.markdown)
+        print("wrote %s" % args.markdown)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "trials": results.to_json()}, f, indent=1)
+        print("wrote %s" % args.json)
+
+
+def write_markdown(results, ctx, env, partial, path):
+    out = []
+    if env:
+        v = env["versions"]
+        out += [
+            "Measured %s on %s: %s CPUs (%s), kernel %s. %s; %s; %s; %s. flexnbd %s."
+            % (env["date"], env["host"], env["nproc"], env["cpu"], env["kernel"],
+               v["qemu-nbd"], v["nbdkit"], v["fio"], v["nbdcopy"], env["flexnbd"]),
+            "",
+            "%s file, page-cached, on %s. %d round(s), fio runtime %d s, median over rounds; "
+            "servers interleaved in rotated order." % (env["size"], env["dir"], env["rounds"], env["runtime"]),
+            "",
+        ]
+    for title, table in render(results, ctx, env, partial, md_table):
+        out += ["**%s**" % title, "", table, ""]
+    if env:
+        out += ["Command lines (PORT is a free port chosen per trial):", "", "```"]
+        out += ["%-13s %s" % kv for kv in env["servers"].items()]
+        out += ["%-18s %s" % kv for kv in env["tests"].items()]
+        out += ["```", "", "As the clients see the servers:", ""]
+        out += ["- " + l for l in probe_lines(env)]
+        out += [""]
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description="Benchmark flexnbd against qemu-nbd and nbdkit on the same page-cached file.",
+        epilog="tests: %s\nservers: %s" % (", ".join(t.id for t in TESTS), ", ".join(s.id for s in SERVERS)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--rounds", type=int, default=None, help="rounds (default 5)")
+    p.add_argument("--runtime", type=int, default=None, help="seconds per fio job (default 5)")
+    p.add_argument("--size", type=parse_size, default=None, help="file size, e.g. 1G, 256M (default 1G)")
+    p.add_argument("--dir", default="/tmp", help="where to create the files (default /tmp; use ext4)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 round, 2 s, 256 MiB (explicit options still win)")
+    p.add_argument("--only", metavar="TEST[,TEST]", help="run only these tests")
+    p.add_argument("--servers", metavar="SERVER[,SERVER]", help="run only these servers")
+    p.add_argument("--markdown", metavar="FILE", help="also write the result tables as Markdown")
+    p.add_argument("--json", metavar="FILE", help="also write every trial as JSON")
+    p.add_argument("--flexnbd", metavar="PATH", help="flexnbd binary (default: build target/release/flexnbd)")
+    p.add_argument("--no-build", action="store_true", help="do not run cargo build --release first")
+    p.add_argument("--nbdcopy-connections", type=int, metavar="N",
+                   help="pass --connections=N to nbdcopy (default: nbdcopy decides, "
+                        "which depends on the server advertising multi-conn)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (files, server logs)")
+    a = p.parse_args(argv)
+    quick = a.quick
+    a.rounds = a.rounds if a.rounds is not None else (1 if quick else 5)
+    a.runtime = a.runtime if a.runtime is not None else (2 if quick else 5)
+    a.size = a.size if a.size is not None else (256 * MIB if quick else 1 << 30)
+    if a.rounds < 1 or a.runtime < 1:
+        p.error("--rounds and --runtime must be at least 1")
+    a.flexnbd_given = a.flexnbd is not None
+    a.flexnbd = os.path.abspath(a.flexnbd or os.path.join(REPO, "target", "release", "flexnbd"))
+    return a
+
+
+if __name__ == "__main__":
+    sys.exit(main())
