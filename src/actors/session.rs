@@ -32,7 +32,7 @@ use crate::protocol::Errno;
 use crate::storage::{Backing, NowaitRead};
 
 use super::reader::{Incoming, Reader, ReaderConfig, WriteCompletion};
-use super::writer::{self, Body, Outgoing, Permits};
+use super::writer::{self, Body, Header, Outgoing, Permits};
 use super::ClientId;
 
 /// What every session of a server shares: the export and the limits.
@@ -188,7 +188,7 @@ impl Session {
 
     fn reply(cookie: u64, error: Option<Errno>, body: Body, permits: Permits) -> Outgoing {
         Outgoing {
-            header: Bytes::copy_from_slice(&simple_reply(cookie, error)),
+            header: Header::new(&simple_reply(cookie, error)),
             body,
             permits,
         }
@@ -239,36 +239,19 @@ impl Session {
         }
         let len = length as usize;
         let mut buf = BytesMut::with_capacity(len);
-        let done = match backing.read_nowait(&mut buf, offset, len) {
-            Ok(NowaitRead::Done) => Ok(buf),
+        let reply = match backing.read_nowait(&mut buf, offset, len) {
+            Ok(NowaitRead::Done) => Self::reply(cookie, None, Body::Data(buf.freeze()), permits),
             Ok(NowaitRead::Partial(n)) => {
-                let replies = self.replies.clone();
-                actix_rt::spawn(async move {
-                    let result = tokio::task::spawn_blocking(move || {
-                        backing
-                            .read_into(&mut buf, offset + n as u64, len - n)
-                            .map(|()| buf)
-                    })
-                    .await;
-                    let reply = match result {
-                        Ok(Ok(buf)) => Self::reply(cookie, None, Body::Data(buf.freeze()), permits),
-                        Ok(Err(e)) => Self::read_failed(cookie, offset, length, e, permits),
-                        Err(e) => Self::read_failed(
-                            cookie,
-                            offset,
-                            length,
-                            std::io::Error::other(e),
-                            permits,
-                        ),
-                    };
-                    Self::send(&replies, reply);
+                self.on_blocking_pool(move || {
+                    Some(
+                        match backing.read_into(&mut buf, offset + n as u64, len - n) {
+                            Ok(()) => Self::reply(cookie, None, Body::Data(buf.freeze()), permits),
+                            Err(e) => Self::read_failed(cookie, offset, length, e, permits),
+                        },
+                    )
                 });
                 return;
             }
-            Err(e) => Err(e),
-        };
-        let reply = match done {
-            Ok(buf) => Self::reply(cookie, None, Body::Data(buf.freeze()), permits),
             Err(e) => Self::read_failed(cookie, offset, length, e, permits),
         };
         Self::send(&self.replies, reply);
@@ -299,53 +282,49 @@ impl Session {
         budget: Option<OwnedSemaphorePermit>,
     ) {
         let backing = self.config.backing.clone();
-        let replies = self.replies.clone();
-        actix_rt::spawn(async move {
+        self.on_blocking_pool(move || {
             let len = data.len() as u64;
-            let result =
-                tokio::task::spawn_blocking(move || backing.write_at(&data, offset, durable)).await;
+            let error = backing.write_at(&data, offset, durable).err().map(|e| {
+                tracing::error!("Writing {len} bytes at {offset} failed: {e}");
+                Errno::from_os_error(e.raw_os_error())
+            });
             // The payload is in the file (or failed): its budget is free again.
+            drop(data);
             drop(budget);
-            let error = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => {
-                    tracing::error!("Writing {len} bytes at {offset} failed: {e}");
-                    Some(Errno::from_os_error(e.raw_os_error()))
-                }
-                Err(e) => {
-                    tracing::error!("Writing {len} bytes at {offset} failed: {e}");
-                    Some(Errno::EIO)
-                }
-            };
             let (cookie, error, slot) = match completion {
                 WriteCompletion::Whole { cookie, slot } => (cookie, error, slot),
-                WriteCompletion::Part(group) => match group.part_done(len, error) {
-                    Some(done) => done,
-                    None => return,
-                },
+                WriteCompletion::Part(group) => group.part_done(len, error)?,
             };
             let permits = Permits { slot, bytes: None };
-            Self::send(&replies, Self::reply(cookie, error, Body::None, permits));
+            Some(Self::reply(cookie, error, Body::None, permits))
         });
     }
 
     fn flush(&mut self, cookie: u64, permits: Permits) {
         let backing = self.config.backing.clone();
+        self.on_blocking_pool(move || {
+            let error = backing.sync_data().err().map(|e| {
+                tracing::error!("Flushing the export failed: {e}");
+                Errno::EIO
+            });
+            Some(Self::reply(cookie, error, Body::None, permits))
+        });
+    }
+
+    /// Runs `job` on the blocking pool; the reply it returns (if any) goes straight to the
+    /// writer, without waking this actor's thread.
+    ///
+    /// If the job panicked its permits would be released without a reply; jobs are plain
+    /// file calls that report failures as values, so that does not happen in practice.
+    fn on_blocking_pool<F>(&self, job: F)
+    where
+        F: FnOnce() -> Option<Outgoing> + Send + 'static,
+    {
         let replies = self.replies.clone();
-        actix_rt::spawn(async move {
-            let result = tokio::task::spawn_blocking(move || backing.sync_data()).await;
-            let error = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => {
-                    tracing::error!("Flushing the export failed: {e}");
-                    Some(Errno::EIO)
-                }
-                Err(e) => {
-                    tracing::error!("Flushing the export failed: {e}");
-                    Some(Errno::EIO)
-                }
-            };
-            Self::send(&replies, Self::reply(cookie, error, Body::None, permits));
+        tokio::task::spawn_blocking(move || {
+            if let Some(reply) = job() {
+                Self::send(&replies, reply);
+            }
         });
     }
 
