@@ -272,21 +272,25 @@ fn fio_verifies_pipelined_random_writes_from_several_connections() {
     let img = Image::zeroed(16 * MIB);
     let server = Server::start(&img.path, &[]);
     let out = run_tool(
-        tool("fio").args([
-            "--name=e2e",
-            "--ioengine=nbd",
-            &format!("--uri={}", server.uri()),
-            "--rw=randwrite",
-            "--bsrange=4k-64k",
-            "--size=4M",
-            "--numjobs=4",
-            "--offset_increment=4M",
-            "--iodepth=32",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--group_reporting",
-        ]),
+        tool("fio")
+            .args([
+                "--name=e2e",
+                "--ioengine=nbd",
+                &format!("--uri={}", server.uri()),
+                "--rw=randwrite",
+                "--bsrange=4k-64k",
+                "--size=4M",
+                "--numjobs=4",
+                "--offset_increment=4M",
+                "--iodepth=32",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--group_reporting",
+                // No verify state files (fio writes them to its working directory otherwise).
+                "--verify_state_save=0",
+            ])
+            .current_dir(img.dir.path()),
         None,
         TOOL_TIMEOUT,
     );
