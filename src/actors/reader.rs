@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::protocol::request::{ExportRules, Frame, HeaderStyle, RequestFramer, Verdict};
 use crate::protocol::Errno;
@@ -115,6 +115,26 @@ struct PendingWrite {
     group: Option<Arc<WriteGroup>>,
 }
 
+/// Asks a reader to stop at the next request boundary: a request whose header has arrived
+/// is in flight and is read to its end (its payload included) before the reader stops.
+#[derive(Debug, Default)]
+pub(crate) struct ReaderStop {
+    requested: std::sync::atomic::AtomicBool,
+    wake: Notify,
+}
+
+impl ReaderStop {
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+        // A stored permit wakes the reader even if it is not waiting yet.
+        self.wake.notify_one();
+    }
+
+    fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+}
+
 /// Limits and settings of a reader.
 pub(crate) struct ReaderConfig {
     pub rules: ExportRules,
@@ -139,6 +159,8 @@ pub(crate) struct Reader {
     stopped: bool,
     /// Set when the client sent NBD_CMD_DISC.
     pub disconnect: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by the session when it closes.
+    pub stop: Arc<ReaderStop>,
 }
 
 impl Reader {
@@ -161,6 +183,7 @@ impl Reader {
             write: None,
             stopped: false,
             disconnect: Default::default(),
+            stop: Default::default(),
         }
     }
 
@@ -178,8 +201,16 @@ impl Reader {
                 return None;
             }
             if self.framer.at_request_boundary() {
+                if self.stop.is_requested() {
+                    self.stopped = true;
+                    return None;
+                }
                 if self.slot.is_none() {
-                    self.slot = Some(self.slots.clone().acquire_owned().await.ok()?);
+                    let acquire = self.slots.clone().acquire_owned();
+                    tokio::select! {
+                        permit = acquire => self.slot = Some(permit.ok()?),
+                        () = self.stop.wake.notified() => continue,
+                    }
                 }
             } else if self.write.is_some() && self.part_budget.is_none() {
                 let need = self.framer.next_need()? as u32;
@@ -320,7 +351,20 @@ impl Reader {
         let missing = need.saturating_sub(self.buf.len());
         self.buf.reserve(missing.max(READ_AHEAD));
         let mid_request = !self.buf.is_empty() || !self.framer.at_request_boundary();
-        let read = self.sock.read_buf(&mut self.buf);
+        if self.framer.at_request_boundary() && self.stop.is_requested() {
+            return false;
+        }
+        let read = async {
+            if self.framer.at_request_boundary() {
+                // Between requests a close must not wait for the client to send more.
+                tokio::select! {
+                    read = self.sock.read_buf(&mut self.buf) => read,
+                    () = self.stop.wake.notified() => Err(io::ErrorKind::Interrupted.into()),
+                }
+            } else {
+                self.sock.read_buf(&mut self.buf).await
+            }
+        };
         let result = match self.config.killswitch {
             Some(limit) if mid_request => match tokio::time::timeout(limit, read).await {
                 Ok(r) => r,
@@ -348,6 +392,7 @@ impl Reader {
                 false
             }
             Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted && self.stop.is_requested() => false,
             Err(e) => {
                 match e.kind() {
                     io::ErrorKind::ConnectionReset | io::ErrorKind::TimedOut => {

@@ -24,14 +24,14 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::protocol::reply::simple_reply;
 use crate::protocol::request::ExportRules;
 use crate::protocol::Errno;
 use crate::storage::{Backing, NowaitRead};
 
-use super::reader::{Incoming, Reader, ReaderConfig, WriteCompletion};
+use super::reader::{Incoming, Reader, ReaderConfig, ReaderStop, WriteCompletion};
 use super::writer::{self, Body, Header, Outgoing, Permits};
 use super::ClientId;
 
@@ -95,6 +95,10 @@ pub struct Session {
     killer: Option<OwnedFd>,
     replies: Option<mpsc::Sender<Outgoing>>,
     reader: Option<SpawnHandle>,
+    /// Tells the reader to stop at the next request boundary.
+    reader_stop: Arc<ReaderStop>,
+    /// Signalled (with a stored permit) once the reader stream has ended.
+    reader_done: Arc<Notify>,
     slots: Arc<Semaphore>,
     budget: Arc<Semaphore>,
     disconnect: Arc<AtomicBool>,
@@ -123,6 +127,8 @@ impl Session {
             killer: None,
             replies: None,
             reader: None,
+            reader_stop: Arc::default(),
+            reader_done: Arc::default(),
             slots,
             budget,
             disconnect: Default::default(),
@@ -168,6 +174,7 @@ impl Session {
             self.budget.clone(),
         );
         self.disconnect = reader.disconnect.clone();
+        self.reader_stop = reader.stop.clone();
         self.reader = Some(ctx.add_stream(reader.into_stream()));
         if let Some(limit) = self.config.killswitch {
             ctx.run_interval(Duration::from_secs(1), move |act, _| {
@@ -328,22 +335,26 @@ impl Session {
         });
     }
 
-    /// Stops reading, waits (up to the grace period) until every request in flight has
-    /// been answered, then lets the writer finish and stops.
+    /// Stops reading at the next request boundary, waits (up to the grace period) until
+    /// every request in flight has been answered — a WRITE whose header has arrived is read
+    /// to its end and answered — then lets the writer finish and stops.
     fn begin_close(&mut self, why: &str, ctx: &mut Context<Self>) {
         if self.closing {
             return;
         }
         self.closing = true;
         tracing::info!("Closing client {}: {why}", self.peer);
-        if let Some(reader) = self.reader.take() {
-            ctx.cancel_future(reader);
-        }
+        self.reader_stop.request();
+        let reader_done = self.reader_done.clone();
         let slots = self.slots.clone();
         let all = self.config.max_in_flight as u32;
         let grace = self.config.grace;
         let drained = async move {
-            tokio::time::timeout(grace, slots.acquire_many_owned(all))
+            let in_flight_answered = async {
+                reader_done.notified().await;
+                slots.acquire_many_owned(all).await
+            };
+            tokio::time::timeout(grace, in_flight_answered)
                 .await
                 .is_ok()
         };
@@ -354,6 +365,9 @@ impl Session {
                     act.peer,
                     act.config.grace
                 );
+                if let Some(reader) = act.reader.take() {
+                    ctx.cancel_future(reader);
+                }
                 act.shut_socket();
             }
             // Every reply is on the socket (or abandoned): the writer ends once the last
@@ -420,6 +434,7 @@ impl StreamHandler<Incoming> for Session {
     /// would stop the actor at once; we first answer what is in flight.
     fn finished(&mut self, ctx: &mut Self::Context) {
         self.reader = None;
+        self.reader_done.notify_one();
         self.begin_close("its request stream ended", ctx);
     }
 }
