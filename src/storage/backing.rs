@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::BytesMut;
 
-/// Errors of the storage layer.
+/// Errors of the storage layer. The OS error is part of the message (and deliberately not
+/// a `source`), so that a one-line report names it exactly once.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("Couldn't open {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
-    #[error("Couldn't determine the size of {path}: {source}")]
-    Size { path: PathBuf, source: io::Error },
+    #[error("Couldn't open {path}: {reason}")]
+    Open { path: PathBuf, reason: io::Error },
+    #[error("Couldn't determine the size of {path}: {reason}")]
+    Size { path: PathBuf, reason: io::Error },
     #[error("{path} is smaller than 512 bytes: a zero-size export cannot be served")]
     Empty { path: PathBuf },
 }
@@ -50,15 +51,15 @@ impl Backing {
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|source| StorageError::Open {
+            .map_err(|reason| StorageError::Open {
                 path: path.to_owned(),
-                source,
+                reason,
             })?;
         let raw_size = file
             .seek(SeekFrom::End(0))
-            .map_err(|source| StorageError::Size {
+            .map_err(|reason| StorageError::Size {
                 path: path.to_owned(),
-                source,
+                reason,
             })?;
         let size = raw_size & !511;
         if size == 0 {
