@@ -12,8 +12,10 @@
 //! - [`request`]: request headers (28-byte compact, 32-byte extended), the incremental
 //!   framer, and the validation rules a server applies before touching the file.
 //! - [`reply`]: simple reply headers (and, later, structured chunks).
+//! - [`control`]: the control socket's text protocol and the status line.
 
 pub mod consts;
+pub mod control;
 pub mod errno;
 pub mod handshake;
 pub mod reply;
