@@ -4,8 +4,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use bytes::BytesMut;
+
+use super::allocation::{AllocationMap, BLOCK};
 
 /// Errors of the storage layer. The OS error is part of the message (and deliberately not
 /// a `source`), so that a one-line report names it exactly once.
@@ -39,6 +42,9 @@ pub struct Backing {
     /// Cleared the first time the kernel says `RWF_NOWAIT` is unsupported for this file
     /// (tmpfs on older kernels); reads then go straight to plain `pread`.
     nowait_reads: AtomicBool,
+    /// Which blocks hold data. Every write sets its blocks before it touches the file; once
+    /// the background walk has built the map, all-zero blocks written into holes are skipped.
+    allocation: Arc<AllocationMap>,
 }
 
 impl Backing {
@@ -78,6 +84,7 @@ impl Backing {
             path: path.to_owned(),
             size,
             nowait_reads: AtomicBool::new(true),
+            allocation: Arc::new(AllocationMap::new(size)),
         })
     }
 
@@ -88,6 +95,17 @@ impl Backing {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The allocation map, shared with its builder (and later the mirror).
+    pub fn allocation(&self) -> &Arc<AllocationMap> {
+        &self.allocation
+    }
+
+    /// A second descriptor for the file, for the allocation walk (its `lseek`s move a file
+    /// offset that none of our positional I/O uses).
+    pub fn file_for_walk(&self) -> io::Result<File> {
+        self.file.try_clone()
     }
 
     /// Reads `len` bytes at `offset` into `buf`'s spare capacity without waiting for the
@@ -183,9 +201,44 @@ impl Backing {
         Ok(())
     }
 
-    /// Writes all of `data` at `offset`. With `durable`, the data (and the metadata needed
-    /// to read it back) is on stable storage when this returns (`RWF_DSYNC`).
+    /// Writes all of `data` at `offset` and keeps the allocation map true. With `durable`,
+    /// the data (and the metadata needed to read it back) is on stable storage when this
+    /// returns (`RWF_DSYNC`).
+    ///
+    /// Once the map is built, pieces that fall into unallocated blocks and are all zeros are
+    /// not written (flexnbd §9.3): they read as zeros already, and writing them would fill
+    /// the holes of a sparse image (a migration sends the holes of its source as zeros).
     pub fn write_at(&self, data: &[u8], offset: u64, durable: bool) -> io::Result<()> {
+        let map = &self.allocation;
+        if !map.is_built() {
+            map.set_range(offset, data.len() as u64);
+            return self.write_raw(data, offset, durable);
+        }
+        let mut kept_from: Option<usize> = None;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let at = offset + pos as u64;
+            let end = data.len().min(pos + (BLOCK - at % BLOCK) as usize);
+            let piece = &data[pos..end];
+            let allocated = map.is_allocated(at);
+            if allocated || !is_zero(piece) {
+                if !allocated {
+                    map.set_range(at, piece.len() as u64);
+                }
+                kept_from.get_or_insert(pos);
+            } else if let Some(from) = kept_from.take() {
+                self.write_raw(&data[from..pos], offset + from as u64, durable)?;
+            }
+            pos = end;
+        }
+        if let Some(from) = kept_from {
+            self.write_raw(&data[from..], offset + from as u64, durable)?;
+        }
+        Ok(())
+    }
+
+    /// Writes all of `data` at `offset`, nothing more.
+    fn write_raw(&self, data: &[u8], offset: u64, durable: bool) -> io::Result<()> {
         if !durable {
             return self.file.write_all_at(data, offset);
         }
@@ -228,6 +281,16 @@ impl Backing {
     pub fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+}
+
+/// True if every byte is zero (compared a word at a time).
+fn is_zero(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: every bit pattern is a valid u64, and align_to only reinterprets the
+        // correctly aligned middle part of the slice.
+        unsafe { bytes.align_to::<u64>() }
+    };
+    head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
 }
 
 fn short_read(at: u64) -> io::Error {
@@ -280,6 +343,47 @@ mod tests {
         backing.read_into(&mut buf, 5000, 5).unwrap();
         assert_eq!(&buf[..], b"helloworld");
         backing.sync_data().unwrap();
+    }
+
+    #[test]
+    fn zero_blocks_into_holes_are_skipped_once_the_map_is_built() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        tmp.as_file().set_len(1 << 20).unwrap();
+        let backing = Backing::open(tmp.path()).unwrap();
+        let map = backing.allocation().clone();
+        map.build_from(&backing.file_for_walk().unwrap(), &AtomicBool::new(false))
+            .unwrap();
+        // Zeros into holes: nothing written, nothing allocated.
+        backing.write_at(&vec![0u8; 256 << 10], 0, false).unwrap();
+        assert_eq!(map.allocated_bytes(), 0);
+        // Data in the middle of zeros: only its block is written.
+        let mut mixed = vec![0u8; 3 * 4096];
+        mixed[4096 + 7] = 9;
+        backing.write_at(&mixed, 64 << 10, false).unwrap();
+        assert_eq!(map.allocated_bytes(), 4096);
+        assert!(map.is_allocated((64 << 10) + 4096));
+        // Zeros over allocated data are written.
+        backing
+            .write_at(&[0u8; 4096], (64 << 10) + 4096, false)
+            .unwrap();
+        let mut buf = BytesMut::new();
+        backing.read_into(&mut buf, 64 << 10, 3 * 4096).unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
+        backing.sync_data().unwrap();
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&tmp.as_file().metadata().unwrap());
+        assert!(
+            blocks * 512 <= 8192,
+            "the file stayed sparse: {} bytes allocated",
+            blocks * 512
+        );
+    }
+
+    #[test]
+    fn writes_before_the_map_is_built_are_recorded() {
+        let (_tmp, backing) = backing_with(&[0u8; 65536]);
+        backing.write_at(&[0u8; 10], 20000, false).unwrap();
+        assert!(backing.allocation().is_allocated(20000));
+        assert!(!backing.allocation().is_built());
     }
 
     #[test]

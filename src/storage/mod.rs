@@ -5,6 +5,8 @@
 //! shared read-only (`Arc`) by every session: all operations are positional, so sessions
 //! never contend on a cursor or a lock.
 
+pub mod allocation;
 mod backing;
 
+pub use allocation::{AllocationMap, MapState};
 pub use backing::{Backing, NowaitRead, StorageError};

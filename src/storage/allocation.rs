@@ -1,0 +1,284 @@
+//! Which 4 KiB blocks of the export are allocated (`flexnbd-compat.md` §9).
+//!
+//! The map is an array of atomic words shared by the builder (the background walk) and the
+//! sessions (every write sets its blocks). Setting a bit is an atomic OR, never a lock, and
+//! bits are only cleared for ranges the file really no longer holds (TRIM), so readers see a
+//! conservative answer at any time: a set bit means "possibly allocated", a clear bit
+//! "certainly a hole" — but only once the walk has completed. Before that the map is never
+//! consulted for decisions.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+
+/// The map's block size (flexnbd §9.1).
+pub const BLOCK: u64 = 4096;
+
+/// Where the builder is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapState {
+    /// The walk is running; the map must not be trusted yet.
+    Building,
+    /// The walk completed: a clear bit is a hole.
+    Built,
+    /// The walk failed (unsupported filesystem, I/O error): the server runs without it.
+    Failed,
+}
+
+impl MapState {
+    pub fn name(self) -> &'static str {
+        match self {
+            MapState::Building => "building",
+            MapState::Built => "built",
+            MapState::Failed => "failed",
+        }
+    }
+}
+
+/// One bit per block of the export.
+#[derive(Debug)]
+pub struct AllocationMap {
+    words: Box<[AtomicU64]>,
+    size: u64,
+    state: AtomicU8,
+    /// Bytes of the export the walk has covered, for progress reports.
+    walked: AtomicU64,
+}
+
+impl AllocationMap {
+    /// An empty map (every block a hole) in state `Building`. The memory is zeroed lazily by
+    /// the kernel, so even a 1 TiB export (32 MiB of bits) costs nothing until touched.
+    pub fn new(size: u64) -> AllocationMap {
+        let blocks = size.div_ceil(BLOCK);
+        let words = blocks.div_ceil(64) as usize;
+        let zeroed: Vec<u64> = vec![0; words];
+        let boxed = zeroed.into_boxed_slice();
+        // SAFETY: AtomicU64 has the same size, alignment and bit validity as u64, so a boxed
+        // slice of u64 can be reinterpreted as a boxed slice of AtomicU64 of the same length;
+        // ownership moves from `boxed` into the new box.
+        let words = unsafe { Box::from_raw(Box::into_raw(boxed) as *mut [AtomicU64]) };
+        AllocationMap {
+            words,
+            size,
+            state: AtomicU8::new(0),
+            walked: AtomicU64::new(0),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn state(&self) -> MapState {
+        match self.state.load(Ordering::Acquire) {
+            0 => MapState::Building,
+            1 => MapState::Built,
+            _ => MapState::Failed,
+        }
+    }
+
+    /// True once the map may be used to skip writes.
+    pub fn is_built(&self) -> bool {
+        self.state() == MapState::Built
+    }
+
+    /// Records that the map cannot be built (the walk could not even start).
+    pub fn mark_failed(&self) {
+        self.set_state(MapState::Failed);
+    }
+
+    fn set_state(&self, state: MapState) {
+        let value = match state {
+            MapState::Building => 0,
+            MapState::Built => 1,
+            MapState::Failed => 2,
+        };
+        self.state.store(value, Ordering::Release);
+    }
+
+    /// Percentage of the export the walk has covered.
+    pub fn progress_percent(&self) -> u64 {
+        if self.state() == MapState::Built {
+            return 100;
+        }
+        self.walked.load(Ordering::Relaxed).min(self.size) * 100 / self.size.max(1)
+    }
+
+    /// Marks every block that `[offset, offset + len)` touches as allocated.
+    pub fn set_range(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / BLOCK;
+        let last = (offset.saturating_add(len) - 1).min(self.size.saturating_sub(1)) / BLOCK;
+        self.update_blocks(first, last, true);
+    }
+
+    /// Marks the blocks entirely inside `[offset, offset + len)` as holes (after the file's
+    /// range was punched). Partly covered blocks keep their bit.
+    pub fn clear_range(&self, offset: u64, len: u64) {
+        let first = offset.div_ceil(BLOCK);
+        let end = offset.saturating_add(len);
+        let end_block = if end >= self.size {
+            self.size.div_ceil(BLOCK)
+        } else {
+            end / BLOCK
+        };
+        if end_block > first {
+            self.update_blocks(first, end_block - 1, false);
+        }
+    }
+
+    fn update_blocks(&self, first: u64, last: u64, set: bool) {
+        let mut block = first;
+        while block <= last {
+            let word = (block / 64) as usize;
+            let bit = block % 64;
+            let count = (64 - bit).min(last - block + 1);
+            let mask = if count == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << count) - 1) << bit
+            };
+            if let Some(w) = self.words.get(word) {
+                if set {
+                    w.fetch_or(mask, Ordering::AcqRel);
+                } else {
+                    w.fetch_and(!mask, Ordering::AcqRel);
+                }
+            }
+            block += count;
+        }
+    }
+
+    /// Whether the block holding byte `offset` is (possibly) allocated.
+    pub fn is_allocated(&self, offset: u64) -> bool {
+        let block = offset / BLOCK;
+        self.words
+            .get((block / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (block % 64)) != 0)
+    }
+
+    /// Bytes in allocated blocks (the last block counted whole).
+    pub fn allocated_bytes(&self) -> u64 {
+        let bits: u64 = self
+            .words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum();
+        bits * BLOCK
+    }
+
+    /// Fills the map from the file's extents with SEEK_DATA/SEEK_HOLE, then marks it built.
+    /// Extents are rounded outward to whole blocks. Bits set meanwhile by writes stay set.
+    /// On failure the map is marked failed and the error returned.
+    pub fn build_from(&self, file: &File, cancel: &AtomicBool) -> io::Result<()> {
+        match self.walk(file, cancel) {
+            Ok(()) => {
+                self.set_state(MapState::Built);
+                Ok(())
+            }
+            Err(e) => {
+                self.set_state(MapState::Failed);
+                Err(e)
+            }
+        }
+    }
+
+    fn walk(&self, file: &File, cancel: &AtomicBool) -> io::Result<()> {
+        let fd = file.as_raw_fd();
+        let mut pos: u64 = 0;
+        while pos < self.size {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "the walk was cancelled",
+                ));
+            }
+            let Some(data) = seek(fd, pos, libc::SEEK_DATA)? else {
+                break;
+            };
+            if data >= self.size {
+                break;
+            }
+            let hole = seek(fd, data, libc::SEEK_HOLE)?
+                .unwrap_or(self.size)
+                .min(self.size);
+            self.set_range(data, hole.saturating_sub(data).max(1));
+            self.walked.store(hole, Ordering::Relaxed);
+            pos = hole.max(data + 1);
+        }
+        self.walked.store(self.size, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// `lseek` with SEEK_DATA or SEEK_HOLE; `None` when there is no more data (ENXIO).
+fn seek(fd: i32, from: u64, whence: i32) -> io::Result<Option<u64>> {
+    // SAFETY: lseek only reads its integer arguments; `fd` is open for the duration of the
+    // call because the caller holds the `File` it came from.
+    let at = unsafe { libc::lseek(fd, from as libc::off_t, whence) };
+    if at < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    Ok(Some(at as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn set_and_clear_ranges() {
+        let map = AllocationMap::new(1 << 20);
+        map.set_range(4095, 2);
+        assert!(map.is_allocated(0) && map.is_allocated(4096) && !map.is_allocated(8192));
+        map.set_range(64 * 4096, 130 * 4096);
+        assert!(map.is_allocated(64 * 4096) && map.is_allocated(193 * 4096));
+        assert!(!map.is_allocated(194 * 4096));
+        map.clear_range(100, 8192);
+        assert!(map.is_allocated(0), "a partly covered block keeps its bit");
+        assert!(!map.is_allocated(4096), "a fully covered block is cleared");
+        map.clear_range(0, 1 << 20);
+        assert_eq!(map.allocated_bytes(), 0);
+        map.set_range((1 << 20) - 1, 100);
+        assert_eq!(
+            map.allocated_bytes(),
+            4096,
+            "ranges past the end are clipped"
+        );
+    }
+
+    #[test]
+    fn walk_finds_the_extents_of_a_sparse_file() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let file = tmp.as_file();
+        file.set_len(64 << 20).unwrap();
+        file.write_all_at(&[1u8; 100], 10 << 20).unwrap();
+        file.write_all_at(&[1u8; 8192], 40 << 20).unwrap();
+        file.sync_all().unwrap();
+        let map = AllocationMap::new(64 << 20);
+        assert_eq!(map.state(), MapState::Building);
+        map.build_from(file, &AtomicBool::new(false)).unwrap();
+        assert_eq!(map.state(), MapState::Built);
+        assert!(map.is_allocated(10 << 20));
+        assert!(map.is_allocated(40 << 20));
+        assert!(!map.is_allocated(20 << 20));
+        assert!(map.allocated_bytes() < 1 << 20, "{}", map.allocated_bytes());
+        assert_eq!(map.progress_percent(), 100);
+    }
+
+    #[test]
+    fn a_huge_map_is_cheap() {
+        let map = AllocationMap::new(1 << 40);
+        assert!(!map.is_allocated((1 << 40) - 1));
+        map.set_range((1 << 40) - 4096, 4096);
+        assert!(map.is_allocated((1 << 40) - 1));
+    }
+}
