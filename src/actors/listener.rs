@@ -6,6 +6,11 @@
 //!   waits for the same moment.
 //! - [`SessionEnded`] (session → listener): removes the session from the registry; answers
 //!   pending shutdown waiters when it was the last one.
+//! - [`GetStatus`] (control → listener): answered at once with the client count and whether
+//!   clients are admitted. A connection whose peer has already closed is not counted, even
+//!   if its session has not noticed yet.
+//! - [`ReplaceAcl`] (control → listener): replaces the ACL and sends [`Close`] to every
+//!   session whose peer the new list no longer admits; answered once the list is in force.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,6 +41,27 @@ pub struct ListenerConfig {
 struct SessionEntry {
     addr: Addr<Session>,
     peer: SocketAddr,
+    /// A duplicate of the client's socket, polled by `status` to leave out connections
+    /// whose peer has closed but whose session has not reported its end yet.
+    probe: Option<std::os::fd::OwnedFd>,
+}
+
+impl SessionEntry {
+    /// False once the peer has closed or reset the connection.
+    fn peer_alive(&self) -> bool {
+        let Some(fd) = &self.probe else {
+            return true;
+        };
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd for an open descriptor we own; a zero timeout
+        // makes poll return at once.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+        ready <= 0 || pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) == 0
+    }
 }
 
 pub struct Listener {
@@ -54,6 +80,23 @@ pub struct Listener {
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct Shutdown;
+
+/// Control → listener: how many clients, and are new ones admitted.
+#[derive(Message, Debug)]
+#[rtype(result = "ListenerStatus")]
+pub struct GetStatus;
+
+/// The listener's part of the status line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, MessageResponse)]
+pub struct ListenerStatus {
+    pub num_clients: usize,
+    pub clients_allowed: bool,
+}
+
+/// Control → listener: put a new access control list in force.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ReplaceAcl(pub Acl);
 
 /// A new connection from the accept loop.
 struct Accepted(std::io::Result<(tokio::net::TcpStream, SocketAddr)>);
@@ -109,6 +152,7 @@ impl Listener {
                 return;
             }
         };
+        let probe = std::os::fd::AsFd::as_fd(&socket).try_clone_to_owned().ok();
         let id = self.next_id;
         self.next_id += 1;
         let arbiters = &self.config.arbiters;
@@ -128,7 +172,7 @@ impl Listener {
             peer.ip(),
             peer.port()
         );
-        self.sessions.insert(id, SessionEntry { addr, peer });
+        self.sessions.insert(id, SessionEntry { addr, peer, probe });
     }
 
     fn answer_waiters_if_empty(&mut self) {
@@ -198,5 +242,33 @@ impl Handler<Shutdown> for Listener {
         Box::pin(async move {
             let _ = rx.await;
         })
+    }
+}
+
+impl Handler<GetStatus> for Listener {
+    type Result = ListenerStatus;
+
+    fn handle(&mut self, _msg: GetStatus, _ctx: &mut Self::Context) -> ListenerStatus {
+        ListenerStatus {
+            num_clients: self.sessions.values().filter(|s| s.peer_alive()).count(),
+            clients_allowed: !self.shutting_down,
+        }
+    }
+}
+
+impl Handler<ReplaceAcl> for Listener {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplaceAcl, _ctx: &mut Self::Context) {
+        self.config.acl = msg.0;
+        for (id, entry) in &self.sessions {
+            if !self.config.acl.allows(&entry.peer.ip()) {
+                tracing::warn!(
+                    "Client {} (session {id}) is no longer allowed by the access control list; disconnecting it",
+                    entry.peer
+                );
+                entry.addr.do_send(Close(CloseReason::AclChanged));
+            }
+        }
     }
 }

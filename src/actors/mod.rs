@@ -9,6 +9,8 @@
 //! Actors are thin glue: wire formats live in `crate::protocol`, file access in
 //! `crate::storage`. See `docs/architecture.md` for the handshakes.
 
+pub mod allocation_map;
+pub mod control;
 pub mod listener;
 mod reader;
 pub mod session;

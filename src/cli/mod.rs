@@ -6,6 +6,7 @@
 //! supervisors read them.
 
 mod client;
+mod control_client;
 mod serve;
 mod spec;
 
@@ -51,6 +52,9 @@ pub fn run(args: Vec<OsString>) -> i32 {
         "serve" => serve::serve(&matches),
         "read" => client::read(&matches),
         "write" => client::write(&matches),
+        "acl" | "status" | "mirror" | "mirror-speed" | "break" => {
+            control_client::run(mode.name, &matches)
+        }
         other => {
             eprintln!("{other}: this mode is not available in this version of flexnbd yet");
             1

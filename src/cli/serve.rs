@@ -11,6 +11,8 @@ use bytes::Bytes;
 use clap::ArgMatches;
 
 use crate::acl::Acl;
+use crate::actors::allocation_map::{AllocationMapBuilder, StopBuilder};
+use crate::actors::control::{Control, ControlConfig, StopControl};
 use crate::actors::listener::{Listener, ListenerConfig, Shutdown};
 use crate::actors::session::SessionConfig;
 use crate::addr::{parse_ip, parse_port};
@@ -34,6 +36,7 @@ struct ServeOptions {
     addr: IpAddr,
     port: u16,
     file: PathBuf,
+    sock: Option<PathBuf>,
     acl: Acl,
     killswitch: bool,
     max_clients: usize,
@@ -103,6 +106,7 @@ fn options(matches: &ArgMatches) -> anyhow::Result<ServeOptions> {
         addr,
         port,
         file: PathBuf::from(value(matches, "file").unwrap_or_default()),
+        sock: value(matches, "sock").map(PathBuf::from),
         acl,
         killswitch: flag(matches, "killswitch"),
         max_clients,
@@ -115,9 +119,15 @@ fn run(opts: ServeOptions) -> anyhow::Result<i32> {
     // Validate the file before the port is bound, so nothing looks ready for a server that
     // is about to fail (flexnbd §5.1).
     let backing = Arc::new(Backing::open(&opts.file)?);
+    if let Some(path) = &opts.sock {
+        ControlSocket::check_path(path)?;
+    }
     let socket = crate::net::bind_listener(opts.addr, opts.port)
         .map_err(|e| anyhow::anyhow!("Failed to bind() socket: {e}"))?;
     let local = socket.local_addr().context("reading the bound address")?;
+    // Only now, with the NBD port listening, may the control socket appear: supervisors
+    // take its existence as the readiness signal (flexnbd §5.1).
+    let control_socket = opts.sock.as_deref().map(ControlSocket::bind).transpose()?;
     tracing::info!(
         "Serving {} ({} bytes) on {local}",
         opts.file.display(),
@@ -144,6 +154,7 @@ fn run(opts: ServeOptions) -> anyhow::Result<i32> {
     });
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let grace = opts.grace;
+    let default_deny = opts.acl.default_deny();
     let system = System::new();
     system.block_on(async move {
         let mut signals = Signals::install()?;
@@ -158,8 +169,28 @@ fn run(opts: ServeOptions) -> anyhow::Result<i32> {
             },
         )
         .start();
+        let builder = AllocationMapBuilder::new(backing.clone()).start();
+        let control = control_socket.as_ref().map(|sock| {
+            let config = ControlConfig {
+                pid: std::process::id(),
+                size: backing.size(),
+                default_deny,
+                has_control: true,
+                listener: listener.clone(),
+                allocation: backing.allocation().clone(),
+            };
+            Control::new(sock.take_listener(), config).start()
+        });
         let signal = signals.wait().await;
         tracing::info!("Received {signal}: shutting down");
+        // The control socket goes first, before the NBD port closes (flexnbd §5.5).
+        if let Some(control) = control {
+            let _ = control.send(StopControl).await;
+        }
+        if let Some(sock) = &control_socket {
+            sock.remove();
+        }
+        builder.do_send(StopBuilder);
         // Sessions enforce the grace themselves; the extra time only guards against a
         // session that cannot even report its end.
         let backstop = grace + Duration::from_secs(5);
@@ -177,6 +208,68 @@ fn run(opts: ServeOptions) -> anyhow::Result<i32> {
         }
         flush(&backing)
     })
+}
+
+/// The control socket's path, removed when the server exits (on every path this process
+/// controls: a clean shutdown, and errors after the socket was created).
+struct ControlSocket {
+    path: PathBuf,
+    listener: std::cell::Cell<Option<std::os::unix::net::UnixListener>>,
+    removed: std::cell::Cell<bool>,
+}
+
+impl ControlSocket {
+    /// Unix socket paths longer than this do not fit `sockaddr_un` (C flexnbd silently
+    /// truncated them).
+    const MAX_PATH: usize = 107;
+
+    fn check_path(path: &std::path::Path) -> anyhow::Result<()> {
+        let len = path.as_os_str().len();
+        if len > Self::MAX_PATH {
+            bail!(
+                "Control socket path {} is {len} bytes long; at most {} fit",
+                path.display(),
+                Self::MAX_PATH
+            );
+        }
+        Ok(())
+    }
+
+    /// Binds the socket. An existing path is refused, never removed: a stale path is the
+    /// operator's (or supervisor's) to remove (flexnbd §6.1).
+    fn bind(path: &std::path::Path) -> anyhow::Result<ControlSocket> {
+        let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+            anyhow::anyhow!("Couldn't bind control socket to {}: {e}", path.display())
+        })?;
+        Ok(ControlSocket {
+            path: path.to_owned(),
+            listener: std::cell::Cell::new(Some(listener)),
+            removed: std::cell::Cell::new(false),
+        })
+    }
+
+    fn take_listener(&self) -> std::os::unix::net::UnixListener {
+        self.listener
+            .take()
+            .expect("the control socket is handed over once")
+    }
+
+    fn remove(&self) {
+        if !self.removed.replace(true) {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!(
+                    "Couldn't remove the control socket {}: {e}",
+                    self.path.display()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        self.remove();
+    }
 }
 
 /// The last step of every shutdown: nothing acknowledged stays only in the page cache.

@@ -209,9 +209,12 @@ pub const MODES: &[Mode] = &[
     },
     Mode {
         name: "status",
-        usage: "flexnbd status --sock SOCK",
+        usage: "flexnbd status --sock SOCK [--json]",
         description: "Print the status line of a running server.",
-        opts: SOCK_ONLY,
+        opts: &[
+            opt("sock", 's', Value("SOCK"), "The control socket of the server."),
+            long_only("json", Flag, "Print the same fields as a JSON object."),
+        ],
         positional: None,
         in_help_mode: true,
     },
