@@ -71,6 +71,7 @@ impl Setup {
             rules: ExportRules {
                 size,
                 dialect: Dialect::Oldstyle,
+                read_only: false,
             },
         }
     }
@@ -162,7 +163,7 @@ impl Checker<'_> {
 fn check_verdict(rules: &ExportRules, req: &Request, verdict: Verdict) {
     let in_range = req.end().is_some_and(|end| end <= rules.size);
     match verdict {
-        Verdict::Read { offset, length } => {
+        Verdict::Read { offset, length, .. } => {
             assert!(in_range && req.command == Command::Read);
             assert_eq!((offset, length), (req.offset, req.length));
         }
@@ -180,6 +181,11 @@ fn check_verdict(rules: &ExportRules, req: &Request, verdict: Verdict) {
                 Command::Read | Command::Write | Command::Flush | Command::Disconnect
             ));
         }
+        // The old-style rules this target runs never produce new-style commands.
+        Verdict::Trim { .. }
+        | Verdict::WriteZeroes { .. }
+        | Verdict::Cache { .. }
+        | Verdict::BlockStatus { .. } => panic!("old-style rules produced {verdict:?}"),
     }
 }
 

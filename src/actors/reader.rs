@@ -250,7 +250,7 @@ impl Reader {
                 })
             }
             Frame::Request(req) => match self.config.rules.check(&req) {
-                Verdict::Read { offset, length } => {
+                Verdict::Read { offset, length, .. } => {
                     let mut permits = self.permits();
                     let share = length.min(self.config.part_size as u64) as u32;
                     if share > 0 {
@@ -313,6 +313,16 @@ impl Reader {
                     self.stopped = true;
                     None
                 }
+                // Commands of the new-style dialect: not reachable with old-style rules,
+                // executed once sessions speak new-style.
+                Verdict::Trim { .. }
+                | Verdict::WriteZeroes { .. }
+                | Verdict::Cache { .. }
+                | Verdict::BlockStatus { .. } => Some(Incoming::Reply {
+                    cookie: req.cookie,
+                    error: Some(Errno::EINVAL),
+                    permits: self.permits(),
+                }),
                 Verdict::Reject(errno) => {
                     // The payload of a rejected WRITE is read and thrown away, so the
                     // connection stays usable (flexnbd §4.4).

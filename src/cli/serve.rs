@@ -143,6 +143,7 @@ fn run(opts: ServeOptions) -> anyhow::Result<i32> {
         rules: ExportRules {
             size: backing.size(),
             dialect: Dialect::Oldstyle,
+            read_only: false,
         },
         hello: Bytes::copy_from_slice(&hello.encode()),
         sync_writes: opts.sync_writes,

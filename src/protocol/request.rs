@@ -342,8 +342,21 @@ impl RequestFramer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
     /// flexnbd's old-style rules (`flexnbd-compat.md` §4.4): range check first for every
-    /// type, only READ, WRITE, DISC and FLUSH.
+    /// type (ENOSPC), only READ, WRITE, DISC and FLUSH, command flags ignored.
     Oldstyle,
+    /// The NBD protocol's rules for a fixed new-style client, given what was negotiated.
+    Modern(Modern),
+}
+
+/// What a new-style client negotiated that changes which requests are valid.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Modern {
+    /// Structured replies are in force (makes DF valid).
+    pub structured: bool,
+    /// 32-byte headers (makes PAYLOAD_LEN meaningful on WRITE).
+    pub extended: bool,
+    /// `base:allocation` was selected (makes BLOCK_STATUS valid).
+    pub block_status: bool,
 }
 
 /// What the server knows about the export when it checks a request.
@@ -351,6 +364,8 @@ pub enum Dialect {
 pub struct ExportRules {
     pub size: u64,
     pub dialect: Dialect,
+    /// Writes, trims and zeroes fail with EPERM (`-r`).
+    pub read_only: bool,
 }
 
 /// What the server must do with a request.
@@ -359,6 +374,8 @@ pub enum Verdict {
     Read {
         offset: u64,
         length: u64,
+        /// Don't fragment: the data must come as one chunk.
+        df: bool,
     },
     Write {
         offset: u64,
@@ -366,6 +383,32 @@ pub enum Verdict {
         fua: bool,
     },
     Flush,
+    /// Punch a hole (a hint: the contents are undefined afterwards until rewritten).
+    Trim {
+        offset: u64,
+        length: u64,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        length: u64,
+        fua: bool,
+        /// The range must stay allocated (no hole may be punched).
+        no_hole: bool,
+        /// Fail at once with ENOTSUP unless zeroing is faster than writing zeros.
+        fast: bool,
+    },
+    /// Prefetch a range (a hint).
+    Cache {
+        offset: u64,
+        length: u64,
+    },
+    BlockStatus {
+        offset: u64,
+        length: u64,
+        /// Answer with one extent only.
+        req_one: bool,
+    },
     /// Answer nothing; close once the requests in flight are answered.
     Disconnect,
     /// Answer with this error; a payload, if any, must be discarded.
@@ -377,6 +420,7 @@ impl ExportRules {
     pub fn check(&self, req: &Request) -> Verdict {
         match self.dialect {
             Dialect::Oldstyle => self.check_oldstyle(req),
+            Dialect::Modern(modern) => self.check_modern(req, modern),
         }
     }
 
@@ -387,18 +431,96 @@ impl ExportRules {
             Some(end) if end <= self.size => {}
             _ => return Verdict::Reject(Errno::ENOSPC),
         }
+        let fua = req.flags & cflags::FUA != 0;
         match req.command {
             Command::Read => Verdict::Read {
                 offset: req.offset,
                 length: req.length,
+                df: false,
             },
+            Command::Write if self.read_only => Verdict::Reject(Errno::EPERM),
             Command::Write => Verdict::Write {
                 offset: req.offset,
                 length: req.length,
-                fua: req.flags & cflags::FUA != 0,
+                fua,
             },
             Command::Flush => Verdict::Flush,
             Command::Disconnect => Verdict::Disconnect,
+            _ => Verdict::Reject(Errno::EINVAL),
+        }
+    }
+
+    /// The NBD protocol's rules: flags that do not apply to the command (or were not
+    /// negotiated) and unknown commands are EINVAL; writes to a read-only export EPERM;
+    /// past the end, writes and zeroes are ENOSPC and everything else EINVAL.
+    fn check_modern(&self, req: &Request, modern: Modern) -> Verdict {
+        use cflags::{DF, FAST_ZERO, FUA, NO_HOLE, PAYLOAD_LEN, REQ_ONE};
+        let allowed = match req.command {
+            Command::Read if modern.structured => DF,
+            Command::Write if modern.extended => FUA | PAYLOAD_LEN,
+            Command::Write => FUA,
+            Command::Trim => FUA,
+            Command::WriteZeroes => FUA | NO_HOLE | FAST_ZERO,
+            Command::BlockStatus => REQ_ONE,
+            Command::Disconnect => u16::MAX,
+            Command::Unknown(_) => return Verdict::Reject(Errno::EINVAL),
+            _ => 0,
+        };
+        if req.flags & !allowed != 0 {
+            return Verdict::Reject(Errno::EINVAL);
+        }
+        if req.command == Command::BlockStatus && !modern.block_status {
+            return Verdict::Reject(Errno::EINVAL);
+        }
+        let writes = matches!(
+            req.command,
+            Command::Write | Command::Trim | Command::WriteZeroes
+        );
+        if writes && self.read_only {
+            return Verdict::Reject(Errno::EPERM);
+        }
+        let in_range = req.end().is_some_and(|end| end <= self.size);
+        let (offset, length) = (req.offset, req.length);
+        let fua = req.flags & FUA != 0;
+        match req.command {
+            Command::Flush => return Verdict::Flush,
+            Command::Disconnect => return Verdict::Disconnect,
+            Command::Write | Command::WriteZeroes if !in_range => {
+                return Verdict::Reject(Errno::ENOSPC)
+            }
+            _ if !in_range => return Verdict::Reject(Errno::EINVAL),
+            _ => {}
+        }
+        match req.command {
+            Command::Read => Verdict::Read {
+                offset,
+                length,
+                df: req.flags & DF != 0,
+            },
+            Command::Write => Verdict::Write {
+                offset,
+                length,
+                fua,
+            },
+            Command::Trim => Verdict::Trim {
+                offset,
+                length,
+                fua,
+            },
+            Command::WriteZeroes => Verdict::WriteZeroes {
+                offset,
+                length,
+                fua,
+                no_hole: req.flags & NO_HOLE != 0,
+                fast: req.flags & FAST_ZERO != 0,
+            },
+            Command::Cache => Verdict::Cache { offset, length },
+            Command::BlockStatus if length == 0 => Verdict::Reject(Errno::EINVAL),
+            Command::BlockStatus => Verdict::BlockStatus {
+                offset,
+                length,
+                req_one: req.flags & REQ_ONE != 0,
+            },
             _ => Verdict::Reject(Errno::EINVAL),
         }
     }
@@ -536,6 +658,7 @@ mod tests {
         let rules = ExportRules {
             size: 1024,
             dialect: Dialect::Oldstyle,
+            read_only: false,
         };
         let mk = |command, offset, length| Request {
             flags: 0,
@@ -548,7 +671,8 @@ mod tests {
             rules.check(&mk(Command::Read, 512, 512)),
             Verdict::Read {
                 offset: 512,
-                length: 512
+                length: 512,
+                df: false
             }
         );
         assert_eq!(
@@ -583,6 +707,136 @@ mod tests {
                 length: 1,
                 fua: true
             }
+        );
+    }
+
+    #[test]
+    fn modern_rules() {
+        let modern = Modern {
+            structured: true,
+            extended: false,
+            block_status: true,
+        };
+        let rules = ExportRules {
+            size: 1024,
+            dialect: Dialect::Modern(modern),
+            read_only: false,
+        };
+        let mk = |command, flags, offset, length| Request {
+            flags,
+            command,
+            cookie: 0,
+            offset,
+            length,
+        };
+        use cflags::*;
+        assert_eq!(
+            rules.check(&mk(Command::Read, DF, 0, 512)),
+            Verdict::Read {
+                offset: 0,
+                length: 512,
+                df: true
+            }
+        );
+        assert_eq!(
+            rules.check(&mk(Command::Read, FUA, 0, 512)),
+            Verdict::Reject(Errno::EINVAL)
+        );
+        assert_eq!(
+            rules.check(&mk(Command::Read, 0, 1000, 512)),
+            Verdict::Reject(Errno::EINVAL)
+        );
+        assert_eq!(
+            rules.check(&mk(Command::Write, 0, 1000, 512)),
+            Verdict::Reject(Errno::ENOSPC)
+        );
+        assert_eq!(
+            rules.check(&mk(Command::WriteZeroes, 0, 1000, 512)),
+            Verdict::Reject(Errno::ENOSPC)
+        );
+        assert_eq!(
+            rules.check(&mk(Command::Trim, 0, 1000, 512)),
+            Verdict::Reject(Errno::EINVAL)
+        );
+        assert_eq!(
+            rules.check(&mk(Command::Cache, 0, u64::MAX, 2)),
+            Verdict::Reject(Errno::EINVAL)
+        );
+        assert_eq!(
+            rules.check(&mk(Command::Write, NO_HOLE, 0, 512)),
+            Verdict::Reject(Errno::EINVAL)
+        );
+        assert_eq!(
+            rules.check(&mk(Command::Unknown(42), 0, 0, 0)),
+            Verdict::Reject(Errno::EINVAL)
+        );
+        assert_eq!(
+            rules.check(&mk(Command::BlockStatus, 0, 0, 0)),
+            Verdict::Reject(Errno::EINVAL)
+        );
+        assert_eq!(
+            rules.check(&mk(
+                Command::WriteZeroes,
+                NO_HOLE | FAST_ZERO | FUA,
+                0,
+                1024
+            )),
+            Verdict::WriteZeroes {
+                offset: 0,
+                length: 1024,
+                fua: true,
+                no_hole: true,
+                fast: true
+            }
+        );
+        assert_eq!(
+            rules.check(&mk(Command::BlockStatus, REQ_ONE, 0, 1024)),
+            Verdict::BlockStatus {
+                offset: 0,
+                length: 1024,
+                req_one: true
+            }
+        );
+        let plain = ExportRules {
+            dialect: Dialect::Modern(Modern::default()),
+            ..rules
+        };
+        assert_eq!(
+            plain.check(&mk(Command::Read, DF, 0, 512)),
+            Verdict::Reject(Errno::EINVAL),
+            "DF needs structured replies"
+        );
+        assert_eq!(
+            plain.check(&mk(Command::BlockStatus, 0, 0, 512)),
+            Verdict::Reject(Errno::EINVAL),
+            "no context selected"
+        );
+        let ro = ExportRules {
+            read_only: true,
+            ..rules
+        };
+        for command in [Command::Write, Command::Trim, Command::WriteZeroes] {
+            assert_eq!(
+                ro.check(&mk(command, 0, 0, 512)),
+                Verdict::Reject(Errno::EPERM)
+            );
+        }
+        assert_eq!(
+            ro.check(&mk(Command::Read, 0, 0, 512)),
+            Verdict::Read {
+                offset: 0,
+                length: 512,
+                df: false
+            }
+        );
+        let old_ro = ExportRules {
+            size: 1024,
+            dialect: Dialect::Oldstyle,
+            read_only: true,
+        };
+        assert_eq!(
+            old_ro.check(&mk(Command::Write, 0, 0, 512)),
+            Verdict::Reject(Errno::EPERM)
         );
     }
 
@@ -664,7 +918,7 @@ mod tests {
             let style = if extended { HeaderStyle::Extended } else { HeaderStyle::Compact };
             let mut framer = RequestFramer::new(style, part);
             let mut buf = BytesMut::from(&bytes[..]);
-            let rules = ExportRules { size: 1 << 20, dialect: Dialect::Oldstyle };
+            let rules = ExportRules { size: 1 << 20, dialect: Dialect::Oldstyle, read_only: false };
             let mut n = 0;
             while let Some(frame) = framer.next_frame(&mut buf) {
                 if let Frame::Request(r) = frame { let _ = rules.check(&r); }
@@ -674,10 +928,33 @@ mod tests {
         }
 
         #[test]
-        fn range_check_never_accepts_past_the_end(req in arb_request(), size in any::<u64>()) {
-            let rules = ExportRules { size, dialect: Dialect::Oldstyle };
-            match rules.check(&req) {
-                Verdict::Read { offset, length } | Verdict::Write { offset, length, .. } => {
+        fn range_check_never_accepts_past_the_end(
+            req in arb_request(),
+            size in any::<u64>(),
+            modern in any::<bool>(),
+            read_only in any::<bool>(),
+        ) {
+            let dialect = if modern {
+                Dialect::Modern(Modern { structured: true, extended: false, block_status: true })
+            } else {
+                Dialect::Oldstyle
+            };
+            let rules = ExportRules { size, dialect, read_only };
+            let verdict = rules.check(&req);
+            if read_only {
+                let writes = matches!(
+                    verdict,
+                    Verdict::Write { .. } | Verdict::Trim { .. } | Verdict::WriteZeroes { .. }
+                );
+                prop_assert!(!writes);
+            }
+            match verdict {
+                Verdict::Read { offset, length, .. }
+                | Verdict::Write { offset, length, .. }
+                | Verdict::Trim { offset, length, .. }
+                | Verdict::WriteZeroes { offset, length, .. }
+                | Verdict::Cache { offset, length }
+                | Verdict::BlockStatus { offset, length, .. } => {
                     prop_assert!(offset.checked_add(length).is_some_and(|e| e <= size));
                 }
                 _ => {}

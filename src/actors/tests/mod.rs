@@ -103,6 +103,7 @@ impl Export {
             rules: ExportRules {
                 size,
                 dialect: Dialect::Oldstyle,
+                read_only: false,
             },
             hello: Bytes::copy_from_slice(&hello.encode()),
             sync_writes: false,
