@@ -12,6 +12,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
+use super::backing::seek_from;
+
 /// The map's block size (flexnbd §9.1).
 pub const BLOCK: u64 = 4096;
 
@@ -196,13 +198,13 @@ impl AllocationMap {
                     "the walk was cancelled",
                 ));
             }
-            let Some(data) = seek(fd, pos, libc::SEEK_DATA)? else {
+            let Some(data) = seek_from(fd, pos, libc::SEEK_DATA)? else {
                 break;
             };
             if data >= self.size {
                 break;
             }
-            let hole = seek(fd, data, libc::SEEK_HOLE)?
+            let hole = seek_from(fd, data, libc::SEEK_HOLE)?
                 .unwrap_or(self.size)
                 .min(self.size);
             self.set_range(data, hole.saturating_sub(data).max(1));
@@ -212,21 +214,6 @@ impl AllocationMap {
         self.walked.store(self.size, Ordering::Relaxed);
         Ok(())
     }
-}
-
-/// `lseek` with SEEK_DATA or SEEK_HOLE; `None` when there is no more data (ENXIO).
-fn seek(fd: i32, from: u64, whence: i32) -> io::Result<Option<u64>> {
-    // SAFETY: lseek only reads its integer arguments; `fd` is open for the duration of the
-    // call because the caller holds the `File` it came from.
-    let at = unsafe { libc::lseek(fd, from as libc::off_t, whence) };
-    if at < 0 {
-        let err = io::Error::last_os_error();
-        return match err.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(err),
-        };
-    }
-    Ok(Some(at as u64))
 }
 
 #[cfg(test)]

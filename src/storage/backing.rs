@@ -22,6 +22,24 @@ pub enum StorageError {
     Empty { path: PathBuf },
 }
 
+/// Why zeroing a range failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ZeroError {
+    /// FAST_ZERO was asked for and the filesystem can only write zeros.
+    #[error("zeroing would not be faster than writing zeros")]
+    NotFast,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// One run of the export as the filesystem reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// Unallocated (reads as zeros).
+    pub hole: bool,
+}
+
 /// Outcome of a read that must not block.
 #[derive(Debug, PartialEq, Eq)]
 pub enum NowaitRead {
@@ -277,10 +295,174 @@ impl Backing {
         Ok(())
     }
 
+    /// Deallocates `[offset, offset + len)` (TRIM); the range reads as zeros afterwards.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )?;
+        self.allocation.clear_range(offset, len);
+        Ok(())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros (WRITE_ZEROES).
+    ///
+    /// Without `no_hole` the range is punched (fast, and it keeps the image sparse); with
+    /// it, or where punching is unsupported, `FALLOC_FL_ZERO_RANGE` zeroes it in place;
+    /// where that is unsupported too (tmpfs), zeros are written — unless `fast_only`, which
+    /// then fails at once with [`ZeroError::NotFast`].
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast_only: bool,
+    ) -> Result<(), ZeroError> {
+        if len == 0 {
+            return Ok(());
+        }
+        if !no_hole {
+            match self.punch_hole(offset, len) {
+                Err(e) if unsupported(&e) => {}
+                other => return Ok(other?),
+            }
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => {
+                self.allocation.set_range(offset, len);
+                return Ok(());
+            }
+            Err(e) if unsupported(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if fast_only {
+            return Err(ZeroError::NotFast);
+        }
+        static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(ZEROS.len() as u64) as usize;
+            if no_hole {
+                self.allocation.set_range(offset + done, n as u64);
+                self.write_raw(&ZEROS[..n], offset + done, false)?;
+            } else {
+                self.write_at(&ZEROS[..n], offset + done, false)?;
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel to read `[offset, offset + len)` ahead (CACHE).
+    pub fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
+        let rc = unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    }
+
+    /// The allocation of `[offset, offset + len)` as the filesystem reports it right now
+    /// (SEEK_DATA/SEEK_HOLE), at most `max` extents; the last one may be cut short, and
+    /// together they may cover less than `len`, never more. Where the filesystem cannot
+    /// tell, the whole range is reported as data (always a safe answer).
+    pub fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<Extent>> {
+        let end = offset.saturating_add(len).min(self.size);
+        let fd = self.file.as_raw_fd();
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < max {
+            let data = match seek_from(fd, pos, libc::SEEK_DATA) {
+                Ok(Some(d)) => d.min(end),
+                Ok(None) => end,
+                Err(e) if unsupported(&e) => {
+                    return Ok(vec![Extent {
+                        length: end - offset,
+                        hole: false,
+                    }])
+                }
+                Err(e) => return Err(e),
+            };
+            if data > pos {
+                out.push(Extent {
+                    length: data - pos,
+                    hole: true,
+                });
+                pos = data;
+                continue;
+            }
+            let hole = seek_from(fd, pos, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            out.push(Extent {
+                length: hole.max(pos + 1).min(end) - pos,
+                hole: false,
+            });
+            pos = hole.max(pos + 1);
+        }
+        Ok(out)
+    }
+
+    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        loop {
+            // SAFETY: fallocate only reads its integer arguments; the descriptor is open.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    mode,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if rc == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) {
+                return Err(err);
+            }
+        }
+    }
+
     /// Makes every completed write durable (`fdatasync`).
     pub fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+}
+
+/// The filesystem does not implement the operation.
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
+}
+
+/// `lseek` with SEEK_DATA or SEEK_HOLE; `None` past the last data (ENXIO).
+pub(super) fn seek_from(fd: i32, from: u64, whence: i32) -> io::Result<Option<u64>> {
+    // SAFETY: lseek only reads its integer arguments; the descriptor is open. The offset it
+    // moves is used by none of our positional I/O.
+    let at = unsafe { libc::lseek(fd, from as libc::off_t, whence) };
+    if at < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    Ok(Some(at as u64))
 }
 
 /// True if every byte is zero (compared a word at a time).
@@ -384,6 +566,77 @@ mod tests {
         backing.write_at(&[0u8; 10], 20000, false).unwrap();
         assert!(backing.allocation().is_allocated(20000));
         assert!(!backing.allocation().is_built());
+    }
+
+    fn allocated(tmp: &tempfile::NamedTempFile) -> u64 {
+        std::os::unix::fs::MetadataExt::blocks(&tmp.as_file().metadata().unwrap()) * 512
+    }
+
+    fn trim_zero_and_extents_on(dir: &Path) {
+        let tmp = tempfile::NamedTempFile::new_in(dir).unwrap();
+        tmp.as_file().set_len(8 << 20).unwrap();
+        let backing = Backing::open(tmp.path()).unwrap();
+        backing
+            .write_at(&vec![7u8; 4 << 20], 1 << 20, false)
+            .unwrap();
+        let ext = backing.extents(0, 8 << 20, 100).unwrap();
+        assert_eq!(
+            ext,
+            vec![
+                Extent {
+                    length: 1 << 20,
+                    hole: true
+                },
+                Extent {
+                    length: 4 << 20,
+                    hole: false
+                },
+                Extent {
+                    length: 3 << 20,
+                    hole: true
+                },
+            ]
+        );
+        assert_eq!(backing.extents(0, 8 << 20, 1).unwrap().len(), 1);
+        // TRIM deallocates and reads as zeros.
+        backing.punch_hole(1 << 20, 1 << 20).unwrap();
+        let mut buf = BytesMut::new();
+        backing.read_into(&mut buf, 1 << 20, 1 << 20).unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
+        assert!(!backing.allocation().is_allocated(1 << 20));
+        // WRITE_ZEROES without NO_HOLE punches; with NO_HOLE the range stays allocated.
+        let before = allocated(&tmp);
+        backing
+            .write_zeroes(2 << 20, 1 << 20, false, false)
+            .unwrap();
+        assert!(allocated(&tmp) <= before - (1 << 20) + 4096);
+        backing.write_zeroes(3 << 20, 1 << 20, true, false).unwrap();
+        let mut buf = BytesMut::new();
+        backing.read_into(&mut buf, 2 << 20, 2 << 20).unwrap();
+        assert!(buf.iter().all(|b| *b == 0));
+        assert!(backing.allocation().is_allocated(3 << 20));
+        backing.prefetch(0, 8 << 20).unwrap();
+    }
+
+    #[test]
+    fn trim_zero_and_extents_on_ext4() {
+        trim_zero_and_extents_on(&std::env::temp_dir());
+    }
+
+    #[test]
+    fn trim_zero_and_extents_on_tmpfs() {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            trim_zero_and_extents_on(shm);
+            // tmpfs cannot zero a range in place: FAST_ZERO with NO_HOLE fails at once.
+            let tmp = tempfile::NamedTempFile::new_in(shm).unwrap();
+            tmp.as_file().set_len(1 << 20).unwrap();
+            let backing = Backing::open(tmp.path()).unwrap();
+            assert!(matches!(
+                backing.write_zeroes(0, 4096, true, true),
+                Err(ZeroError::NotFast)
+            ));
+        }
     }
 
     #[test]

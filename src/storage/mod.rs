@@ -9,4 +9,4 @@ pub mod allocation;
 mod backing;
 
 pub use allocation::{AllocationMap, MapState};
-pub use backing::{Backing, NowaitRead, StorageError};
+pub use backing::{Backing, Extent, NowaitRead, StorageError, ZeroError};
