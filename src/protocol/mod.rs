@@ -18,8 +18,10 @@ pub mod consts;
 pub mod control;
 pub mod errno;
 pub mod handshake;
+pub mod newstyle;
 pub mod reply;
 pub mod request;
+pub mod structured;
 
 pub use consts::*;
 pub use errno::Errno;
