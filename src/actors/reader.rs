@@ -6,6 +6,11 @@
 //! we answer (or stops reading replies), the reader simply stops reading the socket, and
 //! TCP pushes back. The requests it yields have already been checked against the export's
 //! rules, so the session only executes.
+//!
+//! A new-style connection starts with negotiation: the reader feeds the client's options to
+//! the pure [`ServerNegotiation`] state machine, sends its replies through the writer, and
+//! once transmission starts switches its header style and rules to what was negotiated and
+//! tells the session (so that replies use the negotiated encoding from then on).
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,12 +22,16 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::protocol::request::{ExportRules, Frame, HeaderStyle, RequestFramer, Verdict};
-use crate::protocol::Errno;
+use crate::protocol::newstyle::{Negotiated, Progress, ServerNegotiation};
+use crate::protocol::request::{
+    Dialect, ExportRules, Frame, HeaderStyle, Modern, RequestFramer, Verdict,
+};
+use crate::protocol::structured::{ReplyStyle, ReplyTo};
+use crate::protocol::{Command, Errno};
 
-use super::writer::Permits;
+use super::writer::{Outgoing, Permits};
 
 /// Bytes read ahead of what the framer needs, so that pipelined small requests arrive in
 /// few system calls.
@@ -31,9 +40,11 @@ const READ_AHEAD: usize = 64 * 1024;
 /// A checked request, ready for the session to execute.
 pub(crate) enum Incoming {
     Read {
-        cookie: u64,
+        to: ReplyTo,
         offset: u64,
         length: u64,
+        /// Don't fragment (structured replies): one data chunk, never a hole chunk.
+        df: bool,
         permits: Permits,
     },
     /// One part of a WRITE's payload (the whole payload unless it is larger than a part).
@@ -45,19 +56,54 @@ pub(crate) enum Incoming {
         budget: Option<OwnedSemaphorePermit>,
     },
     Flush {
-        cookie: u64,
+        to: ReplyTo,
+        permits: Permits,
+    },
+    Trim {
+        to: ReplyTo,
+        offset: u64,
+        length: u64,
+        fua: bool,
+        permits: Permits,
+    },
+    WriteZeroes {
+        to: ReplyTo,
+        offset: u64,
+        length: u64,
+        fua: bool,
+        no_hole: bool,
+        fast: bool,
+        permits: Permits,
+    },
+    Cache {
+        to: ReplyTo,
+        offset: u64,
+        length: u64,
+        permits: Permits,
+    },
+    BlockStatus {
+        to: ReplyTo,
+        offset: u64,
+        length: u64,
+        req_one: bool,
         permits: Permits,
     },
     /// Answer at once: an error, or success for a zero-length write.
     Reply {
-        cookie: u64,
+        to: ReplyTo,
         error: Option<Errno>,
         permits: Permits,
     },
     /// A header with the wrong magic: answer EBADMSG, then the stream ends.
     BadMagic {
-        cookie: u64,
+        to: ReplyTo,
         permits: Permits,
+    },
+    /// New-style negotiation ended: every later reply uses `style`.
+    Negotiated {
+        style: ReplyStyle,
+        /// The id of `base:allocation`, for block status replies.
+        base_allocation: Option<u32>,
     },
 }
 
@@ -65,7 +111,7 @@ pub(crate) enum Incoming {
 pub(crate) enum WriteCompletion {
     /// The write came in one part: answer when it is written.
     Whole {
-        cookie: u64,
+        to: ReplyTo,
         slot: Option<OwnedSemaphorePermit>,
     },
     /// The write came in several parts: the last part to finish answers.
@@ -75,7 +121,7 @@ pub(crate) enum WriteCompletion {
 /// Shared by the parts of one large WRITE. Not a lock on the I/O path: each part does its
 /// own I/O and only counts down here.
 pub(crate) struct WriteGroup {
-    cookie: u64,
+    to: ReplyTo,
     remaining: AtomicU64,
     error: AtomicU32,
     slot: Mutex<Option<OwnedSemaphorePermit>>,
@@ -88,7 +134,7 @@ impl WriteGroup {
         &self,
         len: u64,
         error: Option<Errno>,
-    ) -> Option<(u64, Option<Errno>, Option<OwnedSemaphorePermit>)> {
+    ) -> Option<(ReplyTo, Option<Errno>, Option<OwnedSemaphorePermit>)> {
         if let Some(e) = error {
             let _ = self
                 .error
@@ -102,7 +148,7 @@ impl WriteGroup {
             e => Some(Errno(e)),
         };
         let slot = self.slot.lock().ok().and_then(|mut s| s.take());
-        Some((self.cookie, error, slot))
+        Some((self.to, error, slot))
     }
 }
 
@@ -161,6 +207,10 @@ pub(crate) struct Reader {
     pub disconnect: Arc<std::sync::atomic::AtomicBool>,
     /// Set by the session when it closes.
     pub stop: Arc<ReaderStop>,
+    /// New-style negotiation, until transmission starts.
+    negotiation: Option<ServerNegotiation>,
+    /// The writer's channel, for negotiation replies (requests are answered by the session).
+    replies: mpsc::Sender<Outgoing>,
 }
 
 impl Reader {
@@ -169,6 +219,8 @@ impl Reader {
         config: ReaderConfig,
         slots: Arc<Semaphore>,
         budget: Arc<Semaphore>,
+        negotiation: Option<ServerNegotiation>,
+        replies: mpsc::Sender<Outgoing>,
     ) -> Reader {
         let framer = RequestFramer::new(HeaderStyle::Compact, config.part_size);
         Reader {
@@ -184,6 +236,8 @@ impl Reader {
             stopped: false,
             disconnect: Default::default(),
             stop: Default::default(),
+            negotiation,
+            replies,
         }
     }
 
@@ -196,12 +250,22 @@ impl Reader {
     }
 
     async fn next(&mut self) -> Option<Incoming> {
+        if self.negotiation.is_some() && !self.stopped {
+            let negotiated = self.negotiate().await;
+            if negotiated.is_none() {
+                self.stopped = true;
+            }
+            return negotiated;
+        }
         loop {
             if self.stopped {
                 return None;
             }
             if self.framer.at_request_boundary() {
                 if self.stop.is_requested() {
+                    if let Some(refused) = self.refuse_buffered() {
+                        return Some(refused);
+                    }
                     self.stopped = true;
                     return None;
                 }
@@ -229,6 +293,88 @@ impl Reader {
         }
     }
 
+    /// Runs new-style negotiation to its end. Returns the `Negotiated` item, or `None` if
+    /// the client aborted, failed or went away.
+    async fn negotiate(&mut self) -> Option<Incoming> {
+        loop {
+            let negotiation = self.negotiation.as_mut()?;
+            let mut out = Vec::new();
+            let progress = negotiation.feed(&mut self.buf, &mut out);
+            if !out.is_empty() {
+                self.replies
+                    .send(Outgoing::raw(Bytes::from(out)))
+                    .await
+                    .ok()?;
+            }
+            match progress {
+                Ok(Progress::NeedMore) => {
+                    if !self.fill().await {
+                        return None;
+                    }
+                }
+                Ok(Progress::Done(negotiated)) => {
+                    self.negotiation = None;
+                    return Some(self.start_transmission(&negotiated));
+                }
+                Ok(Progress::Aborted) => {
+                    tracing::info!("Client {} ended negotiation", self.config.peer);
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!("Negotiation with client {} failed: {e}", self.config.peer);
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn start_transmission(&mut self, negotiated: &Negotiated) -> Incoming {
+        tracing::info!(
+            "Client {} negotiated: structured replies {}, extended headers {}, block status {}",
+            self.config.peer,
+            negotiated.structured_replies,
+            negotiated.extended_headers,
+            negotiated.base_allocation.is_some()
+        );
+        self.framer.set_style(negotiated.header_style());
+        self.config.rules.dialect = Dialect::Modern(Modern {
+            structured: negotiated.structured_replies,
+            extended: negotiated.extended_headers,
+            block_status: negotiated.base_allocation.is_some(),
+        });
+        Incoming::Negotiated {
+            style: negotiated.reply_style(),
+            base_allocation: negotiated.base_allocation,
+        }
+    }
+
+    /// While closing, a new-style client's requests that are already buffered are answered
+    /// ESHUTDOWN (so it knows to disconnect) instead of being dropped silently.
+    fn refuse_buffered(&mut self) -> Option<Incoming> {
+        if self.config.rules.dialect == Dialect::Oldstyle {
+            return None;
+        }
+        let Some(Frame::Request(req)) = self.framer.next_frame(&mut self.buf) else {
+            return None;
+        };
+        self.framer.discard_payload();
+        if req.command == Command::Disconnect {
+            return None;
+        }
+        let slot = self
+            .slot
+            .take()
+            .or_else(|| self.slots.clone().try_acquire_owned().ok())?;
+        Some(Incoming::Reply {
+            to: ReplyTo::from(&req),
+            error: Some(Errno::ESHUTDOWN),
+            permits: Permits {
+                slot: Some(slot),
+                bytes: None,
+            },
+        })
+    }
+
     fn permits(&mut self) -> Permits {
         Permits {
             slot: self.slot.take(),
@@ -237,122 +383,164 @@ impl Reader {
     }
 
     async fn on_frame(&mut self, frame: Frame) -> Option<Incoming> {
-        match frame {
+        let req = match frame {
+            Frame::Payload(part) => return self.on_payload(part),
             Frame::BadMagic { magic, cookie } => {
                 tracing::warn!(
                     "Client {} sent a request with bad magic {magic:#010x}: answering EBADMSG and closing",
                     self.config.peer
                 );
                 self.stopped = true;
-                Some(Incoming::BadMagic {
-                    cookie,
+                return Some(Incoming::BadMagic {
+                    to: ReplyTo { cookie, offset: 0 },
                     permits: self.permits(),
-                })
+                });
             }
-            Frame::Request(req) => match self.config.rules.check(&req) {
-                Verdict::Read { offset, length, .. } => {
-                    let mut permits = self.permits();
-                    let share = length.min(self.config.part_size as u64) as u32;
-                    if share > 0 {
-                        permits.bytes =
-                            Some(self.budget.clone().acquire_many_owned(share).await.ok()?);
-                    }
-                    Some(Incoming::Read {
-                        cookie: req.cookie,
-                        offset,
-                        length,
-                        permits,
-                    })
+            Frame::Request(req) => req,
+        };
+        let to = ReplyTo::from(&req);
+        let item = match self.config.rules.check(&req) {
+            Verdict::Read { offset, length, df } => {
+                let mut permits = self.permits();
+                let share = length.min(self.config.part_size as u64) as u32;
+                if share > 0 {
+                    permits.bytes = Some(self.budget.clone().acquire_many_owned(share).await.ok()?);
                 }
-                Verdict::Write {
+                Incoming::Read {
+                    to,
                     offset,
                     length,
-                    fua,
-                } => {
-                    let durable = fua || self.config.sync_writes;
-                    if length == 0 {
-                        return Some(Incoming::Reply {
-                            cookie: req.cookie,
-                            error: None,
-                            permits: self.permits(),
-                        });
-                    }
-                    let slot = self.slot.take();
-                    let (whole, group) = if length <= self.config.part_size as u64 {
-                        (
-                            Some(WriteCompletion::Whole {
-                                cookie: req.cookie,
-                                slot,
-                            }),
-                            None,
-                        )
-                    } else {
-                        let group = WriteGroup {
-                            cookie: req.cookie,
-                            remaining: AtomicU64::new(length),
-                            error: AtomicU32::new(0),
-                            slot: Mutex::new(slot),
-                        };
-                        (None, Some(Arc::new(group)))
-                    };
-                    self.write = Some(PendingWrite {
-                        offset,
-                        durable,
-                        whole,
-                        group,
-                    });
-                    None
+                    df,
+                    permits,
                 }
-                Verdict::Flush => Some(Incoming::Flush {
-                    cookie: req.cookie,
-                    permits: self.permits(),
-                }),
-                Verdict::Disconnect => {
-                    tracing::info!("Client {} sent a disconnect request", self.config.peer);
-                    self.disconnect.store(true, Ordering::Relaxed);
-                    self.stopped = true;
-                    None
-                }
-                // Commands of the new-style dialect: not reachable with old-style rules,
-                // executed once sessions speak new-style.
-                Verdict::Trim { .. }
-                | Verdict::WriteZeroes { .. }
-                | Verdict::Cache { .. }
-                | Verdict::BlockStatus { .. } => Some(Incoming::Reply {
-                    cookie: req.cookie,
-                    error: Some(Errno::EINVAL),
-                    permits: self.permits(),
-                }),
-                Verdict::Reject(errno) => {
-                    // The payload of a rejected WRITE is read and thrown away, so the
-                    // connection stays usable (flexnbd §4.4).
-                    self.framer.discard_payload();
-                    Some(Incoming::Reply {
-                        cookie: req.cookie,
-                        error: Some(errno),
-                        permits: self.permits(),
-                    })
-                }
-            },
-            Frame::Payload(part) => {
-                let pending = self.write.as_mut()?;
-                let completion = match pending.whole.take() {
-                    Some(whole) => whole,
-                    None => WriteCompletion::Part(pending.group.clone()?),
-                };
-                let item = Incoming::Write {
-                    offset: pending.offset + part.at,
-                    data: part.data,
-                    durable: pending.durable,
-                    completion,
-                    budget: self.part_budget.take(),
-                };
-                if part.last {
-                    self.write = None;
-                }
-                Some(item)
             }
+            Verdict::Write {
+                offset,
+                length,
+                fua,
+            } => return self.start_write(to, offset, length, fua),
+            Verdict::Flush => Incoming::Flush {
+                to,
+                permits: self.permits(),
+            },
+            Verdict::Trim {
+                offset,
+                length,
+                fua,
+            } => Incoming::Trim {
+                to,
+                offset,
+                length,
+                fua,
+                permits: self.permits(),
+            },
+            Verdict::WriteZeroes {
+                offset,
+                length,
+                fua,
+                no_hole,
+                fast,
+            } => Incoming::WriteZeroes {
+                to,
+                offset,
+                length,
+                fua,
+                no_hole,
+                fast,
+                permits: self.permits(),
+            },
+            Verdict::Cache { offset, length } => Incoming::Cache {
+                to,
+                offset,
+                length,
+                permits: self.permits(),
+            },
+            Verdict::BlockStatus {
+                offset,
+                length,
+                req_one,
+            } => Incoming::BlockStatus {
+                to,
+                offset,
+                length,
+                req_one,
+                permits: self.permits(),
+            },
+            Verdict::Disconnect => {
+                tracing::info!("Client {} sent a disconnect request", self.config.peer);
+                self.disconnect.store(true, Ordering::Relaxed);
+                self.stopped = true;
+                return None;
+            }
+            Verdict::Reject(errno) => {
+                // The payload of a rejected WRITE is read and thrown away, so the
+                // connection stays usable (flexnbd §4.4).
+                self.framer.discard_payload();
+                Incoming::Reply {
+                    to,
+                    error: Some(errno),
+                    permits: self.permits(),
+                }
+            }
+        };
+        Some(item)
+    }
+
+    /// A WRITE's header arrived: its payload parts follow (a zero-length write is answered
+    /// at once).
+    fn start_write(
+        &mut self,
+        to: ReplyTo,
+        offset: u64,
+        length: u64,
+        fua: bool,
+    ) -> Option<Incoming> {
+        let durable = fua || self.config.sync_writes;
+        if length == 0 {
+            return Some(Incoming::Reply {
+                to,
+                error: None,
+                permits: self.permits(),
+            });
         }
+        let slot = self.slot.take();
+        let (whole, group) = if length <= self.config.part_size as u64 {
+            (Some(WriteCompletion::Whole { to, slot }), None)
+        } else {
+            let group = WriteGroup {
+                to,
+                remaining: AtomicU64::new(length),
+                error: AtomicU32::new(0),
+                slot: Mutex::new(slot),
+            };
+            (None, Some(Arc::new(group)))
+        };
+        self.write = Some(PendingWrite {
+            offset,
+            durable,
+            whole,
+            group,
+        });
+        None
+    }
+
+    fn on_payload(&mut self, part: crate::protocol::request::PayloadPart) -> Option<Incoming> {
+        let pending = self.write.as_mut()?;
+        let completion = match pending.whole.take() {
+            Some(whole) => whole,
+            None => WriteCompletion::Part(pending.group.clone()?),
+        };
+        let item = Incoming::Write {
+            offset: pending.offset + part.at,
+            data: part.data,
+            durable: pending.durable,
+            completion,
+            budget: self.part_budget.take(),
+        };
+        if part.last {
+            self.write = None;
+        }
+        Some(item)
     }
 
     /// Reads more bytes. Returns false at end of stream or on an error.

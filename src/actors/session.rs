@@ -26,10 +26,20 @@ use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::protocol::newstyle::{NegotiationConfig, ServerNegotiation};
 use crate::protocol::reply::simple_reply;
 use crate::protocol::request::ExportRules;
+use crate::protocol::structured::{Extent as StatusExtent, ReplyStyle, ReplyTo};
 use crate::protocol::Errno;
-use crate::storage::{Backing, NowaitRead};
+use crate::storage::allocation::BLOCK;
+use crate::storage::{Backing, NowaitRead, ZeroError};
+
+/// `base:allocation` status bits.
+const STATE_HOLE: u64 = 1;
+const STATE_ZERO: u64 = 2;
+/// Extents in one block status reply (the protocol allows 2^20; clients handle a short
+/// answer by asking again from where it ended).
+const MAX_EXTENTS: usize = 64 * 1024;
 
 use super::reader::{Incoming, Reader, ReaderConfig, ReaderStop, WriteCompletion};
 use super::writer::{self, Body, Header, Outgoing, Permits};
@@ -40,8 +50,11 @@ use super::ClientId;
 pub struct SessionConfig {
     pub backing: Arc<Backing>,
     pub rules: ExportRules,
-    /// The bytes sent before the first request (the old-style hello).
+    /// The bytes sent before the first request: the old-style hello, or the new-style
+    /// greeting when `newstyle` is set.
     pub hello: Bytes,
+    /// Fixed new-style negotiation (`--newstyle`); `None` for old-style.
+    pub newstyle: Option<NegotiationConfig>,
     /// Every WRITE durable before its reply (`--sync-writes`, what C flexnbd always does).
     pub sync_writes: bool,
     /// Requests in flight per connection (64 by default).
@@ -106,6 +119,10 @@ pub struct Session {
     writer_done: bool,
     /// When the last reply left (for the killswitch).
     last_progress: Instant,
+    /// How replies are encoded; changes once, when new-style negotiation ends.
+    style: ReplyStyle,
+    /// The id the client gave `base:allocation`, once negotiated.
+    base_allocation: Option<u32>,
 }
 
 impl Session {
@@ -135,6 +152,8 @@ impl Session {
             closing: false,
             writer_done: false,
             last_progress: Instant::now(),
+            style: ReplyStyle::Simple,
+            base_allocation: None,
         }
     }
 
@@ -145,7 +164,7 @@ impl Session {
         let (read_half, write_half) = stream.into_split();
 
         let (tx, rx) = mpsc::channel(self.config.max_in_flight + 1);
-        self.replies = Some(tx);
+        self.replies = Some(tx.clone());
         let writer = actix_rt::spawn(writer::run(write_half, self.config.hello.clone(), rx));
         ctx.spawn(writer.into_actor(self).map(|result, act, ctx| {
             act.writer_done = true;
@@ -172,6 +191,8 @@ impl Session {
             },
             self.slots.clone(),
             self.budget.clone(),
+            self.config.newstyle.clone().map(ServerNegotiation::new),
+            tx.clone(),
         );
         self.disconnect = reader.disconnect.clone();
         self.reader_stop = reader.stop.clone();
@@ -193,22 +214,53 @@ impl Session {
         }
     }
 
-    fn reply(cookie: u64, error: Option<Errno>, body: Body, permits: Permits) -> Outgoing {
+    /// A reply without data: success or an error, in the connection's encoding.
+    fn reply(style: ReplyStyle, to: ReplyTo, error: Option<Errno>, permits: Permits) -> Outgoing {
+        let header = match (style, error) {
+            (ReplyStyle::Simple, _) => Header::new(&simple_reply(to.cookie, error)),
+            (_, None) => Header::encode(|out| style.ok(to, out)),
+            (_, Some(errno)) => Header::encode(|out| style.error(to, errno, "", out)),
+        };
         Outgoing {
-            header: Header::new(&simple_reply(cookie, error)),
+            header,
+            body: Body::None,
+            permits,
+        }
+    }
+
+    /// A successful READ's reply: the header (a simple reply, or an OFFSET_DATA chunk with
+    /// its offset) and the data.
+    fn data_reply(
+        style: ReplyStyle,
+        to: ReplyTo,
+        length: u64,
+        body: Body,
+        permits: Permits,
+    ) -> Outgoing {
+        let header = match style {
+            ReplyStyle::Simple => Header::new(&simple_reply(to.cookie, None)),
+            _ => Header::encode(|out| {
+                // A compact chunk's length field holds any READ a compact header can ask for.
+                let _ = style.read_data_header(to, length, out);
+            }),
+        };
+        Outgoing {
+            header,
             body,
             permits,
         }
     }
 
     fn execute(&mut self, item: Incoming) {
+        let style = self.style;
         match item {
             Incoming::Read {
-                cookie,
+                to,
                 offset,
                 length,
+                df,
                 permits,
-            } => self.read(cookie, offset, length, permits),
+            } => self.read(to, offset, length, df, permits),
             Incoming::Write {
                 offset,
                 data,
@@ -216,24 +268,114 @@ impl Session {
                 completion,
                 budget,
             } => self.write(offset, data, durable, completion, budget),
-            Incoming::Flush { cookie, permits } => self.flush(cookie, permits),
-            Incoming::Reply {
-                cookie,
-                error,
+            Incoming::Flush { to, permits } => self.on_blocking_pool(move |backing| {
+                let error = backing.sync_data().err().map(|e| {
+                    tracing::error!("Flushing the export failed: {e}");
+                    Errno::EIO
+                });
+                Some(Self::reply(style, to, error, permits))
+            }),
+            Incoming::Trim {
+                to,
+                offset,
+                length,
+                fua,
                 permits,
-            } => Self::send(
+            } => self.on_blocking_pool(move |backing| {
+                let result = match backing.punch_hole(offset, length) {
+                    // TRIM is a hint: a filesystem that cannot punch simply keeps the data.
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+                    other => other,
+                };
+                let error = Self::finish(&backing, result, fua, "Trimming", offset, length);
+                Some(Self::reply(style, to, error, permits))
+            }),
+            Incoming::WriteZeroes {
+                to,
+                offset,
+                length,
+                fua,
+                no_hole,
+                fast,
+                permits,
+            } => self.on_blocking_pool(move |backing| {
+                let error = match backing.write_zeroes(offset, length, no_hole, fast) {
+                    Err(ZeroError::NotFast) => Some(Errno::ENOTSUP),
+                    Err(ZeroError::Io(e)) => {
+                        Self::finish(&backing, Err(e), fua, "Zeroing", offset, length)
+                    }
+                    Ok(()) => Self::finish(&backing, Ok(()), fua, "Zeroing", offset, length),
+                };
+                Some(Self::reply(style, to, error, permits))
+            }),
+            Incoming::Cache {
+                to,
+                offset,
+                length,
+                permits,
+            } => self.on_blocking_pool(move |backing| {
+                // A prefetch hint that fails changes nothing for the client.
+                if let Err(e) = backing.prefetch(offset, length) {
+                    tracing::debug!("Prefetching {length} bytes at {offset} failed: {e}");
+                }
+                Some(Self::reply(style, to, None, permits))
+            }),
+            Incoming::BlockStatus {
+                to,
+                offset,
+                length,
+                req_one,
+                permits,
+            } => self.block_status(to, offset, length, req_one, permits),
+            Incoming::Reply { to, error, permits } => {
+                Self::send(&self.replies, Self::reply(style, to, error, permits))
+            }
+            Incoming::BadMagic { to, permits } => Self::send(
                 &self.replies,
-                Self::reply(cookie, error, Body::None, permits),
+                Self::reply(style, to, Some(Errno::EBADMSG), permits),
             ),
-            Incoming::BadMagic { cookie, permits } => Self::send(
-                &self.replies,
-                Self::reply(cookie, Some(Errno::EBADMSG), Body::None, permits),
-            ),
+            Incoming::Negotiated {
+                style,
+                base_allocation,
+            } => {
+                self.style = style;
+                self.base_allocation = base_allocation;
+            }
         }
     }
 
-    fn read(&mut self, cookie: u64, offset: u64, length: u64, permits: Permits) {
+    /// Turns the result of a file operation into the reply's error, syncing first for FUA.
+    fn finish(
+        backing: &Backing,
+        result: std::io::Result<()>,
+        fua: bool,
+        what: &str,
+        offset: u64,
+        length: u64,
+    ) -> Option<Errno> {
+        let result = result.and_then(|()| if fua { backing.sync_data() } else { Ok(()) });
+        result.err().map(|e| {
+            tracing::error!("{what} {length} bytes at {offset} failed: {e}");
+            Errno::from_os_error(e.raw_os_error())
+        })
+    }
+
+    fn read(&mut self, to: ReplyTo, offset: u64, length: u64, df: bool, permits: Permits) {
+        let style = self.style;
         let backing = self.config.backing.clone();
+        if style != ReplyStyle::Simple && !df && Self::is_hole(&backing, offset, length) {
+            // Structured replies can say "zeros here" instead of sending them.
+            let header = Header::encode(|out| {
+                let _ = style.hole_chunk(to, offset, length as u32, true, out);
+            });
+            let reply = Outgoing {
+                header,
+                body: Body::None,
+                permits,
+            };
+            Self::send(&self.replies, reply);
+            return;
+        }
         if length > self.config.part_size as u64 {
             let body = Body::File {
                 backing,
@@ -241,43 +383,115 @@ impl Session {
                 length,
                 part: self.config.part_size,
             };
-            Self::send(&self.replies, Self::reply(cookie, None, body, permits));
+            Self::send(
+                &self.replies,
+                Self::data_reply(style, to, length, body, permits),
+            );
             return;
         }
         let len = length as usize;
         let mut buf = BytesMut::with_capacity(len);
         let reply = match backing.read_nowait(&mut buf, offset, len) {
-            Ok(NowaitRead::Done) => Self::reply(cookie, None, Body::Data(buf.freeze()), permits),
+            Ok(NowaitRead::Done) => {
+                Self::data_reply(style, to, length, Body::Data(buf.freeze()), permits)
+            }
             Ok(NowaitRead::Partial(n)) => {
-                self.on_blocking_pool(move || {
+                self.on_blocking_pool(move |backing| {
                     Some(
                         match backing.read_into(&mut buf, offset + n as u64, len - n) {
-                            Ok(()) => Self::reply(cookie, None, Body::Data(buf.freeze()), permits),
-                            Err(e) => Self::read_failed(cookie, offset, length, e, permits),
+                            Ok(()) => Self::data_reply(
+                                style,
+                                to,
+                                length,
+                                Body::Data(buf.freeze()),
+                                permits,
+                            ),
+                            Err(e) => Self::read_failed(style, to, length, e, permits),
                         },
                     )
                 });
                 return;
             }
-            Err(e) => Self::read_failed(cookie, offset, length, e, permits),
+            Err(e) => Self::read_failed(style, to, length, e, permits),
         };
         Self::send(&self.replies, reply);
     }
 
+    /// True when the allocation map (once built) says the whole range is unallocated. A
+    /// hole chunk's size is 32 bits, so longer reads are always sent as data.
+    fn is_hole(backing: &Backing, offset: u64, length: u64) -> bool {
+        let map = backing.allocation();
+        if length == 0 || length > u64::from(u32::MAX) || !map.is_built() {
+            return false;
+        }
+        let mut block = offset - offset % BLOCK;
+        while block < offset + length {
+            if map.is_allocated(block) {
+                return false;
+            }
+            block += BLOCK;
+        }
+        true
+    }
+
     fn read_failed(
-        cookie: u64,
-        offset: u64,
+        style: ReplyStyle,
+        to: ReplyTo,
         length: u64,
         e: std::io::Error,
         permits: Permits,
     ) -> Outgoing {
-        tracing::error!("Reading {length} bytes at {offset} failed: {e}");
+        tracing::error!("Reading {length} bytes at {} failed: {e}", to.offset);
         Self::reply(
-            cookie,
+            style,
+            to,
             Some(Errno::from_os_error(e.raw_os_error())),
-            Body::None,
             permits,
         )
+    }
+
+    fn block_status(
+        &mut self,
+        to: ReplyTo,
+        offset: u64,
+        length: u64,
+        req_one: bool,
+        permits: Permits,
+    ) {
+        let style = self.style;
+        let Some(context) = self.base_allocation else {
+            Self::send(
+                &self.replies,
+                Self::reply(style, to, Some(Errno::EINVAL), permits),
+            );
+            return;
+        };
+        self.on_blocking_pool(move |backing| {
+            let max = if req_one { 1 } else { MAX_EXTENTS };
+            let extents = match backing.extents(offset, length, max) {
+                Ok(extents) => extents,
+                Err(e) => return Some(Self::read_failed(style, to, length, e, permits)),
+            };
+            let descriptors: Vec<StatusExtent> = extents
+                .iter()
+                .map(|e| StatusExtent {
+                    length: e.length,
+                    flags: if e.hole { STATE_HOLE | STATE_ZERO } else { 0 },
+                })
+                .collect();
+            let mut out = Vec::with_capacity(64 + 16 * descriptors.len());
+            match style.block_status(to, context, &descriptors, req_one, true, &mut out) {
+                Ok(_) => Some(Outgoing {
+                    header: Header::new(&[]),
+                    body: Body::Data(Bytes::from(out)),
+                    permits,
+                }),
+                Err(e) => {
+                    tracing::error!("Encoding a block status reply failed: {e}");
+                    Some(Self::reply(style, to, Some(Errno::EIO), permits))
+                }
+            }
+        });
     }
 
     fn write(
@@ -288,8 +502,8 @@ impl Session {
         completion: WriteCompletion,
         budget: Option<OwnedSemaphorePermit>,
     ) {
-        let backing = self.config.backing.clone();
-        self.on_blocking_pool(move || {
+        let style = self.style;
+        self.on_blocking_pool(move |backing| {
             let len = data.len() as u64;
             let error = backing.write_at(&data, offset, durable).err().map(|e| {
                 tracing::error!("Writing {len} bytes at {offset} failed: {e}");
@@ -298,23 +512,12 @@ impl Session {
             // The payload is in the file (or failed): its budget is free again.
             drop(data);
             drop(budget);
-            let (cookie, error, slot) = match completion {
-                WriteCompletion::Whole { cookie, slot } => (cookie, error, slot),
+            let (to, error, slot) = match completion {
+                WriteCompletion::Whole { to, slot } => (to, error, slot),
                 WriteCompletion::Part(group) => group.part_done(len, error)?,
             };
             let permits = Permits { slot, bytes: None };
-            Some(Self::reply(cookie, error, Body::None, permits))
-        });
-    }
-
-    fn flush(&mut self, cookie: u64, permits: Permits) {
-        let backing = self.config.backing.clone();
-        self.on_blocking_pool(move || {
-            let error = backing.sync_data().err().map(|e| {
-                tracing::error!("Flushing the export failed: {e}");
-                Errno::EIO
-            });
-            Some(Self::reply(cookie, error, Body::None, permits))
+            Some(Self::reply(style, to, error, permits))
         });
     }
 
@@ -325,11 +528,12 @@ impl Session {
     /// file calls that report failures as values, so that does not happen in practice.
     fn on_blocking_pool<F>(&self, job: F)
     where
-        F: FnOnce() -> Option<Outgoing> + Send + 'static,
+        F: FnOnce(Arc<Backing>) -> Option<Outgoing> + Send + 'static,
     {
         let replies = self.replies.clone();
+        let backing = self.config.backing.clone();
         tokio::task::spawn_blocking(move || {
-            if let Some(reply) = job() {
+            if let Some(reply) = job(backing) {
                 Self::send(&replies, reply);
             }
         });

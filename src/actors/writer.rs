@@ -43,20 +43,39 @@ pub(crate) enum Body {
 }
 
 /// A reply header, stored inline: replies are the hottest allocation site otherwise.
-/// Large enough for every header the protocol has (simple 16, structured 20, extended 32).
+/// Large enough for every header the protocol has with its fixed-size payload prefix: an
+/// extended hole chunk, the largest, is 32 + 12 bytes.
 pub(crate) struct Header {
-    bytes: [u8; 32],
+    bytes: [u8; HEADER_MAX],
     len: u8,
 }
 
+const HEADER_MAX: usize = 48;
+
+thread_local! {
+    /// Scratch space for the encoders, which append to a Vec.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(HEADER_MAX));
+}
+
 impl Header {
+    /// `encoded` must be at most 48 bytes long.
     pub fn new(encoded: &[u8]) -> Header {
-        let mut bytes = [0u8; 32];
+        let mut bytes = [0u8; HEADER_MAX];
         bytes[..encoded.len()].copy_from_slice(encoded);
         Header {
             bytes,
             len: encoded.len() as u8,
         }
+    }
+
+    /// A header produced by an encoder that appends to a `Vec` (at most 48 bytes).
+    pub fn encode(encoder: impl FnOnce(&mut Vec<u8>)) -> Header {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.clear();
+            encoder(&mut scratch);
+            Header::new(&scratch)
+        })
     }
 
     fn as_slice(&self) -> &[u8] {
@@ -73,6 +92,17 @@ pub(crate) struct Outgoing {
         reason = "held only for its Drop, after the reply is written"
     )]
     pub permits: Permits,
+}
+
+impl Outgoing {
+    /// Bytes sent as they are, outside any request (new-style negotiation replies).
+    pub fn raw(bytes: Bytes) -> Outgoing {
+        Outgoing {
+            header: Header::new(&[]),
+            body: Body::Data(bytes),
+            permits: Permits::default(),
+        }
+    }
 }
 
 /// Runs until the channel closes (every sender gone) or a write fails. Sends `hello`
@@ -124,7 +154,9 @@ async fn write_vectored_all(sock: &mut OwnedWriteHalf, items: &[Outgoing]) -> io
     }
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(items.len() * 2);
     for item in items {
-        slices.push(IoSlice::new(item.header.as_slice()));
+        if item.header.len > 0 {
+            slices.push(IoSlice::new(item.header.as_slice()));
+        }
         if let Body::Data(data) = &item.body {
             if !data.is_empty() {
                 slices.push(IoSlice::new(data));

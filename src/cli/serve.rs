@@ -17,6 +17,7 @@ use crate::actors::listener::{Listener, ListenerConfig, Shutdown};
 use crate::actors::session::SessionConfig;
 use crate::addr::{parse_ip, parse_port};
 use crate::protocol::handshake::OldstyleHello;
+use crate::protocol::newstyle::{BlockSize, NegotiationConfig, ServerNegotiation};
 use crate::protocol::request::{Dialect, ExportRules};
 use crate::protocol::tflags;
 use crate::storage::Backing;
@@ -42,6 +43,9 @@ struct ServeOptions {
     max_clients: usize,
     sync_writes: bool,
     grace: Duration,
+    read_only: bool,
+    /// `--newstyle`: the name and description to negotiate.
+    newstyle: Option<(String, Option<String>)>,
 }
 
 pub fn serve(matches: &ArgMatches) -> i32 {
@@ -102,6 +106,12 @@ fn options(matches: &ArgMatches) -> anyhow::Result<ServeOptions> {
             _ => bail!("--grace must be a number of seconds, not '{text}'"),
         },
     };
+    let newstyle = flag(matches, "newstyle");
+    for option in ["export-name", "description"] {
+        if !newstyle && value(matches, option).is_some() {
+            bail!("--{option} needs --newstyle: old-style NBD has no export names or descriptions");
+        }
+    }
     Ok(ServeOptions {
         addr,
         port,
@@ -112,13 +122,20 @@ fn options(matches: &ArgMatches) -> anyhow::Result<ServeOptions> {
         max_clients,
         sync_writes: flag(matches, "sync-writes"),
         grace,
+        read_only: flag(matches, "read-only"),
+        newstyle: newstyle.then(|| {
+            (
+                value(matches, "export-name").unwrap_or_default().to_owned(),
+                value(matches, "description").map(str::to_owned),
+            )
+        }),
     })
 }
 
 fn run(opts: ServeOptions) -> anyhow::Result<i32> {
     // Validate the file before the port is bound, so nothing looks ready for a server that
     // is about to fail (flexnbd §5.1).
-    let backing = Arc::new(Backing::open(&opts.file)?);
+    let backing = Arc::new(Backing::open_with(&opts.file, opts.read_only)?);
     if let Some(path) = &opts.sock {
         ControlSocket::check_path(path)?;
     }
@@ -134,18 +151,38 @@ fn run(opts: ServeOptions) -> anyhow::Result<i32> {
         backing.size()
     );
 
-    let hello = OldstyleHello {
-        size: backing.size(),
-        flags: tflags::FLEXNBD_COMPAT,
+    let newstyle = opts
+        .newstyle
+        .clone()
+        .map(|(export_name, description)| NegotiationConfig {
+            export_name,
+            description,
+            size: backing.size(),
+            read_only: opts.read_only,
+            block_size: BlockSize::DEFAULT,
+            can_multi_conn: true,
+            shutting_down: false,
+        });
+    let hello = match &newstyle {
+        Some(config) => ServerNegotiation::new(config.clone()).greeting().to_vec(),
+        None => {
+            let read_only = if opts.read_only { tflags::READ_ONLY } else { 0 };
+            let hello = OldstyleHello {
+                size: backing.size(),
+                flags: tflags::FLEXNBD_COMPAT | read_only,
+            };
+            hello.encode().to_vec()
+        }
     };
     let session = Arc::new(SessionConfig {
         backing: backing.clone(),
         rules: ExportRules {
             size: backing.size(),
             dialect: Dialect::Oldstyle,
-            read_only: false,
+            read_only: opts.read_only,
         },
-        hello: Bytes::copy_from_slice(&hello.encode()),
+        hello: Bytes::from(hello),
+        newstyle,
         sync_writes: opts.sync_writes,
         max_in_flight: SessionConfig::DEFAULT_IN_FLIGHT,
         payload_budget: SessionConfig::DEFAULT_BUDGET,

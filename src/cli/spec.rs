@@ -106,6 +106,27 @@ const SERVE_OPTS: &[Opt] = &[
         Value("SECONDS"),
         "At shutdown, wait this long for requests in flight (default 10).",
     ),
+    opt(
+        "read-only",
+        'r',
+        Flag,
+        "Refuse writes, trims and zeroes (EPERM).",
+    ),
+    long_only(
+        "newstyle",
+        Flag,
+        "Speak fixed new-style NBD instead of flexnbd's old-style.",
+    ),
+    long_only(
+        "export-name",
+        Value("NAME"),
+        "New-style: the export's name (default: the empty name).",
+    ),
+    long_only(
+        "description",
+        Value("TEXT"),
+        "New-style: the export's description.",
+    ),
 ];
 
 const CLIENT_OPTS: &[Opt] = &[

@@ -71,9 +71,15 @@ impl Backing {
     /// Refuses a file smaller than 512 bytes: C flexnbd crashed on such exports, and there
     /// is nothing a client could do with one.
     pub fn open(path: &Path) -> Result<Backing, StorageError> {
+        Backing::open_with(path, false)
+    }
+
+    /// Opens `path`, for reading only if `read_only` (the server then refuses every write,
+    /// and a file the server may not write can still be served).
+    pub fn open_with(path: &Path, read_only: bool) -> Result<Backing, StorageError> {
         let mut file = OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(!read_only)
             .open(path)
             .map_err(|reason| StorageError::Open {
                 path: path.to_owned(),

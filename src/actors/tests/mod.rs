@@ -106,6 +106,7 @@ impl Export {
                 read_only: false,
             },
             hello: Bytes::copy_from_slice(&hello.encode()),
+            newstyle: None,
             sync_writes: false,
             max_in_flight: limits.max_in_flight,
             payload_budget: limits.payload_budget,
