@@ -13,10 +13,14 @@
 //!   framer, and the validation rules a server applies before touching the file.
 //! - [`reply`]: simple reply headers (and, later, structured chunks).
 //! - [`control`]: the control socket's text protocol and the status line.
+//! - [`handoff`]: the acknowledged hand-off between two of our servers (extension).
+//! - [`client`]: the client side of the handshakes, for the mirror's outbound connection.
 
+pub mod client;
 pub mod consts;
 pub mod control;
 pub mod errno;
+pub mod handoff;
 pub mod handshake;
 pub mod newstyle;
 pub mod reply;
