@@ -13,9 +13,8 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use super::backing::seek_from;
-
-/// The map's block size (flexnbd §9.1).
-pub const BLOCK: u64 = 4096;
+use super::bitmap::BlockBitmap;
+pub use super::bitmap::BLOCK;
 
 /// Where the builder is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,35 +40,24 @@ impl MapState {
 /// One bit per block of the export.
 #[derive(Debug)]
 pub struct AllocationMap {
-    words: Box<[AtomicU64]>,
-    size: u64,
+    bits: BlockBitmap,
     state: AtomicU8,
     /// Bytes of the export the walk has covered, for progress reports.
     walked: AtomicU64,
 }
 
 impl AllocationMap {
-    /// An empty map (every block a hole) in state `Building`. The memory is zeroed lazily by
-    /// the kernel, so even a 1 TiB export (32 MiB of bits) costs nothing until touched.
+    /// An empty map (every block a hole) in state `Building`.
     pub fn new(size: u64) -> AllocationMap {
-        let blocks = size.div_ceil(BLOCK);
-        let words = blocks.div_ceil(64) as usize;
-        let zeroed: Vec<u64> = vec![0; words];
-        let boxed = zeroed.into_boxed_slice();
-        // SAFETY: AtomicU64 has the same size, alignment and bit validity as u64, so a boxed
-        // slice of u64 can be reinterpreted as a boxed slice of AtomicU64 of the same length;
-        // ownership moves from `boxed` into the new box.
-        let words = unsafe { Box::from_raw(Box::into_raw(boxed) as *mut [AtomicU64]) };
         AllocationMap {
-            words,
-            size,
+            bits: BlockBitmap::new(size),
             state: AtomicU8::new(0),
             walked: AtomicU64::new(0),
         }
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.bits.size()
     }
 
     pub fn state(&self) -> MapState {
@@ -104,72 +92,29 @@ impl AllocationMap {
         if self.state() == MapState::Built {
             return 100;
         }
-        self.walked.load(Ordering::Relaxed).min(self.size) * 100 / self.size.max(1)
+        let size = self.size();
+        self.walked.load(Ordering::Relaxed).min(size) * 100 / size.max(1)
     }
 
     /// Marks every block that `[offset, offset + len)` touches as allocated.
     pub fn set_range(&self, offset: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let first = offset / BLOCK;
-        let last = (offset.saturating_add(len) - 1).min(self.size.saturating_sub(1)) / BLOCK;
-        self.update_blocks(first, last, true);
+        self.bits.set_range(offset, len);
     }
 
     /// Marks the blocks entirely inside `[offset, offset + len)` as holes (after the file's
     /// range was punched). Partly covered blocks keep their bit.
     pub fn clear_range(&self, offset: u64, len: u64) {
-        let first = offset.div_ceil(BLOCK);
-        let end = offset.saturating_add(len);
-        let end_block = if end >= self.size {
-            self.size.div_ceil(BLOCK)
-        } else {
-            end / BLOCK
-        };
-        if end_block > first {
-            self.update_blocks(first, end_block - 1, false);
-        }
-    }
-
-    fn update_blocks(&self, first: u64, last: u64, set: bool) {
-        let mut block = first;
-        while block <= last {
-            let word = (block / 64) as usize;
-            let bit = block % 64;
-            let count = (64 - bit).min(last - block + 1);
-            let mask = if count == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << count) - 1) << bit
-            };
-            if let Some(w) = self.words.get(word) {
-                if set {
-                    w.fetch_or(mask, Ordering::AcqRel);
-                } else {
-                    w.fetch_and(!mask, Ordering::AcqRel);
-                }
-            }
-            block += count;
-        }
+        self.bits.clear_inside(offset, len);
     }
 
     /// Whether the block holding byte `offset` is (possibly) allocated.
     pub fn is_allocated(&self, offset: u64) -> bool {
-        let block = offset / BLOCK;
-        self.words
-            .get((block / 64) as usize)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (block % 64)) != 0)
+        self.bits.is_set(offset)
     }
 
     /// Bytes in allocated blocks (the last block counted whole).
     pub fn allocated_bytes(&self) -> u64 {
-        let bits: u64 = self
-            .words
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
-            .sum();
-        bits * BLOCK
+        self.bits.count() * BLOCK
     }
 
     /// Fills the map from the file's extents with SEEK_DATA/SEEK_HOLE, then marks it built.
@@ -190,8 +135,9 @@ impl AllocationMap {
 
     fn walk(&self, file: &File, cancel: &AtomicBool) -> io::Result<()> {
         let fd = file.as_raw_fd();
+        let size = self.size();
         let mut pos: u64 = 0;
-        while pos < self.size {
+        while pos < size {
             if cancel.load(Ordering::Relaxed) {
                 return Err(io::Error::new(
                     io::ErrorKind::Interrupted,
@@ -201,17 +147,17 @@ impl AllocationMap {
             let Some(data) = seek_from(fd, pos, libc::SEEK_DATA)? else {
                 break;
             };
-            if data >= self.size {
+            if data >= size {
                 break;
             }
             let hole = seek_from(fd, data, libc::SEEK_HOLE)?
-                .unwrap_or(self.size)
-                .min(self.size);
+                .unwrap_or(size)
+                .min(size);
             self.set_range(data, hole.saturating_sub(data).max(1));
             self.walked.store(hole, Ordering::Relaxed);
             pos = hole.max(data + 1);
         }
-        self.walked.store(self.size, Ordering::Relaxed);
+        self.walked.store(size, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use super::allocation::{AllocationMap, BLOCK};
+use super::dirty::DirtyMap;
 
 /// Errors of the storage layer. The OS error is part of the message (and deliberately not
 /// a `source`), so that a one-line report names it exactly once.
@@ -63,6 +64,8 @@ pub struct Backing {
     /// Which blocks hold data. Every write sets its blocks before it touches the file; once
     /// the background walk has built the map, all-zero blocks written into holes are skipped.
     allocation: Arc<AllocationMap>,
+    /// Blocks changed since a migration sent them; recorded after each completed change.
+    dirty: DirtyMap,
 }
 
 impl Backing {
@@ -109,6 +112,7 @@ impl Backing {
             size,
             nowait_reads: AtomicBool::new(true),
             allocation: Arc::new(AllocationMap::new(size)),
+            dirty: DirtyMap::new(size),
         })
     }
 
@@ -124,6 +128,11 @@ impl Backing {
     /// The allocation map, shared with its builder (and later the mirror).
     pub fn allocation(&self) -> &Arc<AllocationMap> {
         &self.allocation
+    }
+
+    /// The blocks changed since a migration sent them.
+    pub fn dirty(&self) -> &DirtyMap {
+        &self.dirty
     }
 
     /// A second descriptor for the file, for the allocation walk (its `lseek`s move a file
@@ -233,6 +242,12 @@ impl Backing {
     /// not written (flexnbd §9.3): they read as zeros already, and writing them would fill
     /// the holes of a sparse image (a migration sends the holes of its source as zeros).
     pub fn write_at(&self, data: &[u8], offset: u64, durable: bool) -> io::Result<()> {
+        self.write_sparse(data, offset, durable)?;
+        self.dirty.record(offset, data.len() as u64);
+        Ok(())
+    }
+
+    fn write_sparse(&self, data: &[u8], offset: u64, durable: bool) -> io::Result<()> {
         let map = &self.allocation;
         if !map.is_built() {
             map.set_range(offset, data.len() as u64);
@@ -309,6 +324,7 @@ impl Backing {
             len,
         )?;
         self.allocation.clear_range(offset, len);
+        self.dirty.record(offset, len);
         Ok(())
     }
 
@@ -341,6 +357,7 @@ impl Backing {
         ) {
             Ok(()) => {
                 self.allocation.set_range(offset, len);
+                self.dirty.record(offset, len);
                 return Ok(());
             }
             Err(e) if unsupported(&e) => {}
@@ -356,6 +373,7 @@ impl Backing {
             if no_hole {
                 self.allocation.set_range(offset + done, n as u64);
                 self.write_raw(&ZEROS[..n], offset + done, false)?;
+                self.dirty.record(offset + done, n as u64);
             } else {
                 self.write_at(&ZEROS[..n], offset + done, false)?;
             }

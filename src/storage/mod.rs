@@ -7,6 +7,9 @@
 
 pub mod allocation;
 mod backing;
+pub mod bitmap;
+pub mod dirty;
 
 pub use allocation::{AllocationMap, MapState};
 pub use backing::{Backing, Extent, NowaitRead, StorageError, ZeroError};
+pub use dirty::DirtyMap;
