@@ -167,8 +167,9 @@ def accepts(port: int) -> bool:
 
 
 # --------------------------------------------------------------------------
-# Servers. To add one (e.g. flexnbd --newstyle), add an entry to SERVERS.
-# role "candidate": judged by its ratio to the best "reference" server.
+# Servers. To add one, add an entry to SERVERS.
+# role "candidate": judged by its ratio to the best "reference" server
+# (against Server.target on every row when set, else the row's target).
 
 
 @dataclass
@@ -178,6 +179,7 @@ class Server:
     role: str  # "candidate" or "reference"
     tool: Callable[["Ctx"], str]  # the executable (checked before running)
     argv: Callable[["Ctx", int, str], List[str]]  # (ctx, port, file) -> command line
+    target: Optional[float] = None  # candidates: overrides every row's target
 
 
 def flexnbd_argv(*extra):
@@ -195,6 +197,16 @@ SERVERS = [
         "candidate",
         lambda c: c.flexnbd,
         flexnbd_argv("--sync-writes"),
+    ),
+    # Fixed new-style: structured replies, base:allocation block status,
+    # multi-conn, trim/zero. Judged against 1.0 on every row.
+    Server(
+        "flexnbd-newstyle",
+        "flexnbd --newstyle",
+        "candidate",
+        lambda c: c.flexnbd,
+        flexnbd_argv("--newstyle"),
+        target=1.0,
     ),
     Server(
         "qemu-nbd",
@@ -289,6 +301,10 @@ class Test:
     measure: Callable[["Ctx", "Test", "Running"], Measurement]
     serves: str = "data"  # fixture the servers serve
     params: Dict[str, object] = field(default_factory=dict)
+    skip: tuple = ()  # server ids not run on this row
+    # server id -> why it is not comparable on this row: it still runs and
+    # is shown (label + note), but gets no verdict
+    notes: Dict[str, str] = field(default_factory=dict)
 
 
 def fio_argv(ctx, test, port, output):
@@ -343,10 +359,97 @@ def measure_nbdcopy(ctx, test, srv) -> Measurement:
     argv = ["nbdcopy"] + ctx.nbdcopy_extra
     if test.params["direction"] == "read":
         argv += [uri, "null:"]
+        copied = os.path.getsize(srv.path)
     else:
         argv += ["--flush", ctx.files[test.params["source"]], uri]
+        copied = os.path.getsize(ctx.files[test.params["source"]])
     secs, _, _ = run_client(argv, timeout=600, what="nbdcopy")
-    return Measurement(ctx.size / MIB / secs, None, {"seconds": secs})
+    return Measurement(copied / MIB / secs, None, {"seconds": secs})
+
+
+def allocated(path: str) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def sparse_copy_argv(ctx, uri, dest):
+    return ["nbdcopy"] + ctx.nbdcopy_extra + [uri, dest]
+
+
+def measure_nbdcopy_sparse(ctx, test, srv) -> Measurement:
+    """Copy the sparse image from the server into a fresh local file, timed
+    as wall clock of the nbdcopy process. A server that reports holes
+    (base:allocation) lets nbdcopy skip reading them. Not timed: the
+    destination's allocated size (every trial), and once per server a
+    byte-by-byte comparison with the source and the server's block-status
+    map (nbdinfo --map), so that a fast but wrong or dense copy shows up."""
+    src = ctx.files[test.serves]
+    dest = os.path.join(ctx.workdir, "sparse-copy.raw")
+    uri = "nbd://%s:%d" % (HOST, srv.port)
+    if os.path.exists(dest):
+        os.unlink(dest)
+    try:
+        secs, _, _ = run_client(sparse_copy_argv(ctx, uri, dest), timeout=600, what="nbdcopy")
+        info: Dict[str, object] = {
+            "seconds": secs,
+            "dest_alloc": allocated(dest),
+            "src_alloc": allocated(src),
+        }
+        sid = srv.server.id
+        if sid not in ctx.sparse_checked:
+            diff = compare_files(src, dest)
+            if diff is not None:
+                raise BenchError("%s: the copy %s differs from the source %s: %s"
+                                 % (srv.server.label, dest, src, diff))
+            info["identical"] = True
+            info["map"] = block_status_map(uri)
+            ctx.sparse_checked[sid] = info["map"]
+    finally:
+        if os.path.exists(dest):
+            os.unlink(dest)
+    return Measurement(os.path.getsize(src) / MIB / secs, None, info)
+
+
+def compare_files(a: str, b: str) -> Optional[str]:
+    """None when a and b have the same bytes, else where they differ."""
+    if os.path.getsize(a) != os.path.getsize(b):
+        return "size %d vs %d" % (os.path.getsize(a), os.path.getsize(b))
+    chunk = 4 * MIB
+    off = 0
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                i = next(i for i in range(min(len(x), len(y))) if x[i] != y[i]) if len(x) == len(y) else 0
+                return "first difference at byte %d" % (off + i)
+            if not x:
+                return None
+            off += len(x)
+
+
+def block_status_map(uri: str) -> Dict[str, object]:
+    """What the server reports through base:allocation: number of data
+    extents and data bytes (extents that are not holes)."""
+    argv = ["nbdinfo", "--map", "--json", uri]
+    proc = spawn(argv, subprocess.PIPE, subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        raise BenchError("nbdinfo --map did not finish within 60 s: %s" % shlex.join(argv))
+    finally:
+        stop(proc, term_timeout=2)
+    if proc.returncode != 0:
+        text = (out + err).decode(errors="replace").strip()
+        if "base:allocation" in text:
+            return {"block_status": False}
+        raise BenchError("nbdinfo --map failed (exit %s): %s\n%s"
+                         % (proc.returncode, shlex.join(argv), tail(text)))
+    try:
+        extents = json.loads(out)
+        data = [e for e in extents if not e["type"] & 1]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BenchError("cannot parse nbdinfo --map output: %s" % e)
+    return {"block_status": True, "data_extents": len(data),
+            "data_bytes": sum(e["length"] for e in data)}
 
 
 def fio_test(id, label, rw, bs, iodepth, unit, target):
@@ -364,6 +467,12 @@ TESTS = [
          params={"direction": "read"}),
     Test("nbdcopy-write", "nbdcopy file -> server, --flush", "MiB/s", 1.0, measure_nbdcopy,
          params={"direction": "write", "source": "src"}),
+    # --sync-writes changes nothing on a copy from the server: not run.
+    # Old-style flexnbd has no block status, so nbdcopy reads every byte of
+    # it; it is shown for reference, without a verdict.
+    Test("nbdcopy-sparse", "nbdcopy server -> new file, 10%-allocated image", "MiB/s", 1.0,
+         measure_nbdcopy_sparse, serves="sparse10", skip=("flexnbd-sync",),
+         notes={"flexnbd": "old-style, no block status"}),
 ]
 
 
@@ -379,11 +488,55 @@ def fill_random(path, size):
         os.fsync(f.fileno())
 
 
+SPARSE_REGIONS = 10
+SPARSE_SIZE = 1 << 30  # the issue's "10%-allocated 1 GiB image", whatever --size is
+
+
+def sparse_layout(size):
+    """Ten random regions, each about 1 % of size (64 KiB aligned), at evenly
+    spaced offsets: the image is 10 % allocated."""
+    length = max(64 << 10, (size // 100) & ~0xFFFF)
+    return [((i * size // SPARSE_REGIONS) & ~0xFFFF, length) for i in range(SPARSE_REGIONS)]
+
+
+def fill_sparse(path, size):
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, length in sparse_layout(size):
+            f.seek(off)
+            left = length
+            while left:
+                n = min(4 * MIB, left)
+                f.write(os.urandom(n))
+                left -= n
+        f.flush()
+        os.fsync(f.fileno())
+    want = sum(length for _, length in sparse_layout(size))
+    if allocated(path) > 2 * want:
+        print("warning: %s has %s allocated, expected about %s: its file system does not "
+              "keep holes, so the sparse row measures nothing sparse"
+              % (path, human(allocated(path)), human(want)), file=sys.stderr)
+
+
+@dataclass
+class Fixture:
+    file: str
+    create: Callable[[str, "Ctx"], None]
+    what: Callable[["Ctx"], str]  # for the progress line
+    disk: Callable[["Ctx"], int]  # bytes it (and what the tests write next to it) may take
+
+
 FIXTURES = {
-    # name -> (file name, creator(path, ctx))
-    "data": ("data.raw", lambda path, ctx: fill_random(path, ctx.size)),
-    "src": ("src.raw", lambda path, ctx: fill_random(path, ctx.size)),
-    "probe": ("probe.raw", lambda path, ctx: fill_random(path, PROBE_SIZE)),
+    "data": Fixture("data.raw", lambda path, ctx: fill_random(path, ctx.size),
+                    lambda c: "%s of random data" % human(c.size), lambda c: c.size),
+    "src": Fixture("src.raw", lambda path, ctx: fill_random(path, ctx.size),
+                   lambda c: "%s of random data" % human(c.size), lambda c: c.size),
+    "probe": Fixture("probe.raw", lambda path, ctx: fill_random(path, PROBE_SIZE),
+                     lambda c: "%s of random data" % human(PROBE_SIZE), lambda c: PROBE_SIZE),
+    # the copy made next to it may be dense if a server gets it wrong
+    "sparse10": Fixture("sparse10.raw", lambda path, ctx: fill_sparse(path, SPARSE_SIZE),
+                        lambda c: "%s, %d random regions, 10%% allocated" % (human(SPARSE_SIZE), SPARSE_REGIONS),
+                        lambda c: SPARSE_SIZE // 10 + SPARSE_SIZE),
 }
 
 
@@ -399,6 +552,7 @@ class Ctx:
         self.flexnbd = args.flexnbd
         self.workdir = None
         self.files: Dict[str, str] = {}
+        self.sparse_checked: Dict[str, Dict[str, object]] = {}  # server id -> block-status map
         self.probes: Dict[str, Dict[str, object]] = {}
         self.nbdcopy_extra = (["--connections=%d" % args.nbdcopy_connections]
                               if args.nbdcopy_connections else [])
@@ -495,6 +649,8 @@ def check_tools(ctx, servers, tests):
         needed.setdefault(s.tool(ctx), []).append("server %s" % s.id)
     for t in tests:
         needed.setdefault("fio" if t.measure is measure_fio else "nbdcopy", []).append("test %s" % t.id)
+        if t.measure is measure_nbdcopy_sparse:
+            needed.setdefault("nbdinfo", []).append("test %s" % t.id)
     needed.setdefault("nbdcopy", []).append("probing the servers")
     needed.setdefault("nbdinfo", []).append("probing the servers")
     needed.setdefault("cat", []).append("page-caching the files")
@@ -521,6 +677,7 @@ def probe(ctx, server) -> Dict[str, object]:
         info = json.loads(out)
         exp = info["exports"][0]
         flags = [k[4:] for k in sorted(exp) if k.startswith("can_") and exp[k] is True]
+        contexts = exp.get("contexts") or []
         _, _, err = run_client(["nbdcopy", "-v"] + ctx.nbdcopy_extra + [uri, "null:"], 60, "nbdcopy")
         conns = "?"
         for line in err.splitlines():
@@ -530,6 +687,7 @@ def probe(ctx, server) -> Dict[str, object]:
             "protocol": info.get("protocol", "?"),
             "structured": info.get("structured"),
             "flags": flags,
+            "contexts": contexts,
             "nbdcopy_connections": conns,
         }
 
@@ -582,15 +740,38 @@ class Results:
                 v = self.median(t, s)
                 if v is None:
                     continue
+                target = s.target if s.target is not None else t.target
+                note = t.notes.get(s.id)
                 if best is None or not best[1]:
                     ratio, verdict, other = None, "n/a", "-"
                 else:
                     ratio = v / best[1]
-                    verdict = "PASS" if ratio >= t.target else "MISS"
+                    verdict = "PASS" if ratio >= target else "MISS"
                     other = "%s %s" % (best[0].id, fmt(best[1]))
-                rows.append([t.id, s.label, t.unit, fmt(v), other,
+                if note:  # shown for reference, not judged
+                    verdict = "info"
+                rows.append([t.id, s.label + (" (%s)" % note if note else ""), t.unit, fmt(v), other,
                              "%.2f" % ratio if ratio is not None else "-",
-                             ">= %.2f" % t.target, verdict])
+                             "-" if note else ">= %.2f" % target, verdict])
+        return rows
+
+    def sparse_rows(self, test):
+        """Per server on a sparse-copy row: time, allocation of the copy,
+        the content check and what the server reported as block status."""
+        rows = []
+        for s in self.servers:
+            ms = self.trials.get((test.id, s.id))
+            if not ms:
+                continue
+            first = next((m.info for m in ms if "map" in m.info), {})
+            rows.append([
+                s.id, fmt(statistics.median(m.value for m in ms)),
+                "%.2f" % statistics.median(m.info["seconds"] for m in ms),
+                mib(ms[0].info["src_alloc"]),
+                mib(statistics.median(m.info["dest_alloc"] for m in ms)),
+                "yes" if first.get("identical") else "?",
+                map_text(first["map"]) if "map" in first else "?",
+            ])
         return rows
 
     def median_rows(self, getter, digits=None):
@@ -607,6 +788,16 @@ class Results:
             "%s/%s" % k: [{"value": m.value, "lat_us": m.lat_us, **m.info} for m in v]
             for k, v in self.trials.items()
         }
+
+
+def mib(n) -> str:
+    return "%.1f MiB" % (n / MIB)
+
+
+def map_text(m) -> str:
+    if not m.get("block_status"):
+        return "no block status (all data)"
+    return "%d data extents, %s data" % (m["data_extents"], mib(m["data_bytes"]))
 
 
 def fmt(v, digits=None) -> str:
@@ -664,13 +855,22 @@ def render(results, ctx, env, partial, table):
     parts.append((title + ": medians, all servers (MiB/s or IOPS; higher is better)" if not ratio_rows
                   else "Medians, all servers (MiB/s or IOPS; higher is better)",
                   table(["test", "unit"] + ids, results.median_rows(results.median))))
+    for t in results.tests:
+        if t.measure is measure_nbdcopy_sparse:
+            rows = results.sparse_rows(t)
+            if rows:
+                parts.append(("%s: %s; median time and copy allocation, content checked once per server"
+                              % (t.id, t.label),
+                              table(["server", "MiB/s", "seconds", "source allocated", "copy allocated",
+                                     "bytes identical", "server's block status (nbdinfo --map)"], rows)))
     lat = results.median_rows(results.lat_median, 1)
     if lat:
         parts.append(("fio completion latency p50 in microseconds, median of rounds (lower is better)",
                       table(["test", "unit"] + ids, [[r[0], "us"] + r[2:] for r in lat])))
-    if ctx.rounds > 1:
+    spread = results.median_rows(results.spread, 0)
+    if ctx.rounds > 1 and spread:
         parts.append(("Spread: (max - min) / median across rounds, percent",
-                      table(["test", "unit"] + ids, results.median_rows(results.spread, 0))))
+                      table(["test", "unit"] + ids, spread)))
     return parts
 
 
@@ -687,6 +887,9 @@ def main(argv=None) -> int:
     ctx = Ctx(args)
     tests = select(TESTS, args.only, "test")
     servers = select(SERVERS, args.servers, "server")
+    if not any(runs_on(t, servers) for t in tests):
+        raise SystemExit("nothing to run: %s not run on %s" % (
+            "/".join(s.id for s in servers), ", ".join(t.id for t in tests)))
     results = Results(tests, servers)
     env: Dict[str, object] = {}
     status = 0
@@ -759,7 +962,7 @@ def prepare(ctx, args, tests, servers):
         raise BenchError("--dir %s is not a directory" % args.dir)
     fixtures = ["probe"] + sorted({t.serves for t in tests} |
                                   {t.params["source"] for t in tests if "source" in t.params})
-    need = sum(PROBE_SIZE if f == "probe" else ctx.size for f in fixtures)
+    need = sum(FIXTURES[f].disk(ctx) for f in fixtures)
     free = shutil.disk_usage(args.dir).free
     if free < need + 256 * MIB:
         raise BenchError("%s has %s free; the run needs %s" % (args.dir, human(free), human(need)))
@@ -777,11 +980,10 @@ def prepare(ctx, args, tests, servers):
             # seconds, before the big files are written.
             print("probing the servers", file=sys.stderr, flush=True)
             ctx.probes = {s.id: probe(ctx, s) for s in servers}
-        fname, create = FIXTURES[name]
-        path = os.path.join(ctx.workdir, fname)
-        print("creating %s (%s of random data)" % (path, human(PROBE_SIZE if name == "probe" else ctx.size)),
-              file=sys.stderr, flush=True)
-        create(path, ctx)
+        fix = FIXTURES[name]
+        path = os.path.join(ctx.workdir, fix.file)
+        print("creating %s (%s)" % (path, fix.what(ctx)), file=sys.stderr, flush=True)
+        fix.create(path, ctx)
         # Read it once so that it is in the page cache: the servers then
         # compete on protocol handling and copying, not on the disk.
         with open(os.devnull, "wb") as null:
@@ -802,6 +1004,8 @@ def describe(ctx, args, servers, tests):
         "memory": human((mem_available() or 0) // MIB * MIB) + " available",
         "dir": "%s (%s)" % (ctx.workdir, fs_type(ctx.workdir)),
         "size": human(ctx.size),
+        "files": {n: "%s (%s)" % (os.path.basename(p), FIXTURES[n].what(ctx))
+                  for n, p in ctx.files.items() if n != "probe"},
         "rounds": ctx.rounds,
         "runtime": ctx.runtime,
         "flexnbd": "%s (git %s)" % (ctx.flexnbd, git_describe()),
@@ -812,7 +1016,7 @@ def describe(ctx, args, servers, tests):
             "nbdcopy": first_line(["nbdcopy", "--version"]),
             "python": platform.python_version(),
         },
-        "servers": {s.id: shlex.join(s.argv(ctx, dummy_port, ctx.files["data"])) for s in servers},
+        "servers": {s.id: shlex.join(s.argv(ctx, dummy_port, "FILE")) for s in servers},
         "tests": {},
         "cached": {n: cached_pct(p) for n, p in ctx.files.items() if n != "probe"},
         "probes": ctx.probes,
@@ -820,6 +1024,12 @@ def describe(ctx, args, servers, tests):
     for t in tests:
         if t.measure is measure_fio:
             cmd = shlex.join(fio_argv(ctx, t, 0, "OUT.json")).replace("127.0.0.1:0", "127.0.0.1:PORT")
+        elif t.measure is measure_nbdcopy_sparse:
+            cmd = shlex.join(sparse_copy_argv(ctx, "nbd://%s:PORT" % HOST,
+                                              os.path.join(ctx.workdir, "sparse-copy.raw")))
+            cmd += ("   (serving %s; timed: wall clock of the process; then, untimed: "
+                    "allocated size, bytes compared and nbdinfo --map once per server, copy deleted)"
+                    % os.path.basename(ctx.files[t.serves]))
         else:
             uri = "nbd://%s:PORT" % HOST
             src = ctx.files.get(t.params.get("source", ""), "")
@@ -837,15 +1047,17 @@ def print_header(env):
     print("tools:   %s; %s; %s; %s; python %s"
           % (v["qemu-nbd"], v["nbdkit"], v["fio"], v["nbdcopy"], v["python"]))
     print("flexnbd: %s" % env["flexnbd"])
-    cached = ", ".join("%s %s" % (n, "?" if p is None else "%.0f%% cached" % p) for n, p in env["cached"].items())
-    print("files:   %s each, in %s; %s" % (env["size"], env["dir"], cached))
+    print("files:   in %s:" % env["dir"])
+    for n, what in env.get("files", {}).items():
+        p = env["cached"].get(n)
+        print("  %-13s %s, %s" % (n, what, "? cached" if p is None else "%.0f%% cached" % p))
     print("method:  %d round(s); in each, every test runs once on every server, in rotated order;"
           % env["rounds"])
     print("         fio jobs run %d s; figure = median over rounds; ratio = flexnbd / best other"
           % env["runtime"])
     print("servers:")
     for sid, cmd in env["servers"].items():
-        print("  %-13s %s" % (sid, cmd))
+        print("  %-16s %s" % (sid, cmd))
     print("servers as seen by nbdinfo / nbdcopy -v:")
     for line in probe_lines(env):
         print("  " + line)
@@ -856,9 +1068,9 @@ def print_header(env):
 
 
 def probe_lines(env):
-    return ["%-13s %s, structured replies: %s, flags: %s; nbdcopy opens %s connection(s)"
+    return ["%-16s %s, structured replies: %s, flags: %s; meta contexts: %s; nbdcopy opens %s connection(s)"
             % (sid, p["protocol"], "yes" if p["structured"] else "no", ",".join(p["flags"]),
-               p["nbdcopy_connections"])
+               ",".join(p.get("contexts") or []) or "none", p["nbdcopy_connections"])
             for sid, p in env.get("probes", {}).items()]
 
 
@@ -875,13 +1087,20 @@ def settle(ctx):
             os.close(fd)
 
 
+def runs_on(test, servers):
+    return [s for s in servers if s.id not in test.skip]
+
+
 def run_matrix(ctx, tests, servers, results):
-    total = ctx.rounds * len(tests) * len(servers)
+    total = ctx.rounds * sum(len(runs_on(t, servers)) for t in tests)
     n = 0
     for rnd in range(ctx.rounds):
         for ti, test in enumerate(tests):
-            k = (rnd + ti) % len(servers)
-            order = servers[k:] + servers[:k]
+            these = runs_on(test, servers)
+            if not these:
+                continue
+            k = (rnd + ti) % len(these)
+            order = these[k:] + these[:k]
             for server in order:
                 n += 1
                 settle(ctx)
@@ -896,7 +1115,12 @@ def run_matrix(ctx, tests, servers, results):
                 if m.info.get("at_depth_pct", 100.0) < 90.0:
                     extra += "  WARNING: only %.1f%% of I/O at depth %d" % (
                         m.info["at_depth_pct"], test.params["iodepth"])
-                print("[%3d/%d] round %d  %-18s %-13s %10s %s%s"
+                if "dest_alloc" in m.info:
+                    extra += "  %.2f s  copy %s allocated (source %s)" % (
+                        m.info["seconds"], mib(m.info["dest_alloc"]), mib(m.info["src_alloc"]))
+                    if "map" in m.info:
+                        extra += "  bytes identical; " + map_text(m.info["map"])
+                print("[%3d/%d] round %d  %-18s %-16s %10s %s%s"
                       % (n, total, rnd + 1, test.id, server.id, fmt(m.value), test.unit, extra),
                       file=sys.stderr, flush=True)
 
@@ -934,15 +1158,16 @@ def write_markdown(results, ctx, env, partial, path):
             % (env["date"], env["host"], env["nproc"], env["cpu"], env["kernel"],
                v["qemu-nbd"], v["nbdkit"], v["fio"], v["nbdcopy"], env["flexnbd"]),
             "",
-            "%s file, page-cached, on %s. %d round(s), fio runtime %d s, median over rounds; "
-            "servers interleaved in rotated order." % (env["size"], env["dir"], env["rounds"], env["runtime"]),
+            "Files, page-cached, on %s: %s. %d round(s), fio runtime %d s, median over rounds; "
+            "servers interleaved in rotated order."
+            % (env["dir"], "; ".join(env.get("files", {}).values()), env["rounds"], env["runtime"]),
             "",
         ]
     for title, table in render(results, ctx, env, partial, md_table):
         out += ["**%s**" % title, "", table, ""]
     if env:
         out += ["Command lines (PORT is a free port chosen per trial):", "", "```"]
-        out += ["%-13s %s" % kv for kv in env["servers"].items()]
+        out += ["%-16s %s" % kv for kv in env["servers"].items()]
         out += ["%-18s %s" % kv for kv in env["tests"].items()]
         out += ["```", "", "As the clients see the servers:", ""]
         out += ["- " + l for l in probe_lines(env)]
