@@ -816,3 +816,77 @@ pub fn unsynced_pages(path: &Path, offset: u64, len: u64) -> Option<u64> {
     }
     Some(stat.nr_dirty + stat.nr_writeback)
 }
+
+// ---------------------------------------------------------------------------------------
+// Servers started without waiting for them, ports, control sockets, allocation
+
+impl Server {
+    /// Starts `flexnbd ARGS` and returns at once, without waiting for any log line: for
+    /// tests that watch the startup themselves. `port` is where clients will connect (the
+    /// caller passed it in ARGS); `size` is left 0.
+    pub fn spawn_unready(addr: IpAddr, port: u16, args: &[OsString]) -> Server {
+        let mut cmd = Command::new(flexnbd_bin());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = ChildGuard::new(cmd.spawn().expect("spawning flexnbd"));
+        let log = Drain::start(child.child_mut().stderr.take().expect("piped stderr"));
+        Server {
+            child,
+            log,
+            addr,
+            port,
+            size: 0,
+        }
+    }
+
+    /// The exit status if the server has exited, without waiting.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_status()
+    }
+}
+
+/// A loopback port that was free a moment ago (bound to port 0, then released). Another
+/// process may take it meanwhile; callers that bind it must cope with that.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding port 0");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Sends `request` to the control socket at `sock` as it stands (with `eof`, the write
+/// side is shut down afterwards) and reads everything the server sends until it closes the
+/// connection, with [`IO_TIMEOUT`] on every read.
+pub fn control_raw(sock: &Path, request: &[u8], eof: bool) -> io::Result<Vec<u8>> {
+    use std::os::unix::net::UnixStream;
+    let mut stream = UnixStream::connect(sock)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    stream.write_all(request)?;
+    if eof {
+        stream.shutdown(Shutdown::Write)?;
+    }
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    Ok(answer)
+}
+
+/// One well-formed control request (`command\n`, one line per argument, `\n`); returns the
+/// whole answer (normally one `<code>: <text>\n` line). Panics if the exchange fails.
+pub fn control(sock: &Path, command: &str, args: &[&str]) -> String {
+    let mut request = format!("{command}\n");
+    for a in args {
+        request.push_str(a);
+        request.push('\n');
+    }
+    request.push('\n');
+    let answer = control_raw(sock, request.as_bytes(), false)
+        .unwrap_or_else(|e| panic!("control request {command} {args:?} failed: {e}"));
+    String::from_utf8(answer).expect("a control answer is text")
+}
+
+/// Bytes the file really occupies on disk (`st_blocks` * 512, what `du` reports).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).expect("stat").blocks() * 512
+}

@@ -11,6 +11,7 @@
 //! Every socket read and every wait is bounded by [`WAIT`], so a hung actor fails the test
 //! instead of hanging it; "nothing happens" is checked by watching for [`QUIET`].
 
+mod control;
 mod listener;
 mod session;
 
