@@ -40,6 +40,22 @@ pub fn bind_listener(addr: IpAddr, port: u16) -> io::Result<TcpListener> {
     }
 }
 
+/// One attempt at binding the NBD listening socket (the rebinding actor retries itself).
+pub fn bind_listener_once(addr: IpAddr, port: u16) -> io::Result<TcpListener> {
+    let target = SocketAddr::new(addr, port);
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(&target.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// Options of every accepted NBD socket: keepalive (30 s idle, 10 s interval, 3 probes)
 /// and TCP_NODELAY.
 pub fn configure_accepted(stream: &impl std::os::fd::AsFd) -> io::Result<()> {

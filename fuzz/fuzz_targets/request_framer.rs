@@ -72,6 +72,7 @@ impl Setup {
                 size,
                 dialect: Dialect::Oldstyle,
                 read_only: false,
+                migration_target: false,
             },
         }
     }
@@ -185,7 +186,9 @@ fn check_verdict(rules: &ExportRules, req: &Request, verdict: Verdict) {
         Verdict::Trim { .. }
         | Verdict::WriteZeroes { .. }
         | Verdict::Cache { .. }
-        | Verdict::BlockStatus { .. } => panic!("old-style rules produced {verdict:?}"),
+        | Verdict::BlockStatus { .. }
+        | Verdict::Probe
+        | Verdict::Handoff { .. } => panic!("old-style rules produced {verdict:?}"),
     }
 }
 

@@ -11,6 +11,13 @@
 //!   if its session has not noticed yet.
 //! - [`ReplaceAcl`] (control → listener): replaces the ACL and sends [`Close`] to every
 //!   session whose peer the new list no longer admits; answered once the list is in force.
+//! - [`CloseDoors`] (mirror → listener, the final pass of a migration): stop admitting
+//!   clients (new connections are closed at once, with no hello), ask every session to
+//!   close, answer once no session is left (the old `serve_wait_for_close`).
+//! - [`OpenDoors`] (mirror → listener, after a failed or abandoned migration, or one whose
+//!   action is `nothing`): admit clients again. Answered at once.
+//! - [`HandoffMessage`] (session → listener of a `listen` server): apply the hand-off state
+//!   machine; answered after its effect (`fdatasync`, taking control) is done.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,8 +30,9 @@ use tokio::sync::oneshot;
 
 use crate::acl::Acl;
 
-use super::session::{Close, CloseReason, Session, SessionConfig, SessionEnded};
-use super::ClientId;
+use super::session::{Close, CloseReason, HandoffMessage, Session, SessionConfig, SessionEnded};
+use super::{ClientId, Events, ServerEvent};
+use crate::protocol::handoff::{HandoffReply, TargetEffect, TargetHandoff};
 
 /// Pause after a failing `accept()` (for example EMFILE) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -71,9 +79,16 @@ pub struct Listener {
     sessions: HashMap<ClientId, SessionEntry>,
     next_id: ClientId,
     next_arbiter: usize,
-    /// Answered when the registry becomes empty after a shutdown began.
-    shutdown_waiters: Vec<oneshot::Sender<()>>,
+    /// Answered when the registry becomes empty (after a shutdown began, or once the doors
+    /// are closed for a migration's final pass).
+    empty_waiters: Vec<oneshot::Sender<()>>,
     shutting_down: bool,
+    /// New clients are admitted (false during a migration's final pass).
+    doors_open: bool,
+    /// `serve`: always; `listen`: once the inbound migration completed.
+    has_control: bool,
+    /// `listen`: the hand-off state and where to report completion.
+    target: Option<(TargetHandoff, Events)>,
 }
 
 /// Main → listener: stop accepting and close every session; answered when none is left.
@@ -91,7 +106,20 @@ pub struct GetStatus;
 pub struct ListenerStatus {
     pub num_clients: usize,
     pub clients_allowed: bool,
+    pub has_control: bool,
+    /// `listen`: where the inbound hand-off is (`receiving`, `in_doubt`, `committed`).
+    pub target_phase: Option<&'static str>,
 }
+
+/// Mirror → listener: close the doors for the final pass; answered once no session is left.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct CloseDoors;
+
+/// Mirror → listener: admit clients again.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct OpenDoors;
 
 /// Control → listener: put a new access control list in force.
 #[derive(Message, Debug)]
@@ -110,9 +138,50 @@ impl Listener {
             sessions: HashMap::new(),
             next_id: 1,
             next_arbiter: 0,
-            shutdown_waiters: Vec::new(),
+            empty_waiters: Vec::new(),
             shutting_down: false,
+            doors_open: true,
+            has_control: true,
+            target: None,
         }
+    }
+
+    /// Makes this the listener of a `listen` server: it has no control until an inbound
+    /// migration completes (a legacy DISC, or our acknowledged hand-off), then it reports
+    /// [`ServerEvent::MigrationReceived`] on `events`.
+    pub fn migration_target(mut self, events: Events) -> Listener {
+        let size = self.config.session.backing.size();
+        self.target = Some((TargetHandoff::new(size), events));
+        self.has_control = false;
+        self
+    }
+
+    /// Takes control after an inbound migration: everything received is made durable
+    /// first, then `has_control` is set and main is told.
+    fn take_control(&mut self, how: &'static str, ctx: &mut Context<Self>) {
+        if self.has_control {
+            return;
+        }
+        let backing = self.config.session.backing.clone();
+        let synced = tokio::task::spawn_blocking(move || backing.sync_data());
+        ctx.spawn(synced.into_actor(self).map(move |result, act, _| {
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!("Flushing the received export failed: {e}; not taking control");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!("Flushing the received export failed: {e}; not taking control");
+                    return;
+                }
+            }
+            act.has_control = true;
+            tracing::info!("Migration received ({how}); this server now has control");
+            if let Some((_, events)) = &act.target {
+                let _ = events.send(ServerEvent::MigrationReceived);
+            }
+        }));
     }
 
     fn accept_stream(listener: tokio::net::TcpListener) -> impl Stream<Item = Accepted> {
@@ -128,6 +197,10 @@ impl Listener {
 
     fn admit(&mut self, stream: tokio::net::TcpStream, peer: SocketAddr, ctx: &mut Context<Self>) {
         if self.shutting_down {
+            return;
+        }
+        if !self.doors_open {
+            tracing::info!("Rejecting client {peer}: a migration is in its final pass");
             return;
         }
         if let Err(e) = crate::net::configure_accepted(&stream) {
@@ -157,9 +230,15 @@ impl Listener {
         self.next_id += 1;
         let arbiters = &self.config.arbiters;
         let session_config = self.config.session.clone();
-        let me = ctx.address().recipient();
-        let make =
-            move |_: &mut Context<Session>| Session::new(id, peer, socket, session_config, me);
+        let me = ctx.address();
+        let handoff = self.target.is_some().then(|| me.clone().recipient());
+        let make = move |_: &mut Context<Session>| {
+            let session = Session::new(id, peer, socket, session_config, me.recipient());
+            match handoff {
+                Some(target) => session.with_handoff_target(target),
+                None => session,
+            }
+        };
         let addr = if arbiters.is_empty() {
             Session::create(make)
         } else {
@@ -177,7 +256,7 @@ impl Listener {
 
     fn answer_waiters_if_empty(&mut self) {
         if self.sessions.is_empty() {
-            for waiter in self.shutdown_waiters.drain(..) {
+            for waiter in self.empty_waiters.drain(..) {
                 let _ = waiter.send(());
             }
         }
@@ -214,9 +293,14 @@ impl StreamHandler<Accepted> for Listener {
 impl Handler<SessionEnded> for Listener {
     type Result = ();
 
-    fn handle(&mut self, msg: SessionEnded, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: SessionEnded, ctx: &mut Self::Context) {
         if let Some(entry) = self.sessions.remove(&msg.id) {
             tracing::info!("Client {} disconnected (session {}).", entry.peer, msg.id);
+        }
+        // flexnbd's hand-off: any client that ends its connection with a DISC completes
+        // an inbound migration (never a bad magic, which does not set the flag).
+        if msg.disconnect_seen && self.target.is_some() {
+            self.take_control("the source disconnected", ctx);
         }
         self.answer_waiters_if_empty();
     }
@@ -237,7 +321,7 @@ impl Handler<Shutdown> for Listener {
             }
         }
         let (tx, rx) = oneshot::channel();
-        self.shutdown_waiters.push(tx);
+        self.empty_waiters.push(tx);
         self.answer_waiters_if_empty();
         Box::pin(async move {
             let _ = rx.await;
@@ -251,7 +335,9 @@ impl Handler<GetStatus> for Listener {
     fn handle(&mut self, _msg: GetStatus, _ctx: &mut Self::Context) -> ListenerStatus {
         ListenerStatus {
             num_clients: self.sessions.values().filter(|s| s.peer_alive()).count(),
-            clients_allowed: !self.shutting_down,
+            clients_allowed: !self.shutting_down && self.doors_open,
+            has_control: self.has_control,
+            target_phase: self.target.as_ref().map(|(t, _)| t.phase().name()),
         }
     }
 }
@@ -268,6 +354,85 @@ impl Handler<ReplaceAcl> for Listener {
                     entry.peer
                 );
                 entry.addr.do_send(Close(CloseReason::AclChanged));
+            }
+        }
+    }
+}
+
+impl Handler<CloseDoors> for Listener {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _msg: CloseDoors, _ctx: &mut Self::Context) -> Self::Result {
+        self.doors_open = false;
+        tracing::info!(
+            "Final pass: closing {} client(s) and refusing new ones",
+            self.sessions.len()
+        );
+        for entry in self.sessions.values() {
+            entry.addr.do_send(Close(CloseReason::Migration));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.empty_waiters.push(tx);
+        self.answer_waiters_if_empty();
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+impl Handler<OpenDoors> for Listener {
+    type Result = ();
+
+    fn handle(&mut self, _msg: OpenDoors, _ctx: &mut Self::Context) {
+        if !self.doors_open {
+            tracing::info!("Admitting clients again");
+        }
+        self.doors_open = true;
+    }
+}
+
+impl Handler<HandoffMessage> for Listener {
+    type Result = ResponseActFuture<Self, HandoffReply>;
+
+    fn handle(&mut self, msg: HandoffMessage, _ctx: &mut Self::Context) -> Self::Result {
+        let Some((target, _)) = &mut self.target else {
+            let refused = HandoffReply::Refused {
+                reason: "this server is not a migration target".into(),
+            };
+            return Box::pin(actix::fut::ready(refused));
+        };
+        let (reply, effect) = target.on_request(&msg.0);
+        tracing::info!("Hand-off: {:?} → {reply:?}", msg.0);
+        match effect {
+            TargetEffect::None => Box::pin(actix::fut::ready(reply)),
+            TargetEffect::SyncFirst => {
+                let backing = self.config.session.backing.clone();
+                let synced = tokio::task::spawn_blocking(move || backing.sync_data());
+                Box::pin(
+                    synced
+                        .into_actor(self)
+                        .map(move |result, _, _| match result {
+                            Ok(Ok(())) => reply,
+                            Ok(Err(e)) => HandoffReply::Refused {
+                                reason: format!("making the data durable failed: {e}"),
+                            },
+                            Err(e) => HandoffReply::Refused {
+                                reason: format!("making the data durable failed: {e}"),
+                            },
+                        }),
+                )
+            }
+            TargetEffect::TakeControl => {
+                // Prepare already made everything durable; nothing was written since (the
+                // source sends nothing between Prepared and Commit).
+                self.has_control = true;
+                tracing::info!(
+                    "Migration received (acknowledged hand-off); this server now has control"
+                );
+                if let Some((_, events)) = &self.target {
+                    let _ = events.send(ServerEvent::MigrationReceived);
+                }
+                Box::pin(actix::fut::ready(reply))
             }
         }
     }

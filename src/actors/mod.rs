@@ -5,6 +5,10 @@
 //! - [`session::Session`]: one per client connection; decodes requests, does the file I/O
 //!   (inline when the page cache has the data, on the blocking pool otherwise) and sends
 //!   replies through its own writer task.
+//! - [`control::Control`]: the Unix control socket.
+//! - [`allocation_map::AllocationMapBuilder`]: the background walk of the file's extents.
+//! - [`mirror::Mirror`]: one outbound migration.
+//! - [`rebind::Rebinder`]: after a received migration, serves the file on a new address.
 //!
 //! Actors are thin glue: wire formats live in `crate::protocol`, file access in
 //! `crate::storage`. See `docs/architecture.md` for the handshakes.
@@ -21,3 +25,20 @@ mod tests;
 
 /// Identifies a session within its listener's registry.
 pub type ClientId = u64;
+
+/// What actors tell the process's main task (which owns shutdown and the exit status).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// `listen`: the inbound migration completed and this server has control.
+    MigrationReceived,
+    /// `serve`: the outbound migration handed over (action `exit` or `unlink`): shut down
+    /// and exit 0.
+    MigrationSent,
+    /// `serve`: the outbound migration failed in a way that leaves this server unable to
+    /// serve its copy (the source file could not be removed, the hand-off is in doubt):
+    /// shut down and exit non-zero.
+    MigrationFatal(String),
+}
+
+/// The sending side of the main task's event channel.
+pub type Events = tokio::sync::mpsc::UnboundedSender<ServerEvent>;

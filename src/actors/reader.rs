@@ -99,6 +99,17 @@ pub(crate) enum Incoming {
         to: ReplyTo,
         permits: Permits,
     },
+    /// The hand-off probe of a migration source: answer 0 (we are a migration target).
+    Probe {
+        to: ReplyTo,
+        permits: Permits,
+    },
+    /// A hand-off message (its encoded bytes) from a migration source.
+    Handoff {
+        to: ReplyTo,
+        message: Bytes,
+        permits: Permits,
+    },
     /// New-style negotiation ended: every later reply uses `style`.
     Negotiated {
         style: ReplyStyle,
@@ -202,6 +213,8 @@ pub(crate) struct Reader {
     /// The budget for the next payload part, acquired before its bytes are read.
     part_budget: Option<OwnedSemaphorePermit>,
     write: Option<PendingWrite>,
+    /// A hand-off message whose payload is arriving.
+    handoff: Option<(ReplyTo, Permits)>,
     stopped: bool,
     /// Set when the client sent NBD_CMD_DISC.
     pub disconnect: Arc<std::sync::atomic::AtomicBool>,
@@ -233,6 +246,7 @@ impl Reader {
             slot: None,
             part_budget: None,
             write: None,
+            handoff: None,
             stopped: false,
             disconnect: Default::default(),
             stop: Default::default(),
@@ -466,6 +480,23 @@ impl Reader {
                 req_one,
                 permits: self.permits(),
             },
+            Verdict::Probe => Incoming::Probe {
+                to,
+                permits: self.permits(),
+            },
+            Verdict::Handoff { length } => {
+                let permits = self.permits();
+                if length == 0 {
+                    Incoming::Handoff {
+                        to,
+                        message: Bytes::new(),
+                        permits,
+                    }
+                } else {
+                    self.handoff = Some((to, permits));
+                    return None;
+                }
+            }
             Verdict::Disconnect => {
                 tracing::info!("Client {} sent a disconnect request", self.config.peer);
                 self.disconnect.store(true, Ordering::Relaxed);
@@ -525,6 +556,14 @@ impl Reader {
     }
 
     fn on_payload(&mut self, part: crate::protocol::request::PayloadPart) -> Option<Incoming> {
+        if let Some((to, permits)) = self.handoff.take() {
+            // Hand-off messages are bounded far below a part: they arrive in one piece.
+            return Some(Incoming::Handoff {
+                to,
+                message: part.data,
+                permits,
+            });
+        }
         let pending = self.write.as_mut()?;
         let completion = match pending.whole.take() {
             Some(whole) => whole,

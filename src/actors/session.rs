@@ -26,6 +26,7 @@ use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::protocol::handoff::{HandoffReply, HandoffRequest};
 use crate::protocol::newstyle::{NegotiationConfig, ServerNegotiation};
 use crate::protocol::reply::simple_reply;
 use crate::protocol::request::ExportRules;
@@ -75,6 +76,13 @@ impl SessionConfig {
     pub const DEFAULT_BUDGET: usize = 32 << 20;
 }
 
+/// Session → listener (of a `listen` server): a hand-off message from the migration
+/// source. Answered with the target's reply once its effect (a sync, taking control) is
+/// done; a stopping listener makes the send fail and the session answers Refused.
+#[derive(Message, Debug)]
+#[rtype(result = "HandoffReply")]
+pub struct HandoffMessage(pub HandoffRequest);
+
 /// Why a session is asked to close.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
@@ -123,6 +131,8 @@ pub struct Session {
     style: ReplyStyle,
     /// The id the client gave `base:allocation`, once negotiated.
     base_allocation: Option<u32>,
+    /// Where hand-off messages go (the listener of a `listen` server).
+    handoff_target: Option<Recipient<HandoffMessage>>,
 }
 
 impl Session {
@@ -154,7 +164,14 @@ impl Session {
             last_progress: Instant::now(),
             style: ReplyStyle::Simple,
             base_allocation: None,
+            handoff_target: None,
         }
+    }
+
+    /// Lets this session pass hand-off messages to `target` (a `listen` server's listener).
+    pub fn with_handoff_target(mut self, target: Recipient<HandoffMessage>) -> Session {
+        self.handoff_target = Some(target);
+        self
     }
 
     fn start_io(&mut self, ctx: &mut Context<Self>) -> std::io::Result<()> {
@@ -251,7 +268,7 @@ impl Session {
         }
     }
 
-    fn execute(&mut self, item: Incoming) {
+    fn execute(&mut self, item: Incoming, ctx: &mut Context<Self>) {
         let style = self.style;
         match item {
             Incoming::Read {
@@ -334,6 +351,15 @@ impl Session {
                 &self.replies,
                 Self::reply(style, to, Some(Errno::EBADMSG), permits),
             ),
+            Incoming::Probe { to, permits } => {
+                tracing::info!("Client {} probed for the acknowledged hand-off", self.peer);
+                Self::send(&self.replies, Self::reply(style, to, None, permits))
+            }
+            Incoming::Handoff {
+                to,
+                message,
+                permits,
+            } => self.handoff(to, message, permits, ctx),
             Incoming::Negotiated {
                 style,
                 base_allocation,
@@ -342,6 +368,52 @@ impl Session {
                 self.base_allocation = base_allocation;
             }
         }
+    }
+
+    /// Passes a hand-off message to the listener, which owns the migration target's state,
+    /// and answers with its reply: a simple reply, then the encoded answer behind a 32-bit
+    /// length. A session without a hand-off peer (not a `listen` server) answers EINVAL.
+    fn handoff(&mut self, to: ReplyTo, message: Bytes, permits: Permits, ctx: &mut Context<Self>) {
+        let request = match HandoffRequest::decode(&message) {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::warn!("Client {} sent a bad hand-off message: {e}", self.peer);
+                Self::send(
+                    &self.replies,
+                    Self::reply(self.style, to, Some(Errno::EINVAL), permits),
+                );
+                return;
+            }
+        };
+        let Some(target) = self.handoff_target.clone() else {
+            Self::send(
+                &self.replies,
+                Self::reply(self.style, to, Some(Errno::EINVAL), permits),
+            );
+            return;
+        };
+        let replies = self.replies.clone();
+        ctx.spawn(
+            async move {
+                let answer = match target.send(HandoffMessage(request)).await {
+                    Ok(answer) => answer,
+                    Err(_) => HandoffReply::Refused {
+                        reason: "the server is shutting down".into(),
+                    },
+                };
+                let encoded = answer.encode();
+                let mut body = Vec::with_capacity(4 + encoded.len());
+                body.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+                body.extend_from_slice(&encoded);
+                let reply = Outgoing {
+                    header: Header::new(&simple_reply(to.cookie, None)),
+                    body: Body::Data(Bytes::from(body)),
+                    permits,
+                };
+                Self::send(&replies, reply);
+            }
+            .into_actor(self),
+        );
     }
 
     /// Turns the result of a file operation into the reply's error, syncing first for FUA.
@@ -629,9 +701,9 @@ impl Actor for Session {
 }
 
 impl StreamHandler<Incoming> for Session {
-    fn handle(&mut self, item: Incoming, _ctx: &mut Self::Context) {
+    fn handle(&mut self, item: Incoming, ctx: &mut Self::Context) {
         self.last_progress = Instant::now();
-        self.execute(item);
+        self.execute(item, ctx);
     }
 
     /// The client disconnected, sent DISC, sent garbage, or its socket failed. The default

@@ -121,6 +121,7 @@ impl Request {
     pub fn payload_len(&self, style: HeaderStyle) -> u64 {
         match (self.command, style) {
             (Command::Write, _) => self.length,
+            (Command::Unknown(super::handoff::HANDOFF), _) => self.length,
             (_, HeaderStyle::Extended) if self.flags & cflags::PAYLOAD_LEN != 0 => self.length,
             _ => 0,
         }
@@ -366,6 +367,10 @@ pub struct ExportRules {
     pub dialect: Dialect,
     /// Writes, trims and zeroes fail with EPERM (`-r`).
     pub read_only: bool,
+    /// A `listen` server: answers the hand-off PROBE and HANDOFF messages of our own
+    /// migration sources, and takes zero-range requests even in the old-style dialect (only
+    /// our own sources send them there).
+    pub migration_target: bool,
 }
 
 /// What the server must do with a request.
@@ -411,6 +416,12 @@ pub enum Verdict {
     },
     /// Answer nothing; close once the requests in flight are answered.
     Disconnect,
+    /// A migration source asks whether we speak the acknowledged hand-off: answer 0.
+    Probe,
+    /// A hand-off message of `length` bytes follows as payload.
+    Handoff {
+        length: u64,
+    },
     /// Answer with this error; a payload, if any, must be discarded.
     Reject(Errno),
 }
@@ -418,6 +429,19 @@ pub enum Verdict {
 impl ExportRules {
     /// Applies the request rules of the dialect.
     pub fn check(&self, req: &Request) -> Verdict {
+        if self.migration_target {
+            match req.command {
+                Command::Unknown(super::handoff::PROBE) => return Verdict::Probe,
+                Command::Unknown(super::handoff::HANDOFF) => {
+                    return if req.length <= super::handoff::MAX_MESSAGE as u64 {
+                        Verdict::Handoff { length: req.length }
+                    } else {
+                        Verdict::Reject(Errno::EINVAL)
+                    };
+                }
+                _ => {}
+            }
+        }
         match self.dialect {
             Dialect::Oldstyle => self.check_oldstyle(req),
             Dialect::Modern(modern) => self.check_modern(req, modern),
@@ -446,6 +470,16 @@ impl ExportRules {
             },
             Command::Flush => Verdict::Flush,
             Command::Disconnect => Verdict::Disconnect,
+            Command::WriteZeroes if self.migration_target && self.read_only => {
+                Verdict::Reject(Errno::EPERM)
+            }
+            Command::WriteZeroes if self.migration_target => Verdict::WriteZeroes {
+                offset: req.offset,
+                length: req.length,
+                fua,
+                no_hole: req.flags & cflags::NO_HOLE != 0,
+                fast: false,
+            },
             _ => Verdict::Reject(Errno::EINVAL),
         }
     }
@@ -659,6 +693,7 @@ mod tests {
             size: 1024,
             dialect: Dialect::Oldstyle,
             read_only: false,
+            migration_target: false,
         };
         let mk = |command, offset, length| Request {
             flags: 0,
@@ -721,6 +756,7 @@ mod tests {
             size: 1024,
             dialect: Dialect::Modern(modern),
             read_only: false,
+            migration_target: false,
         };
         let mk = |command, flags, offset, length| Request {
             flags,
@@ -833,10 +869,66 @@ mod tests {
             size: 1024,
             dialect: Dialect::Oldstyle,
             read_only: true,
+            migration_target: false,
         };
         assert_eq!(
             old_ro.check(&mk(Command::Write, 0, 0, 512)),
             Verdict::Reject(Errno::EPERM)
+        );
+    }
+
+    #[test]
+    fn migration_targets_answer_the_probe_and_take_zero_ranges() {
+        use super::super::handoff::{HANDOFF, MAX_MESSAGE, PROBE};
+        let mk = |command, offset, length| Request {
+            flags: 0,
+            command,
+            cookie: 0,
+            offset,
+            length,
+        };
+        let plain = ExportRules {
+            size: 1 << 20,
+            dialect: Dialect::Oldstyle,
+            read_only: false,
+            migration_target: false,
+        };
+        let target = ExportRules {
+            migration_target: true,
+            ..plain
+        };
+        // A server that is not a target answers like C flexnbd: EINVAL.
+        assert_eq!(
+            plain.check(&mk(Command::Unknown(PROBE), 0, 0)),
+            Verdict::Reject(Errno::EINVAL)
+        );
+        assert_eq!(
+            plain.check(&mk(Command::WriteZeroes, 0, 4096)),
+            Verdict::Reject(Errno::EINVAL)
+        );
+        assert_eq!(
+            target.check(&mk(Command::Unknown(PROBE), 0, 0)),
+            Verdict::Probe
+        );
+        assert_eq!(
+            target.check(&mk(Command::Unknown(HANDOFF), 0, 40)),
+            Verdict::Handoff { length: 40 }
+        );
+        assert_eq!(
+            target.check(&mk(Command::Unknown(HANDOFF), 0, MAX_MESSAGE as u64 + 1)),
+            Verdict::Reject(Errno::EINVAL)
+        );
+        assert!(matches!(
+            target.check(&mk(Command::WriteZeroes, 0, 4096)),
+            Verdict::WriteZeroes { .. }
+        ));
+        assert_eq!(
+            target.check(&mk(Command::WriteZeroes, 1 << 20, 4096)),
+            Verdict::Reject(Errno::ENOSPC)
+        );
+        assert_eq!(
+            mk(Command::Unknown(HANDOFF), 0, 40).payload_len(HeaderStyle::Compact),
+            40
         );
     }
 
@@ -918,7 +1010,7 @@ mod tests {
             let style = if extended { HeaderStyle::Extended } else { HeaderStyle::Compact };
             let mut framer = RequestFramer::new(style, part);
             let mut buf = BytesMut::from(&bytes[..]);
-            let rules = ExportRules { size: 1 << 20, dialect: Dialect::Oldstyle, read_only: false };
+            let rules = ExportRules { size: 1 << 20, dialect: Dialect::Oldstyle, read_only: false, migration_target: false };
             let mut n = 0;
             while let Some(frame) = framer.next_frame(&mut buf) {
                 if let Frame::Request(r) = frame { let _ = rules.check(&r); }
@@ -939,7 +1031,7 @@ mod tests {
             } else {
                 Dialect::Oldstyle
             };
-            let rules = ExportRules { size, dialect, read_only };
+            let rules = ExportRules { size, dialect, read_only, migration_target: false };
             let verdict = rules.check(&req);
             if read_only {
                 let writes = matches!(
