@@ -723,14 +723,14 @@ fn control_client_exit_codes() {
             "mirror",
             &["--addr", "127.0.0.1", "--port", "4777"],
             1,
-            "mirroring is not available in this version of flexnbd",
+            "Mirror failed to connect",
         ),
         ("acl", &["127.0.0.1/0"], 1, "bad spec: 127.0.0.1/0"),
         (
             "mirror",
             &["-l", "::1", "-p", "4777", "--unlink", "--bind", "::1"],
             1,
-            "mirroring is not available in this version of flexnbd",
+            "Mirror failed to connect",
         ),
     ];
     for (mode, args, code, text) in cases {
@@ -815,7 +815,7 @@ fn control_client_exit_codes() {
 fn mirror_arguments_are_checked_with_the_documented_texts() {
     let img = Image::zeroed(SIZE);
     let (server, sock) = start_controlled(&img, &[]);
-    let unavailable = "1: mirroring is not available in this version of flexnbd\n";
+    let unavailable = "1: Mirror failed to connect\n";
     let cases: &[(&[&str], &str)] = &[
         (&[], "1: mirror takes at least two parameters\n"),
         (&["127.0.0.1"], "1: mirror takes at least two parameters\n"),

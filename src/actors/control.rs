@@ -12,6 +12,12 @@
 //! - `acl`: control → listener [`ReplaceAcl`], answered once the list is in force.
 //! - [`StopControl`] (main → control, at shutdown): stops accepting; answered when the
 //!   socket is closed, so that main can unlink its path before the NBD port closes.
+//! - `mirror`: control starts a [`Mirror`] and answers once its first connection attempt
+//!   has a result; `break` sends it [`Abandon`]; `mirror_max_bps` sends [`SetMaxBps`]. The
+//!   mirror reports its own end with [`MirrorEnded`], which ends the registration when
+//!   flexnbd §6.4 says it must (first attempt failed, a `nothing` migration completed).
+//! - [`StopMirror`] (main → control, on a signal): refuse new migrations, abandon a running
+//!   one, answer whether one was registered (the exit status depends on it).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,11 +29,15 @@ use tokio::net::UnixStream;
 
 use crate::acl::Acl;
 use crate::protocol::control::{
-    response, ControlRequest, RequestReader, Status, FAILED, MISSING_COMMAND, OK, UNKNOWN_COMMAND,
+    parse_mirror_max_bps, response, ControlRequest, MirrorRequest, RequestReader, Status, FAILED,
+    MISSING_COMMAND, OK, UNKNOWN_COMMAND,
 };
-use crate::storage::AllocationMap;
+use crate::protocol::handoff::MigrationId;
+use crate::storage::{AllocationMap, Backing};
 
 use super::listener::{GetStatus, Listener, ReplaceAcl};
+use super::mirror::{Abandon, Mirror, MirrorConfig, MirrorEnded, MirrorStats, Outcome, SetMaxBps};
+use super::Events;
 
 /// A control connection that sends nothing for this long is closed without an answer.
 pub const IDLE_LIMIT: Duration = Duration::from_secs(60);
@@ -48,7 +58,38 @@ pub struct Control {
     socket: Option<std::os::unix::net::UnixListener>,
     accept: Option<SpawnHandle>,
     config: ControlConfig,
+    /// What a migration needs; `None` where migrations are not possible (`listen`).
+    migration: Option<(Arc<Backing>, Option<Events>)>,
+    /// The registered migration (flexnbd §6.4), if any.
+    mirror: Option<Registered>,
+    /// A signal arrived: no new migration may start.
+    shutting_down: bool,
+    /// `listen --rebind-*`: where rebinding is.
+    rebind: Option<String>,
 }
+
+/// Rebinder → control: the listener now serving the export.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ReplaceListener(pub Addr<Listener>);
+
+/// Rebinder → control: where rebinding is, for `status` (`binding`, `waiting:<reason>`,
+/// `serving`, `failed`).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct RebindState(pub String);
+
+/// A registered migration.
+struct Registered {
+    addr: Addr<Mirror>,
+    stats: Arc<MirrorStats>,
+}
+
+/// Main → control, on a signal: abandon the migration, if one is registered, and refuse
+/// new ones. Answers whether one was registered.
+#[derive(Message, Debug)]
+#[rtype(result = "bool")]
+pub struct StopMirror;
 
 /// Connection task → control: execute a parsed request, answer the response line.
 #[derive(Message, Debug)]
@@ -69,6 +110,99 @@ impl Control {
             socket: Some(socket),
             accept: None,
             config,
+            migration: None,
+            mirror: None,
+            shutting_down: false,
+            rebind: None,
+        }
+    }
+
+    /// Lets this server migrate its export (`serve`): `mirror` commands start a [`Mirror`]
+    /// on `backing`, which reports a completed or fatally failed hand-off on `events`.
+    pub fn with_migration(mut self, backing: Arc<Backing>, events: Option<Events>) -> Control {
+        self.migration = Some((backing, events));
+        self
+    }
+
+    fn start_mirror(
+        &mut self,
+        request: MirrorRequest,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, String> {
+        let ready =
+            |text: String| -> ResponseActFuture<Self, String> { Box::pin(actix::fut::ready(text)) };
+        if self.shutting_down {
+            return ready(response(FAILED, "shutting down"));
+        }
+        if self.mirror.is_some() {
+            return ready(response(FAILED, "mirror already running"));
+        }
+        let Some((backing, events)) = self.migration.clone() else {
+            return ready(response(FAILED, "this server cannot start a migration"));
+        };
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        let config = MirrorConfig {
+            request,
+            id: MigrationId(random_id()),
+            backing,
+            listener: self.config.listener.clone(),
+            events,
+            owner: ctx.address().recipient(),
+        };
+        let mirror = Mirror::new(config, first_tx);
+        let stats = mirror.stats();
+        let addr = mirror.start();
+        self.mirror = Some(Registered {
+            addr: addr.clone(),
+            stats,
+        });
+        Box::pin(
+            first_rx
+                .into_actor(self)
+                .map(move |first, act, _| match first {
+                    Ok(Ok(())) => response(OK, "Mirror started"),
+                    Ok(Err(failure)) => {
+                        if act.mirror.as_ref().is_some_and(|m| m.addr == addr) {
+                            act.mirror = None;
+                        }
+                        response(FAILED, failure.text())
+                    }
+                    Err(_) => response(FAILED, "Mirror failed to initialise"),
+                }),
+        )
+    }
+
+    fn break_mirror(&mut self) -> ResponseActFuture<Self, String> {
+        let Some(registered) = &self.mirror else {
+            return Box::pin(actix::fut::ready(response(FAILED, "not mirroring")));
+        };
+        let addr = registered.addr.clone();
+        Box::pin(
+            addr.clone()
+                .send(Abandon)
+                .into_actor(self)
+                .map(move |completed, act, _| {
+                    if act.mirror.as_ref().is_some_and(|m| m.addr == addr) {
+                        act.mirror = None;
+                    }
+                    match completed {
+                        Ok(true) => response(FAILED, "mirror completed"),
+                        _ => response(OK, "mirror stopped"),
+                    }
+                }),
+        )
+    }
+
+    fn max_bps(&self, args: &[String]) -> String {
+        let Some(registered) = &self.mirror else {
+            return response(FAILED, "Not currently mirroring");
+        };
+        match parse_mirror_max_bps(args) {
+            Ok(limit) => {
+                registered.addr.do_send(SetMaxBps(limit));
+                response(OK, "updated")
+            }
+            Err(text) => response(FAILED, text),
         }
     }
 
@@ -87,22 +221,34 @@ impl Control {
         let listener = self.config.listener.clone();
         let map = self.config.allocation.clone();
         let (pid, size, has_control) = (self.config.pid, self.config.size, self.config.has_control);
+        let mirror = self.mirror.as_ref().map(|m| m.stats.clone());
+        let rebind = self.rebind.clone();
         Box::pin(async move {
             let Ok(clients) = listener.send(GetStatus).await else {
                 return response(FAILED, "shutting down");
             };
+            let mut extra = vec![
+                ("alloc_map", map.state().name().to_owned()),
+                ("alloc_map_progress", map.progress_percent().to_string()),
+            ];
+            if let Some(stats) = &mirror {
+                extra.extend(stats.extra());
+            }
+            if let Some(phase) = clients.target_phase {
+                extra.push(("handoff_phase", phase.to_owned()));
+            }
+            if let Some(rebind) = rebind {
+                extra.push(("rebind", rebind));
+            }
             let status = Status {
                 pid,
                 size,
-                is_mirroring: false,
+                is_mirroring: mirror.is_some(),
                 clients_allowed: clients.clients_allowed,
                 num_clients: clients.num_clients,
-                has_control,
-                migration: None,
-                extra: vec![
-                    ("alloc_map", map.state().name().to_owned()),
-                    ("alloc_map_progress", map.progress_percent().to_string()),
-                ],
+                has_control: has_control && clients.has_control,
+                migration: mirror.map(|stats| stats.status()),
+                extra,
             };
             response(OK, &status.line())
         })
@@ -156,24 +302,77 @@ impl StreamHandler<Accepted> for Control {
 }
 
 impl Handler<Execute> for Control {
-    type Result = ResponseFuture<String>;
+    type Result = ResponseActFuture<Self, String>;
 
-    fn handle(&mut self, msg: Execute, _ctx: &mut Self::Context) -> Self::Result {
-        let now = |text: String| -> ResponseFuture<String> { Box::pin(async move { text }) };
+    fn handle(&mut self, msg: Execute, ctx: &mut Self::Context) -> Self::Result {
+        let now =
+            |text: String| -> ResponseActFuture<Self, String> { Box::pin(actix::fut::ready(text)) };
+        let wrap = |fut: ResponseFuture<String>, act: &Self| -> ResponseActFuture<Self, String> {
+            Box::pin(fut.into_actor(act))
+        };
         match msg.0 {
             ControlRequest::Missing => now(response(MISSING_COMMAND, "missing command")),
             ControlRequest::Unknown => now(response(UNKNOWN_COMMAND, "unknown command")),
-            ControlRequest::Status => self.status(),
-            ControlRequest::Acl(entries) => self.acl(entries),
-            ControlRequest::Break => now(response(FAILED, "not mirroring")),
-            ControlRequest::MirrorMaxBps(_) => now(response(FAILED, "Not currently mirroring")),
+            ControlRequest::Status => wrap(self.status(), self),
+            ControlRequest::Acl(entries) => wrap(self.acl(entries), self),
+            ControlRequest::Break => self.break_mirror(),
+            ControlRequest::MirrorMaxBps(args) => now(self.max_bps(&args)),
             ControlRequest::MirrorRefused(text) => now(response(FAILED, text)),
-            ControlRequest::Mirror(_) => now(response(
-                FAILED,
-                "mirroring is not available in this version of flexnbd",
-            )),
+            ControlRequest::Mirror(request) => self.start_mirror(request, ctx),
         }
     }
+}
+
+impl Handler<MirrorEnded> for Control {
+    type Result = ();
+
+    /// flexnbd §6.4 (corrected): the registration ends when the first attempt failed and
+    /// when a `nothing` migration completed; a completed `exit`/`unlink` migration stays
+    /// registered until the process exits (`break` then answers `1: mirror completed`).
+    fn handle(&mut self, msg: MirrorEnded, _ctx: &mut Self::Context) {
+        match msg.0 {
+            Outcome::Completed(crate::protocol::control::MirrorAction::Exit)
+            | Outcome::Completed(crate::protocol::control::MirrorAction::Unlink) => {}
+            _ => self.mirror = None,
+        }
+    }
+}
+
+impl Handler<StopMirror> for Control {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, _msg: StopMirror, _ctx: &mut Self::Context) -> Self::Result {
+        self.shutting_down = true;
+        let mirror = self.mirror.take().map(|m| m.addr);
+        Box::pin(async move {
+            match mirror {
+                Some(addr) => {
+                    let _ = addr.send(Abandon).await;
+                    true
+                }
+                None => false,
+            }
+        })
+    }
+}
+
+/// 16 random bytes from the kernel, for migration ids.
+fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    // SAFETY: `id` is a valid, writable 16-byte buffer; getrandom writes at most that many
+    // bytes. A short or failed read leaves zeros or part of the buffer unchanged, which
+    // only makes the id less unique, never unsound; the time mixed in below keeps ids of
+    // one process distinct anyway.
+    unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+        .to_le_bytes();
+    for (b, t) in id.iter_mut().zip(now) {
+        *b ^= t;
+    }
+    id
 }
 
 impl Handler<StopControl> for Control {
@@ -220,4 +419,20 @@ async fn serve_connection(mut stream: UnixStream, control: Addr<Control>) {
         tracing::warn!("Answering a control request failed: {e}");
     }
     let _ = stream.shutdown().await;
+}
+
+impl Handler<ReplaceListener> for Control {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplaceListener, _ctx: &mut Self::Context) {
+        self.config.listener = msg.0;
+    }
+}
+
+impl Handler<RebindState> for Control {
+    type Result = ();
+
+    fn handle(&mut self, msg: RebindState, _ctx: &mut Self::Context) {
+        self.rebind = Some(msg.0);
+    }
 }

@@ -16,7 +16,9 @@
 pub mod allocation_map;
 pub mod control;
 pub mod listener;
+pub mod mirror;
 mod reader;
+pub mod rebind;
 pub mod session;
 mod writer;
 

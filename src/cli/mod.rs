@@ -50,6 +50,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
     logging::init(log_threshold(&matches));
     match mode.name {
         "serve" => serve::serve(&matches),
+        "listen" => serve::listen(&matches),
         "read" => client::read(&matches),
         "write" => client::write(&matches),
         "acl" | "status" | "mirror" | "mirror-speed" | "break" => {

@@ -1,6 +1,6 @@
 //! `flexnbd serve` (flexnbd §3.2, §5).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +12,11 @@ use clap::ArgMatches;
 
 use crate::acl::Acl;
 use crate::actors::allocation_map::{AllocationMapBuilder, StopBuilder};
-use crate::actors::control::{Control, ControlConfig, StopControl};
+use crate::actors::control::{Control, ControlConfig, StopControl, StopMirror};
 use crate::actors::listener::{Listener, ListenerConfig, Shutdown};
+use crate::actors::rebind::Rebinder;
 use crate::actors::session::SessionConfig;
+use crate::actors::{Events, ServerEvent};
 use crate::addr::{parse_ip, parse_port};
 use crate::protocol::handshake::OldstyleHello;
 use crate::protocol::newstyle::{BlockSize, NegotiationConfig, ServerNegotiation};
@@ -32,8 +34,19 @@ const DEFAULT_MAX_CLIENTS: usize = 16;
 /// Default grace for requests in flight at shutdown.
 const DEFAULT_GRACE_SECS: u64 = 10;
 
-/// Everything `serve` needs, validated.
+/// Which server this process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Serve,
+    /// Receive a migration; then exit, or serve on the rebind address.
+    Listen {
+        rebind: Option<SocketAddr>,
+    },
+}
+
+/// Everything `serve` and `listen` need, validated.
 struct ServeOptions {
+    mode: Mode,
     addr: IpAddr,
     port: u16,
     file: PathBuf,
@@ -48,7 +61,17 @@ struct ServeOptions {
     newstyle: Option<(String, Option<String>)>,
 }
 
+/// `flexnbd serve`.
 pub fn serve(matches: &ArgMatches) -> i32 {
+    run_mode("serve", matches)
+}
+
+/// `flexnbd listen`.
+pub fn listen(matches: &ArgMatches) -> i32 {
+    run_mode("listen", matches)
+}
+
+fn run_mode(mode: &str, matches: &ArgMatches) -> i32 {
     let (addr, port, file) = (
         value(matches, "addr"),
         value(matches, "port"),
@@ -66,12 +89,12 @@ pub fn serve(matches: &ArgMatches) -> i32 {
     if missing {
         eprint!(
             "{}",
-            super::spec::find("serve").expect("serve exists").help()
+            super::spec::find(mode).expect("the mode exists").help()
         );
         return 1;
     }
     logging::set_context(file.unwrap_or_default());
-    match options(matches).and_then(run) {
+    match options(mode, matches).and_then(run) {
         Ok(code) => code,
         Err(e) => {
             fatal!("{e:#}");
@@ -80,7 +103,7 @@ pub fn serve(matches: &ArgMatches) -> i32 {
     }
 }
 
-fn options(matches: &ArgMatches) -> anyhow::Result<ServeOptions> {
+fn options(mode: &str, matches: &ArgMatches) -> anyhow::Result<ServeOptions> {
     let addr_text = value(matches, "addr").unwrap_or_default();
     let Some(addr) = parse_ip(addr_text) else {
         bail!("Couldn't parse server address '{addr_text}' (use 0 if you want to bind to all)");
@@ -92,7 +115,15 @@ fn options(matches: &ArgMatches) -> anyhow::Result<ServeOptions> {
         .collect();
     let acl = Acl::parse(&entries, flag(matches, "default-deny"))?;
     let port = parse_port(value(matches, "port").unwrap_or_default())?;
+    let mode = match mode {
+        "listen" => Mode::Listen {
+            rebind: rebind_target(matches)?,
+        },
+        _ => Mode::Serve,
+    };
     let max_clients = match value(matches, "max-clients") {
+        // One inbound migration at a time (flexnbd §5.6).
+        None if matches!(mode, Mode::Listen { .. }) => 1,
         None => DEFAULT_MAX_CLIENTS,
         Some(text) => match text.parse::<usize>() {
             Ok(n) if n > 0 => n,
@@ -113,6 +144,7 @@ fn options(matches: &ArgMatches) -> anyhow::Result<ServeOptions> {
         }
     }
     Ok(ServeOptions {
+        mode,
         addr,
         port,
         file: PathBuf::from(value(matches, "file").unwrap_or_default()),
@@ -132,25 +164,25 @@ fn options(matches: &ArgMatches) -> anyhow::Result<ServeOptions> {
     })
 }
 
-fn run(opts: ServeOptions) -> anyhow::Result<i32> {
-    // Validate the file before the port is bound, so nothing looks ready for a server that
-    // is about to fail (flexnbd §5.1).
-    let backing = Arc::new(Backing::open_with(&opts.file, opts.read_only)?);
-    if let Some(path) = &opts.sock {
-        ControlSocket::check_path(path)?;
+/// `--rebind-addr` and `--rebind-port`, both or neither.
+fn rebind_target(matches: &ArgMatches) -> anyhow::Result<Option<SocketAddr>> {
+    match (value(matches, "rebind-addr"), value(matches, "rebind-port")) {
+        (None, None) => Ok(None),
+        (Some(addr), Some(port)) => {
+            let ip = parse_ip(addr)
+                .ok_or_else(|| anyhow::anyhow!("Couldn't parse rebind address '{addr}'"))?;
+            Ok(Some(SocketAddr::new(ip, parse_port(port)?)))
+        }
+        _ => bail!("--rebind-addr and --rebind-port go together"),
     }
-    let socket = crate::net::bind_listener(opts.addr, opts.port)
-        .map_err(|e| anyhow::anyhow!("Failed to bind() socket: {e}"))?;
-    let local = socket.local_addr().context("reading the bound address")?;
-    // Only now, with the NBD port listening, may the control socket appear: supervisors
-    // take its existence as the readiness signal (flexnbd §5.1).
-    let control_socket = opts.sock.as_deref().map(ControlSocket::bind).transpose()?;
-    tracing::info!(
-        "Serving {} ({} bytes) on {local}",
-        opts.file.display(),
-        backing.size()
-    );
+}
 
+/// The session settings of a listener; `migration_target` for the `listen` socket.
+fn session_config(
+    opts: &ServeOptions,
+    backing: &Arc<Backing>,
+    migration_target: bool,
+) -> Arc<SessionConfig> {
     let newstyle = opts
         .newstyle
         .clone()
@@ -174,12 +206,13 @@ fn run(opts: ServeOptions) -> anyhow::Result<i32> {
             hello.encode().to_vec()
         }
     };
-    let session = Arc::new(SessionConfig {
+    Arc::new(SessionConfig {
         backing: backing.clone(),
         rules: ExportRules {
             size: backing.size(),
             dialect: Dialect::Oldstyle,
             read_only: opts.read_only,
+            migration_target,
         },
         hello: Bytes::from(hello),
         newstyle,
@@ -187,65 +220,241 @@ fn run(opts: ServeOptions) -> anyhow::Result<i32> {
         max_in_flight: SessionConfig::DEFAULT_IN_FLIGHT,
         payload_budget: SessionConfig::DEFAULT_BUDGET,
         part_size: SessionConfig::DEFAULT_PART,
-        killswitch: opts.killswitch.then_some(KILLSWITCH),
+        // A migration source may pause for long periods (rate limiting): no killswitch on
+        // the listen socket (flexnbd §11).
+        killswitch: (opts.killswitch && !migration_target).then_some(KILLSWITCH),
         grace: opts.grace,
-    });
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let grace = opts.grace;
-    let default_deny = opts.acl.default_deny();
+    })
+}
+
+fn run(opts: ServeOptions) -> anyhow::Result<i32> {
+    // Validate the file before the port is bound, so nothing looks ready for a server that
+    // is about to fail (flexnbd §5.1).
+    let backing = Arc::new(Backing::open_with(&opts.file, opts.read_only)?);
+    if let Some(path) = &opts.sock {
+        ControlSocket::check_path(path)?;
+    }
+    let socket = crate::net::bind_listener(opts.addr, opts.port)
+        .map_err(|e| anyhow::anyhow!("Failed to bind() socket: {e}"))?;
+    let local = socket.local_addr().context("reading the bound address")?;
+    // Only now, with the NBD port listening, may the control socket appear: supervisors
+    // take its existence as the readiness signal (flexnbd §5.1).
+    let control_socket = opts.sock.as_deref().map(ControlSocket::bind).transpose()?;
+    let verb = match opts.mode {
+        Mode::Serve => "Serving",
+        Mode::Listen { .. } => "Listening for a migration into",
+    };
+    tracing::info!(
+        "{verb} {} ({} bytes) on {local}",
+        opts.file.display(),
+        backing.size()
+    );
     let system = System::new();
     system.block_on(async move {
-        let mut signals = Signals::install()?;
-        let arbiters: Vec<Arbiter> = (0..workers).map(|_| Arbiter::new()).collect();
-        let listener = Listener::new(
-            socket,
-            ListenerConfig {
-                acl: opts.acl,
-                max_clients: opts.max_clients,
-                session,
-                arbiters: arbiters.iter().map(Arbiter::handle).collect(),
+        Server::start(opts, backing, socket, control_socket)
+            .await?
+            .run()
+            .await
+    })
+}
+
+/// A running `serve` or `listen` process: its actors and what main waits for.
+struct Server {
+    opts: ServeOptions,
+    backing: Arc<Backing>,
+    arbiters: Vec<Arbiter>,
+    listener: Addr<Listener>,
+    builder: Addr<AllocationMapBuilder>,
+    control: Option<Addr<Control>>,
+    control_socket: Option<ControlSocket>,
+    events: tokio::sync::mpsc::UnboundedReceiver<ServerEvent>,
+    /// Keeps the event channel open while no actor holds a sender.
+    _events_tx: Events,
+    signals: Signals,
+}
+
+impl Server {
+    /// Starts the actors (inside the actix system).
+    async fn start(
+        opts: ServeOptions,
+        backing: Arc<Backing>,
+        socket: std::net::TcpListener,
+        control_socket: Option<ControlSocket>,
+    ) -> anyhow::Result<Server> {
+        {
+            let signals = Signals::install()?;
+            let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let arbiters: Vec<Arbiter> = (0..workers).map(|_| Arbiter::new()).collect();
+            let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+            let listening = matches!(opts.mode, Mode::Listen { .. });
+            let config = Self::listener_config(&opts, &backing, &arbiters, listening);
+            let mut listener = Listener::new(socket, config);
+            if listening {
+                listener = listener.migration_target(events_tx.clone());
+            }
+            let listener = listener.start();
+            let builder = AllocationMapBuilder::new(backing.clone()).start();
+            let control = control_socket.as_ref().map(|sock| {
+                let config = ControlConfig {
+                    pid: std::process::id(),
+                    size: backing.size(),
+                    default_deny: opts.acl.default_deny(),
+                    has_control: true,
+                    listener: listener.clone(),
+                    allocation: backing.allocation().clone(),
+                };
+                let control = Control::new(sock.take_listener(), config);
+                match opts.mode {
+                    Mode::Serve => control.with_migration(backing.clone(), Some(events_tx.clone())),
+                    Mode::Listen { .. } => control,
+                }
+                .start()
+            });
+            Ok(Server {
+                opts,
+                backing,
+                arbiters,
+                listener,
+                builder,
+                control,
+                control_socket,
+                events,
+                _events_tx: events_tx,
+                signals,
+            })
+        }
+    }
+
+    fn listener_config(
+        opts: &ServeOptions,
+        backing: &Arc<Backing>,
+        arbiters: &[Arbiter],
+        migration_target: bool,
+    ) -> ListenerConfig {
+        ListenerConfig {
+            acl: opts.acl.clone(),
+            max_clients: if migration_target {
+                opts.max_clients
+            } else {
+                opts.max_clients.max(1)
             },
-        )
-        .start();
-        let builder = AllocationMapBuilder::new(backing.clone()).start();
-        let control = control_socket.as_ref().map(|sock| {
-            let config = ControlConfig {
-                pid: std::process::id(),
-                size: backing.size(),
-                default_deny,
-                has_control: true,
-                listener: listener.clone(),
-                allocation: backing.allocation().clone(),
+            session: session_config(opts, backing, migration_target),
+            arbiters: arbiters.iter().map(Arbiter::handle).collect(),
+        }
+    }
+
+    /// Waits for what ends this process (a signal, a migration), then shuts down in
+    /// flexnbd's order and returns the exit status.
+    async fn run(self) -> anyhow::Result<i32> {
+        let mut server = self;
+        let code = server.wait_for_end().await;
+        server.shut_down().await?;
+        Ok(code)
+    }
+
+    async fn wait_for_end(&mut self) -> i32 {
+        let mut received = false;
+        let mut rebinding: Option<tokio::sync::oneshot::Receiver<Result<Addr<Listener>, String>>> =
+            None;
+        loop {
+            let rebound = async {
+                match rebinding.as_mut() {
+                    Some(rx) => rx
+                        .await
+                        .unwrap_or_else(|_| Err("the rebinding actor stopped".into())),
+                    None => std::future::pending().await,
+                }
             };
-            Control::new(sock.take_listener(), config).start()
-        });
-        let signal = signals.wait().await;
-        tracing::info!("Received {signal}: shutting down");
+            tokio::select! {
+                signal = self.signals.wait() => {
+                    tracing::info!("Received {signal}: shutting down");
+                    return match self.opts.mode {
+                        Mode::Serve => {
+                            // A signal during an outbound migration abandons it, and the exit
+                            // status says it did not complete (flexnbd §2.4).
+                            let mirroring = match &self.control {
+                                Some(control) => control.send(StopMirror).await.unwrap_or(false),
+                                None => false,
+                            };
+                            if mirroring {
+                                tracing::warn!("A migration was running: it was abandoned; exiting with status 1");
+                                1
+                            } else {
+                                0
+                            }
+                        }
+                        Mode::Listen { .. } if received => 0,
+                        Mode::Listen { .. } => 1,
+                    };
+                }
+                result = rebound => {
+                    rebinding = None;
+                    match result {
+                        Ok(listener) => self.listener = listener,
+                        Err(why) => {
+                            tracing::error!("{why}");
+                            return 1;
+                        }
+                    }
+                }
+                Some(event) = self.events.recv() => match event {
+                    ServerEvent::MigrationSent => {
+                        tracing::info!("Migration completed: this server has handed over; exiting");
+                        return 0;
+                    }
+                    ServerEvent::MigrationFatal(why) => {
+                        crate::fatal!("{why}");
+                        return 1;
+                    }
+                    ServerEvent::MigrationReceived => {
+                        received = true;
+                        let Mode::Listen { rebind: Some(target) } = self.opts.mode else {
+                            tracing::info!("Migration received: exiting");
+                            return 0;
+                        };
+                        // Close the listen socket first: the export is never served from
+                        // two places.
+                        let _ = self.listener.send(Shutdown).await;
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let config = Self::listener_config(&self.opts, &self.backing, &self.arbiters, false);
+                        let config = ListenerConfig {
+                            max_clients: self.opts.max_clients.max(DEFAULT_MAX_CLIENTS),
+                            ..config
+                        };
+                        Rebinder::new(target, config, self.control.clone(), tx).start();
+                        rebinding = Some(rx);
+                    }
+                },
+            }
+        }
+    }
+
+    async fn shut_down(mut self) -> anyhow::Result<()> {
         // The control socket goes first, before the NBD port closes (flexnbd §5.5).
-        if let Some(control) = control {
+        if let Some(control) = self.control.take() {
             let _ = control.send(StopControl).await;
         }
-        if let Some(sock) = &control_socket {
+        if let Some(sock) = &self.control_socket {
             sock.remove();
         }
-        builder.do_send(StopBuilder);
+        self.builder.do_send(StopBuilder);
         // Sessions enforce the grace themselves; the extra time only guards against a
         // session that cannot even report its end.
-        let backstop = grace + Duration::from_secs(5);
-        if tokio::time::timeout(backstop, listener.send(Shutdown))
+        let backstop = self.opts.grace + Duration::from_secs(5);
+        if tokio::time::timeout(backstop, self.listener.send(Shutdown))
             .await
             .is_err()
         {
             tracing::error!("Some clients did not close within {backstop:?}; exiting anyway");
         }
-        for arbiter in &arbiters {
+        for arbiter in &self.arbiters {
             arbiter.stop();
         }
-        for arbiter in arbiters {
+        for arbiter in self.arbiters.drain(..) {
             let _ = arbiter.join();
         }
-        flush(&backing)
-    })
+        flush(&self.backing).map(|_| ())
+    }
 }
 
 /// The control socket's path, removed when the server exits (on every path this process

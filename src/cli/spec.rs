@@ -129,6 +129,75 @@ const SERVE_OPTS: &[Opt] = &[
     ),
 ];
 
+const LISTEN_OPTS: &[Opt] = &[
+    opt(
+        "addr",
+        'l',
+        Value("ADDR"),
+        "The address to serve on (0 for every IPv4 address).",
+    ),
+    opt("port", 'p', Value("PORT"), "The port to serve on."),
+    opt("file", 'f', Value("FILE"), "The file to serve."),
+    opt(
+        "sock",
+        's',
+        Value("SOCK"),
+        "Path of the control socket to open.",
+    ),
+    opt(
+        "default-deny",
+        'd',
+        Flag,
+        "Refuse every client while the access control list is empty.",
+    ),
+    long_only(
+        "max-clients",
+        Value("N"),
+        "Serve at most N clients at once (default 16).",
+    ),
+    long_only(
+        "sync-writes",
+        Flag,
+        "Make every write durable before answering it, as C flexnbd does.",
+    ),
+    long_only(
+        "grace",
+        Value("SECONDS"),
+        "At shutdown, wait this long for requests in flight (default 10).",
+    ),
+    opt(
+        "read-only",
+        'r',
+        Flag,
+        "Refuse writes, trims and zeroes (EPERM).",
+    ),
+    long_only(
+        "newstyle",
+        Flag,
+        "Speak fixed new-style NBD instead of flexnbd's old-style.",
+    ),
+    long_only(
+        "export-name",
+        Value("NAME"),
+        "New-style: the export's name (default: the empty name).",
+    ),
+    long_only(
+        "description",
+        Value("TEXT"),
+        "New-style: the export's description.",
+    ),
+    long_only(
+        "rebind-addr",
+        Value("ADDR"),
+        "After a received migration, serve the file on ADDR instead of exiting.",
+    ),
+    long_only(
+        "rebind-port",
+        Value("PORT"),
+        "The port to serve on after a received migration (with --rebind-addr).",
+    ),
+];
+
 const CLIENT_OPTS: &[Opt] = &[
     opt("addr", 'l', Value("ADDR"), "The address of the server."),
     opt("port", 'p', Value("PORT"), "The port of the server."),
@@ -165,9 +234,9 @@ pub const MODES: &[Mode] = &[
     },
     Mode {
         name: "listen",
-        usage: "flexnbd listen --addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny] [ACL_ENTRY...]",
-        description: "Receive a migration into FILE on ADDR:PORT, then exit.",
-        opts: SERVE_OPTS,
+        usage: "flexnbd listen --addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny] [--rebind-addr ADDR --rebind-port PORT] [ACL_ENTRY...]",
+        description: "Receive a migration into FILE on ADDR:PORT, then exit (or serve the file on the rebind address).",
+        opts: LISTEN_OPTS,
         positional: Some("ACL_ENTRY"),
         in_help_mode: true,
     },

@@ -201,7 +201,7 @@ async fn every_command_gets_its_exact_response_line() {
     };
     assert_eq!(
         ctl.exec(ControlRequest::Mirror(mirror)).await,
-        "1: mirroring is not available in this version of flexnbd\n"
+        "1: this server cannot start a migration\n"
     );
     // Parsed requests go the same way.
     assert_eq!(

@@ -105,6 +105,7 @@ impl Export {
                 size,
                 dialect: Dialect::Oldstyle,
                 read_only: false,
+                migration_target: false,
             },
             hello: Bytes::copy_from_slice(&hello.encode()),
             newstyle: None,
