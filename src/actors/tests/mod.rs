@@ -12,7 +12,9 @@
 //! instead of hanging it; "nothing happens" is checked by watching for [`QUIET`].
 
 mod control;
+mod doors;
 mod listener;
+mod mirror;
 mod session;
 
 use std::collections::HashMap;
@@ -339,4 +341,63 @@ impl Client {
         };
         timeout(WAIT, read_all).await.ok()
     }
+}
+
+/// A listener on a fresh loopback port serving `config` (sessions on the current arbiter);
+/// with `target`, a `listen` server's listener reporting to that channel.
+fn spawn_listener(
+    config: Arc<SessionConfig>,
+    target: Option<super::Events>,
+) -> (Addr<super::listener::Listener>, SocketAddr) {
+    use super::listener::{Listener, ListenerConfig};
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    socket.set_nonblocking(true).expect("nonblocking");
+    let addr = socket.local_addr().expect("local addr");
+    let listener = Listener::new(
+        socket,
+        ListenerConfig {
+            acl: crate::acl::Acl::default(),
+            max_clients: 16,
+            session: config,
+            arbiters: vec![],
+        },
+    );
+    let listener = match target {
+        Some(events) => listener.migration_target(events),
+        None => listener,
+    };
+    (listener.start(), addr)
+}
+
+/// The listener's status, within the wait.
+async fn listener_status(
+    listener: &Addr<super::listener::Listener>,
+) -> super::listener::ListenerStatus {
+    timeout(WAIT, listener.send(super::listener::GetStatus))
+        .await
+        .expect("GetStatus not answered within the wait")
+        .expect("the listener's mailbox is closed")
+}
+
+/// Fails unless a new connection to `addr` is closed before any byte (a connect refused
+/// by the kernel counts too).
+async fn expect_no_hello(addr: SocketAddr) {
+    let Ok(mut client) = Client::connect(addr, None).await else {
+        return;
+    };
+    assert_eq!(
+        client.bytes_before_close().await,
+        Some(0),
+        "a turned-away client must be closed with no hello"
+    );
+}
+
+/// Connects, checks the hello and a FLUSH round trip: the listener admits clients.
+async fn expect_admitted(addr: SocketAddr, export: &Export) -> Client {
+    let mut client = Client::connect(addr, None).await.expect("connect");
+    client.hello(export).await;
+    client.send(&header(Command::Flush, 0, 0xf1, 0, 0)).await;
+    let reply = client.reply().await;
+    assert_eq!((reply.cookie, reply.error), (0xf1, 0), "FLUSH not served");
+    client
 }
