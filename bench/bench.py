@@ -19,14 +19,19 @@ import datetime
 import json
 import os
 import platform
+import random
+import re
+import select as select_mod  # `select` is this script's --only/--servers helper
 import shlex
 import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -287,7 +292,9 @@ class Running:
 
 @dataclass
 class Measurement:
-    value: float  # in the test's unit; higher is better
+    # in the test's unit; higher is better (migration rows: seconds, lower is
+    # better; None for a migration that did not complete)
+    value: Optional[float]
     lat_us: Optional[float] = None  # clat p50, microseconds
     info: Dict[str, object] = field(default_factory=dict)
 
@@ -305,6 +312,10 @@ class Test:
     # server id -> why it is not comparable on this row: it still runs and
     # is shown (label + note), but gets no verdict
     notes: Dict[str, str] = field(default_factory=dict)
+    # "server": run on every selected server, started by run_matrix;
+    # "migration": run once per round, measure(ctx, test, None) starts its own
+    # flexnbd processes (see the migration section)
+    kind: str = "server"
 
 
 def fio_argv(ctx, test, port, output):
@@ -452,6 +463,639 @@ def block_status_map(uri: str) -> Dict[str, object]:
             "data_bytes": sum(e["length"] for e in data)}
 
 
+# --------------------------------------------------------------------------
+# Migration rows. A trial needs two flexnbd processes: the source (`serve`
+# with a control socket, serving a fixture) and the destination (`listen` on
+# a fresh, truncated file of the same size; with --rebind-* on the pause
+# row). The measure functions start them themselves (MigrationPair), once per
+# round; the rows are judged on their own targets (times and bytes: lower is
+# better), not against qemu-nbd or nbdkit.
+
+MIGRATION_START_TIMEOUT = 30.0  # `flexnbd mirror` returns once connected
+PAUSE_LIMIT = 10.0  # once the writer's connection has closed, a read must be served within this
+IN_DOUBT_LIMIT = 10.0  # the destination exited (took control) but the source has not, this long
+BLOCK = 4096  # the pause row's writes and read
+
+# Old-style NBD, as flexnbd serves it by default.
+NBD_HELLO_LEN = 152
+NBD_OLDSTYLE_MAGIC = 0x00420281861253
+NBD_REQUEST = struct.Struct(">IIQQI")  # magic, type, handle, offset, length
+NBD_REPLY = struct.Struct(">IIQ")  # magic, error, handle
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_REPLY_MAGIC = 0x67446698
+NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC = 0, 1, 2
+
+SENT_RE = re.compile(r"All data acknowledged: (\d+) bytes sent as data, (\d+) as zero ranges")
+ATTEMPT_RE = re.compile(r"Migration \S+ to \S+: attempt (\d+)")
+BIND_RETRY_RE = re.compile(r"Couldn't bind \S+ yet")
+# Steps of a migration as the logs show them. A log line starts with
+# CLOCK_MONOTONIC in milliseconds, the clock of Python's time.monotonic(), so
+# they go on the same time line as the writer and reader.
+LOG_EVENTS = [  # (key, which log, message)
+    ("all_acked", "source", "All data acknowledged"),
+    ("durable", "source", "The destination made everything durable"),
+    ("committed", "source", "The destination has taken control"),
+    ("rebound", "destination", "Serving the received export on"),
+]
+
+
+class MigrationFailed(Exception):
+    """The migration did not complete (in time): the trial is recorded as
+    failed, the row gets FAIL, and the run goes on."""
+
+
+def migration_timeout(size: int) -> float:
+    """Bound of one migration (mirror command to the source's exit), and of
+    one baseline copy: 60 s plus 10 MiB/s, far more than loopback needs."""
+    return 60.0 + size / (10 * MIB)
+
+
+def migration_server(mode: str, sock: str, rebind_port: Optional[int] = None) -> Server:
+    """`flexnbd serve` (the source) or `flexnbd listen` (the destination),
+    with a control socket."""
+
+    def argv(c, port, path):
+        a = [c.flexnbd, mode, "-v", "-l", HOST, "-p", str(port), "-f", path, "--sock", sock]
+        if rebind_port is not None:
+            a += ["--rebind-addr", HOST, "--rebind-port", str(rebind_port)]
+        return a
+
+    sid = "migrate-source" if mode == "serve" else "migrate-destination"
+    return Server(sid, "flexnbd %s" % mode, "migration", lambda c: c.flexnbd, argv)
+
+
+# The pseudo-server under which migration trials are recorded.
+MIGRATION = Server("migration", "flexnbd serve -> flexnbd listen", "migration",
+                   lambda c: c.flexnbd, lambda c, port, path: [])
+
+
+def baseline_server() -> Server:
+    """Serves the baseline copy's destination: new-style, so that nbdcopy
+    can send holes as WRITE_ZEROES, as the mirror sends them as zero ranges."""
+    return next(s for s in SERVERS if s.id == "flexnbd-newstyle")
+
+
+def baseline_argv(ctx, src, uri):
+    return ["nbdcopy"] + ctx.nbdcopy_extra + ["--flush", src, uri]
+
+
+def remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def make_empty(path, size):
+    remove(path)
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def control_status(ctx, sock) -> Dict[str, str]:
+    """`flexnbd status` of a running server, as key -> value."""
+    _, out, _ = run_client([ctx.flexnbd, "status", "--sock", sock], 10, "flexnbd status")
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def wait_until(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise BenchError("timed out after %.0f s waiting for %s" % (timeout, what))
+        time.sleep(0.02)
+
+
+class ExitWatcher(threading.Thread):
+    """Records the monotonic time at which a process exits, to the
+    millisecond (Popen.wait with a timeout polls at up to 50 ms), without
+    reaping it: a pidfd becomes readable when the process exits."""
+
+    def __init__(self, proc):
+        super().__init__(name="exit-watcher", daemon=True)
+        self.proc = proc
+        self.at: Optional[float] = None
+        self.done = threading.Event()
+        self.stop_ev = threading.Event()
+
+    def _exited(self) -> bool:
+        try:
+            r = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            return r is not None
+        except ChildProcessError:  # already reaped
+            return True
+
+    def run(self):
+        fd = None
+        try:
+            fd = os.pidfd_open(self.proc.pid)
+        except (AttributeError, OSError):
+            pass
+        try:
+            while not self.stop_ev.is_set():
+                if fd is not None:
+                    p = select_mod.poll()
+                    p.register(fd, select_mod.POLLIN)
+                    if p.poll(200):
+                        break
+                elif self._exited():
+                    break
+                else:
+                    time.sleep(0.001)
+            else:
+                return
+            self.at = time.monotonic()
+            self.done.set()
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+class MigrationPair:
+    """Context manager: the source (`flexnbd serve --sock`) serving src and
+    the destination (`flexnbd listen --sock`, with --rebind-* to the source's
+    port when rebind) on a fresh, truncated file of the same size, both
+    accepting and idle; on exit both are stopped and the files removed."""
+
+    def __init__(self, ctx, src, rebind=False):
+        self.ctx, self.src, self.rebind = ctx, src, rebind
+        w = ctx.workdir
+        self.dest = os.path.join(w, "migrate-dest.raw")
+        self.ssock = os.path.join(w, "migrate-source.sock")
+        self.dsock = os.path.join(w, "migrate-destination.sock")
+        self.source: Optional[Running] = None
+        self.destination: Optional[Running] = None
+        self.watch: Optional[ExitWatcher] = None
+        self.log_at: Dict[str, int] = {}
+        self.t0: Optional[float] = None  # set by the caller to what mirror() returned
+
+    def _start(self, server, path) -> Running:
+        log = os.path.join(self.ctx.workdir, "%s.log" % server.id)
+        self.log_at[server.id] = os.path.getsize(log) if os.path.exists(log) else 0
+        r = Running(self.ctx, server, path)
+        r.__enter__()
+        return r
+
+    def __enter__(self):
+        try:
+            for p in (self.ssock, self.dsock):
+                remove(p)
+            make_empty(self.dest, os.path.getsize(self.src))
+            self.source = self._start(migration_server("serve", self.ssock), self.src)
+            self.destination = self._start(
+                migration_server("listen", self.dsock, self.source.port if self.rebind else None),
+                self.dest)
+            wait_until(lambda: os.path.exists(self.ssock) and os.path.exists(self.dsock), 10,
+                       "the control sockets %s, %s" % (self.ssock, self.dsock))
+            # The readiness probe was a client of the destination, which admits
+            # one at a time: the mirror must not find it still registered.
+            wait_until(lambda: control_status(self.ctx, self.dsock).get("num_clients") == "0", 10,
+                       "the destination to have no client")
+            self.watch = ExitWatcher(self.source.proc)
+            self.watch.start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        if self.watch is not None:
+            self.watch.stop_ev.set()
+        try:
+            for r in (self.destination, self.source):
+                if r is not None:
+                    r.__exit__(None, None, None)
+        finally:
+            if self.watch is not None:
+                self.watch.join(2)
+            for p in (self.dest, self.ssock, self.dsock):
+                remove(p)
+        return False
+
+    def mirror(self) -> float:
+        """Runs `flexnbd mirror`; returns the monotonic time just before it
+        was started."""
+        t0 = time.monotonic()
+        run_client([self.ctx.flexnbd, "mirror", "--sock", self.ssock, "--addr", HOST,
+                    "--port", str(self.destination.port)], MIGRATION_START_TIMEOUT, "flexnbd mirror")
+        return t0
+
+    def log(self, which) -> str:
+        sid = "migrate-source" if which == "source" else "migrate-destination"
+        with open(os.path.join(self.ctx.workdir, "%s.log" % sid), "rb") as f:
+            f.seek(self.log_at[sid])
+            return f.read().decode(errors="replace")
+
+    def last_error(self) -> str:
+        lines = [l for l in self.log("source").splitlines() if ":E:" in l or ":F:" in l]
+        if not lines:
+            return ""
+        return "; source's last error: " + re.sub(r"^.*?\.rs:\d+: ", "", lines[-1])[:300]
+
+    def state(self) -> str:
+        """Where the migration stands, for a failure message."""
+        parts = []
+        for name, r, sock, keys in (("source", self.source, self.ssock,
+                                     ("migration_phase", "migration_attempt")),
+                                    ("destination", self.destination, self.dsock,
+                                     ("handoff_phase", "has_control", "rebind"))):
+            rc = r.proc.poll()
+            if rc is not None:
+                parts.append("%s exited with status %s" % (name, rc))
+                continue
+            try:
+                st = control_status(self.ctx, sock)
+                parts.append("%s running, %s" % (name, " ".join(
+                    "%s=%s" % (k, st[k]) for k in keys if k in st)))
+            except BenchError:
+                parts.append("%s running, no status" % name)
+        return "; ".join(parts) + self.last_error()
+
+    def wait_source(self, deadline) -> float:
+        """Waits until the source has exited (with status 0, or
+        MigrationFailed); returns when it exited."""
+        dest_gone = None
+        while not self.watch.done.wait(0.05):
+            now = time.monotonic()
+            if now > deadline:
+                raise MigrationFailed("the source was still running %.0f s after the mirror command: %s"
+                                      % (now - self.t0, self.state()))
+            if not self.rebind and self.destination.proc.poll() is not None:
+                dest_gone = dest_gone or now
+                if now - dest_gone > IN_DOUBT_LIMIT:
+                    raise MigrationFailed("the destination exited but the source was still running "
+                                          "%.0f s later: %s" % (IN_DOUBT_LIMIT, self.state()))
+        try:
+            rc = self.source.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            rc = None
+        if rc != 0:
+            raise MigrationFailed("the source exited with status %s%s" % (rc, self.last_error()))
+        return self.watch.at
+
+    def wait_destination(self):
+        """Without --rebind-*: the destination exits 0 after the hand-off."""
+        try:
+            rc = self.destination.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise MigrationFailed("the destination was still running 30 s after the source exited: %s"
+                                  % self.state())
+        if rc != 0:
+            raise MigrationFailed("the destination exited with status %s" % rc)
+
+    def events(self) -> Dict[str, float]:
+        """The monotonic time (s) of the last occurrence of each LOG_EVENTS step."""
+        found: Dict[str, float] = {}
+        for key, which, message in LOG_EVENTS:
+            for line in self.log(which).splitlines():
+                m = re.match(r"(\d+):[A-Z]:", line)
+                if m and message in line:
+                    found[key] = int(m.group(1)) / 1000.0
+        return found
+
+    def figures(self):
+        """(attempts, bytes sent as data, bytes sent as zero ranges) of the
+        last attempt, from the source's log."""
+        text = self.log("source")
+        sent = SENT_RE.findall(text)
+        if not sent:
+            raise BenchError("no \"All data acknowledged\" line in the source's log %s"
+                             % os.path.join(self.ctx.workdir, "migrate-source.log"))
+        attempts = max([int(a) for a in ATTEMPT_RE.findall(text)] or [1])
+        return attempts, int(sent[-1][0]), int(sent[-1][1])
+
+
+def migrate_once(ctx, src, check, info):
+    """The migration: `flexnbd mirror` started until the source exits."""
+    size = os.path.getsize(src)
+    with MigrationPair(ctx, src) as pair:
+        pair.t0 = t0 = pair.mirror()
+        t1 = pair.wait_source(t0 + migration_timeout(size))
+        pair.wait_destination()
+        attempts, sent, zeroed = pair.figures()
+        ev = pair.events()
+        info.update(seconds=t1 - t0, sent=sent, zeroed=zeroed, attempts=attempts,
+                    dest_alloc=allocated(pair.dest),
+                    **{"to_" + k: ev[k] - t0 for k in ("all_acked", "durable") if k in ev})
+        if check:
+            diff = compare_files(src, pair.dest)
+            if diff is not None:
+                raise BenchError("after the migration, %s differs from the source %s: %s"
+                                 % (pair.dest, src, diff))
+            info["identical"] = True
+
+
+def baseline_once(ctx, src, check, info):
+    """The baseline: nbdcopy of the same file into a flexnbd serving a fresh,
+    truncated file, wall clock of the nbdcopy process (with the final flush)."""
+    size = os.path.getsize(src)
+    dest = os.path.join(ctx.workdir, "baseline-dest.raw")
+    make_empty(dest, size)
+    try:
+        with Running(ctx, baseline_server(), dest) as srv:
+            secs, _, _ = run_client(baseline_argv(ctx, src, "nbd://%s:%d" % (HOST, srv.port)),
+                                    timeout=migration_timeout(size), what="nbdcopy")
+        info.update(baseline_seconds=secs, baseline_dest_alloc=allocated(dest))
+        if check:
+            diff = compare_files(src, dest)
+            if diff is not None:
+                raise BenchError("after nbdcopy, %s differs from the source %s: %s" % (dest, src, diff))
+            info["baseline_identical"] = True
+    finally:
+        remove(dest)
+
+
+def measure_migration(ctx, test, _srv) -> Measurement:
+    """migrate-dense, migrate-sparse: the migration and its nbdcopy baseline,
+    one after the other, in an order alternating from round to round. The
+    first round also compares both copies with the source byte by byte."""
+    src = ctx.files[test.serves]
+    check = test.id not in ctx.migration_checked
+    info: Dict[str, object] = {"src_alloc": allocated(src), "size": os.path.getsize(src)}
+    steps = [migrate_once, baseline_once]
+    if ctx.round % 2:
+        steps.reverse()
+    failed = None
+    for i, step in enumerate(steps):
+        if i:
+            settle(ctx)
+        try:
+            step(ctx, src, check, info)
+        except MigrationFailed as e:
+            failed = str(e)
+    if failed:
+        info["failed"] = failed
+        return Measurement(None, None, info)
+    ctx.migration_checked.add(test.id)
+    return Measurement(info["seconds"], None, info)
+
+
+def recv_exact(sock, n) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("connection closed after %d of %d bytes" % (len(buf), n))
+        buf += chunk
+    return bytes(buf)
+
+
+def nbd_hello(sock) -> int:
+    """Reads flexnbd's old-style hello; returns the export size."""
+    hello = recv_exact(sock, NBD_HELLO_LEN)
+    magic, kind, size = struct.unpack(">8sQQ", hello[:24])
+    if magic != b"NBDMAGIC" or kind != NBD_OLDSTYLE_MAGIC:
+        raise ValueError("not an old-style NBD hello")
+    return size
+
+
+def nbd_reply(sock, handle):
+    magic, err, got = NBD_REPLY.unpack(recv_exact(sock, NBD_REPLY.size))
+    if magic != NBD_REPLY_MAGIC or got != handle:
+        raise ValueError("bad reply (magic %#x, handle %d for %d)" % (magic, got, handle))
+    return err
+
+
+class Writer(threading.Thread):
+    """A client of the source: 4 KiB WRITEs at random offsets, one at a time,
+    until the server closes the connection (the migration's final pass).
+    Keeps the monotonic time, offset and payload of the last acknowledged
+    write (each payload starts with its sequence number)."""
+
+    def __init__(self, port, stop_ev):
+        super().__init__(name="writer", daemon=True)
+        self.port, self.stop_ev = port, stop_ev
+        self.acked = 0
+        self.last = None  # (time, offset, payload) of the last acknowledged write
+        self.first = threading.Event()  # a write was acknowledged
+        self.closed = threading.Event()  # the connection has ended
+        self.closed_at: Optional[float] = None
+        self.error: Optional[str] = None  # set when it ended other than by the server closing
+
+    def run(self):
+        try:
+            self._run()
+        except Exception as e:
+            self.error = "%s: %s" % (type(e).__name__, e)
+        finally:
+            self.closed_at = time.monotonic()
+            self.closed.set()
+
+    def _run(self):
+        rng = random.Random(0)
+        base = os.urandom(BLOCK)
+        with socket.create_connection((HOST, self.port), timeout=10) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            blocks = nbd_hello(s) // BLOCK
+            n = 0
+            while not self.stop_ev.is_set():
+                n += 1
+                off = rng.randrange(blocks) * BLOCK
+                payload = struct.pack(">Q", n) + base[8:]
+                try:
+                    s.sendall(NBD_REQUEST.pack(NBD_REQUEST_MAGIC, NBD_CMD_WRITE, n, off, BLOCK) + payload)
+                    err = nbd_reply(s, n)
+                except (EOFError, ConnectionResetError, BrokenPipeError):
+                    return  # closed by the server: the final pass
+                now = time.monotonic()
+                if err:
+                    raise ValueError("the write at %d was answered with error %d" % (off, err))
+                self.last = (now, off, payload)
+                self.acked += 1
+                self.first.set()
+            self.error = "stopped"
+            s.sendall(NBD_REQUEST.pack(NBD_REQUEST_MAGIC, NBD_CMD_DISC, 0, 0, 0))
+
+
+class Reader(threading.Thread):
+    """Once the writer's connection has closed: connects to the source's port
+    and READs the block of the last acknowledged write, again and again (every
+    2 ms), until a server answers — the destination, once it has rebound the
+    port. Keeps the time the first answer's data arrived, and that data."""
+
+    def __init__(self, port, writer, stop_ev, limit):
+        super().__init__(name="reader", daemon=True)
+        self.port, self.writer, self.stop_ev, self.limit = port, writer, stop_ev, limit
+        self.at: Optional[float] = None
+        self.data: Optional[bytes] = None
+        self.attempts = 0
+        self.last_error = ""
+
+    def run(self):
+        while not self.writer.closed.wait(0.05):
+            if self.stop_ev.is_set():
+                return
+        if self.writer.last is None:
+            return
+        off = self.writer.last[1]
+        deadline = time.monotonic() + self.limit
+        while not self.stop_ev.is_set() and time.monotonic() < deadline:
+            self.attempts += 1
+            try:
+                self.at, self.data = self._read(off)
+                return
+            except (OSError, EOFError, ValueError) as e:
+                self.last_error = "%s: %s" % (type(e).__name__, e)
+                time.sleep(0.002)
+
+    def _read(self, off):
+        with socket.create_connection((HOST, self.port), timeout=2) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            nbd_hello(s)
+            s.sendall(NBD_REQUEST.pack(NBD_REQUEST_MAGIC, NBD_CMD_READ, 1, off, BLOCK))
+            err = nbd_reply(s, 1)
+            if err:
+                raise ValueError("the read was answered with error %d" % err)
+            data = recv_exact(s, BLOCK)
+            at = time.monotonic()
+            s.sendall(NBD_REQUEST.pack(NBD_REQUEST_MAGIC, NBD_CMD_DISC, 2, 0, 0))
+            return at, data
+
+
+def measure_migration_pause(ctx, test, _srv) -> Measurement:
+    """migrate-pause: a writer on the source, the destination with
+    --rebind-* to the source's port, and a reader; pause = first read served
+    by the destination - last write acknowledged by the source."""
+    src = ctx.files[test.serves]
+    size = os.path.getsize(src)
+    check = test.id not in ctx.migration_checked
+    info: Dict[str, object] = {"size": size}
+    stop_ev = threading.Event()
+    threads = []
+    try:
+        with MigrationPair(ctx, src, rebind=True) as pair:
+            try:
+                port = pair.source.port
+                writer = Writer(port, stop_ev)
+                reader = Reader(port, writer, stop_ev, PAUSE_LIMIT)
+                threads = [writer, reader]
+                writer.start()
+                if not writer.first.wait(10):
+                    raise BenchError("no write acknowledged by the source within 10 s: %s" % writer.error)
+                time.sleep(0.2)  # let the writer reach its steady rate
+                if writer.closed.is_set():
+                    raise BenchError("the writer's connection ended before the migration: %s" % writer.error)
+                reader.start()
+                pair.t0 = t0 = pair.mirror()
+                deadline = t0 + migration_timeout(size)
+                while not writer.closed.wait(0.05):
+                    if time.monotonic() > deadline:
+                        raise MigrationFailed("the source had not closed the writer's connection (final pass) "
+                                              "%.0f s after the mirror command: %s"
+                                              % (deadline - t0, pair.state()))
+                if writer.error:
+                    raise BenchError("the writer failed: %s" % writer.error)
+                reader.join(PAUSE_LIMIT + 5)
+                if reader.at is None:
+                    raise MigrationFailed("no read served on port %d within %.0f s of the writer's connection "
+                                          "closing (%d attempts, last: %s): %s"
+                                          % (port, PAUSE_LIMIT, reader.attempts, reader.last_error, pair.state()))
+                exited = pair.wait_source(time.monotonic() + 10)
+                attempts, sent, zeroed = pair.figures()
+                if attempts > 1:
+                    raise MigrationFailed("the migration took %d attempts: the source reopened its doors, so the "
+                                          "first read may have been served by it; not counted" % attempts)
+                st = control_status(ctx, pair.dsock)
+                if st.get("rebind") != "serving":
+                    raise MigrationFailed("a read was served but the destination shows rebind=%s"
+                                          % st.get("rebind"))
+                last_at, off, payload = writer.last
+                ev = pair.events()
+                if reader.data != payload:
+                    raise BenchError("the destination's block at offset %d is not the last acknowledged write "
+                                     "(write #%d)" % (off, struct.unpack(">Q", payload[:8])[0]))
+                info.update(
+                    seconds=reader.at - last_at,
+                    writes=writer.acked,
+                    to_closed=writer.closed_at - last_at,
+                    to_exit=exited - last_at,
+                    migration_seconds=exited - t0,
+                    read_attempts=reader.attempts,
+                    bind_retries=len(BIND_RETRY_RE.findall(pair.log("destination"))),
+                    sent=sent, zeroed=zeroed, attempts=attempts,
+                    **{"to_" + k: ev[k] - last_at for k in ev},
+                )
+                if check:
+                    stop_ev.set()
+                    diff = compare_files(src, pair.dest)
+                    if diff is not None:
+                        raise BenchError("after the migration, %s differs from the source %s: %s"
+                                         % (pair.dest, src, diff))
+                    info["identical"] = True
+            finally:
+                stop_ev.set()
+    except MigrationFailed as e:
+        info["failed"] = str(e)
+        return Measurement(None, None, info)
+    finally:
+        stop_ev.set()
+        for t in threads:
+            if t.is_alive():
+                t.join(5)
+    ctx.migration_checked.add(test.id)
+    return Measurement(info["seconds"], None, info)
+
+
+def migration_commands(ctx, t) -> str:
+    """The header's description of a migration row: command lines and what
+    is timed."""
+    src = os.path.basename(ctx.files.get(t.serves, FIXTURES[t.serves].file))
+    pause = t.measure is measure_migration_pause
+    source = migration_server("serve", "S.sock").argv(ctx, "SPORT", src)
+    dest = migration_server("listen", "D.sock", "SPORT" if pause else None).argv(ctx, "DPORT", "DEST")
+    mirror = [ctx.flexnbd, "mirror", "--sock", "S.sock", "--addr", HOST, "--port", "DPORT"]
+    lines = ["source:      " + shlex.join(source),
+             "destination: " + shlex.join(dest) + "   (DEST: a fresh file of the same size)"]
+    if pause:
+        lines += ["writer:      on SPORT, old-style NBD, 4 KiB WRITEs at random offsets, one at a time, "
+                  "from 0.2 s before the mirror command until the source closes the connection",
+                  "then:        " + shlex.join(mirror),
+                  "reader:      once the writer's connection has closed, connects to SPORT every 2 ms and "
+                  "READs the block of the last acknowledged write",
+                  "figure:      time the first read was served (by the destination) - time the last write "
+                  "was acknowledged (by the source); the block must hold that write"]
+    else:
+        lines += ["timed:       " + shlex.join(mirror) + "   from its start until the source exits",
+                  "reference:   " + shlex.join(baseline_argv(ctx, src, "nbd://%s:PORT" % HOST))
+                  + "   into " + shlex.join(baseline_server().argv(ctx, "PORT", "DEST"))
+                  + ", a fresh DEST; timed: wall clock of nbdcopy",
+                  "order:       migration and reference alternate going first, round by round; "
+                  "both copies compared with the source once"]
+    return ("\n" + " " * 21).join(lines)
+
+
+# The pause row's time line: (info key, name), seconds after the last write
+# acknowledged by the source.
+PAUSE_STEPS = [
+    ("to_closed", "writer closed"),
+    ("to_all_acked", "all data acked"),
+    ("to_durable", "durable (Prepared)"),
+    ("to_committed", "Committed"),
+    ("to_exit", "source exited"),
+    ("to_rebound", "destination serving"),
+    ("seconds", "first read"),
+]
+
+
+def migration_progress(test, m) -> str:
+    """The progress line's figure and details for a migration trial."""
+    i = m.info
+    if m.value is None:
+        return "FAILED: %s" % i["failed"]
+    if test.measure is measure_migration_pause:
+        steps = ", ".join("%s %s" % (name, num(i.get(key), 3)) for key, name in PAUSE_STEPS)
+        return ("pause %.3f s  (after the last ack: %s; %d writes acknowledged; migration %.2f s; "
+                "destination's failed binds: %d; read attempts: %d%s)"
+                % (m.value, steps, i["writes"], i["migration_seconds"],
+                   i["bind_retries"], i["read_attempts"], "; bytes identical" if i.get("identical") else ""))
+    return ("%.2f s (all data acked %s s, durable %s s)  nbdcopy %.2f s (ratio %.2f)  sent %s as data + %s as zero ranges (source %s "
+            "allocated; copies: %s, nbdcopy %s allocated)%s"
+            % (m.value, num(i.get("to_all_acked")), num(i.get("to_durable")), i["baseline_seconds"],
+               m.value / i["baseline_seconds"], mib(i["sent"]),
+               mib(i["zeroed"]), mib(i["src_alloc"]), mib(i["dest_alloc"]), mib(i["baseline_dest_alloc"]),
+               "; bytes identical" if i.get("identical") else ""))
+
+
 def fio_test(id, label, rw, bs, iodepth, unit, target):
     return Test(id, label, unit, target, measure_fio,
                 params={"rw": rw, "bs": bs, "iodepth": iodepth})
@@ -473,6 +1117,14 @@ TESTS = [
     Test("nbdcopy-sparse", "nbdcopy server -> new file, 10%-allocated image", "MiB/s", 1.0,
          measure_nbdcopy_sparse, serves="sparse10", skip=("flexnbd-sync",),
          notes={"flexnbd": "old-style, no block status"}),
+    # Migration rows: once per round, flexnbd serve -> flexnbd listen, each
+    # with its own target (a maximum: lower is better); see MigrationPair.
+    Test("migrate-dense", "migration of the dense image vs. nbdcopy file -> flexnbd", "s", 1.3,
+         measure_migration, serves="src", kind="migration"),
+    Test("migrate-sparse", "migration of the 10%-allocated image vs. nbdcopy file -> flexnbd", "s", 1.3,
+         measure_migration, serves="sparse10", kind="migration", params={"sent_target": 1.05}),
+    Test("migrate-pause", "client-visible pause: last ack on the source -> first read on the destination",
+         "s", 0.5, measure_migration_pause, serves="data", kind="migration"),
 ]
 
 
@@ -553,6 +1205,8 @@ class Ctx:
         self.workdir = None
         self.files: Dict[str, str] = {}
         self.sparse_checked: Dict[str, Dict[str, object]] = {}  # server id -> block-status map
+        self.migration_checked: set = set()  # migration rows whose copies were compared
+        self.round = 0
         self.probes: Dict[str, Dict[str, object]] = {}
         self.nbdcopy_extra = (["--connections=%d" % args.nbdcopy_connections]
                               if args.nbdcopy_connections else [])
@@ -648,11 +1302,18 @@ def check_tools(ctx, servers, tests):
     for s in servers:
         needed.setdefault(s.tool(ctx), []).append("server %s" % s.id)
     for t in tests:
+        if t.kind == "migration":
+            if runs_on(t, servers):
+                needed.setdefault(ctx.flexnbd, []).append("test %s" % t.id)
+                if t.measure is measure_migration:
+                    needed.setdefault("nbdcopy", []).append("test %s" % t.id)
+            continue
         needed.setdefault("fio" if t.measure is measure_fio else "nbdcopy", []).append("test %s" % t.id)
         if t.measure is measure_nbdcopy_sparse:
             needed.setdefault("nbdinfo", []).append("test %s" % t.id)
-    needed.setdefault("nbdcopy", []).append("probing the servers")
-    needed.setdefault("nbdinfo", []).append("probing the servers")
+    if probed_servers(tests, servers):
+        needed.setdefault("nbdcopy", []).append("probing the servers")
+        needed.setdefault("nbdinfo", []).append("probing the servers")
     needed.setdefault("cat", []).append("page-caching the files")
     missing = []
     for tool, whys in needed.items():
@@ -783,11 +1444,119 @@ class Results:
             rows.append([t.id, t.unit] + [fmt(c, digits) if c is not None else "-" for c in cells])
         return rows
 
+    def has_server_trials(self) -> bool:
+        return any(sid != MIGRATION.id for _, sid in self.trials)
+
+    def migration_trials(self, test) -> List[Measurement]:
+        return self.trials.get((test.id, MIGRATION.id), []) if test.kind == "migration" else []
+
+    def migration_rows(self):
+        """The verdicts of the migration rows: medians of the trials that
+        completed; a row with a failed trial is FAIL whatever its figures."""
+        rows = []
+        for t in self.tests:
+            ms = self.migration_trials(t)
+            if not ms:
+                continue
+            ok = [m for m in ms if m.value is not None]
+            failed = len(ms) - len(ok)
+            fail = "FAIL (%d of %d trials did not complete)" % (failed, len(ms)) if failed else None
+            med = statistics.median(m.value for m in ok) if ok else None
+            if t.measure is measure_migration_pause:
+                verdict = fail or ("PASS" if med < t.target else "MISS")
+                rows.append([t.id, "pause, s", num(med, 3), "-", "-", "< %.2f" % t.target, verdict])
+                continue
+            base = [m.info["baseline_seconds"] for m in ms if "baseline_seconds" in m.info]
+            bmed = statistics.median(base) if base else None
+            ratio = med / bmed if med is not None and bmed else None
+            verdict = fail or ("PASS" if ratio <= t.target else "MISS")
+            rows.append([t.id, "time, s (reference: nbdcopy)", num(med), num(bmed), num(ratio),
+                         "<= %.2f" % t.target, verdict])
+            if "sent_target" in t.params and ok:
+                sent = statistics.median(m.info["sent"] for m in ok)
+                alloc = ok[0].info["src_alloc"]
+                r = sent / alloc if alloc else None
+                target = t.params["sent_target"]
+                rows.append([t.id, "sent as data (reference: source allocated)", mib(sent), mib(alloc),
+                             num(r, 3), "<= %.2f" % target,
+                             fail or ("PASS" if r is not None and r <= target else "MISS")])
+        return rows
+
+    def migration_copy_rows(self):
+        rows = []
+        for t in self.tests:
+            ms = self.migration_trials(t)
+            if t.measure is not measure_migration or not ms:
+                continue
+            ok = [m for m in ms if m.value is not None]
+            base = [m.info["baseline_seconds"] for m in ms if "baseline_seconds" in m.info]
+            size = ms[0].info["size"]
+
+            def med(key, among=ok):
+                vs = [m.info[key] for m in among if key in m.info]
+                return statistics.median(vs) if vs else None
+
+            mig, bas = med("seconds"), med("baseline_seconds", ms)
+            checked = [m for m in ms if "identical" in m.info or "baseline_identical" in m.info]
+            ident = "?"
+            if checked:
+                ident = "yes / yes" if all(m.info.get("identical") and m.info.get("baseline_identical")
+                                           for m in checked) else "?"
+            rows.append([
+                t.id, num(mig), fmt(size / MIB / mig if mig else None),
+                "%s / %s" % (num(med("to_all_acked")), num(med("to_durable"))), num(bas),
+                fmt(size / MIB / bas if bas else None),
+                mib(med("sent")) if ok else "-", mib(med("zeroed")) if ok else "-",
+                "%d" % max(m.info["attempts"] for m in ok) if ok else "-",
+                mib(ms[0].info["src_alloc"]), mib(med("dest_alloc")) if ok else "-",
+                mib(med("baseline_dest_alloc", ms)) if base else "-", ident,
+                "%s / %s" % (num(spread_pct([m.value for m in ok]), 0), num(spread_pct(base), 0)),
+            ])
+        return rows
+
+    def migration_pause_rows(self):
+        rows = []
+        for t in self.tests:
+            ms = [m for m in self.migration_trials(t) if m.value is not None]
+            if t.measure is not measure_migration_pause or not ms:
+                continue
+
+            def med(key, digits=3):
+                vs = [m.info[key] for m in ms if key in m.info]
+                return num(statistics.median(vs), digits) if vs else "-"
+
+            vs = [m.value for m in ms]
+            rows.append([t.id, "%s - %s" % (num(min(vs), 3), num(max(vs), 3))]
+                        + [med(key) for key, _ in PAUSE_STEPS]
+                        + [med("writes", 0), med("migration_seconds", 2), med("bind_retries", 0),
+                           med("read_attempts", 0), "yes" if any(m.info.get("identical") for m in ms) else "?"])
+        return rows
+
+    def migration_failures(self):
+        rows = []
+        for t in self.tests:
+            for i, m in enumerate(self.migration_trials(t)):
+                if m.value is None:
+                    rows.append([t.id, str(i + 1), m.info.get("failed", "?")])
+        return rows
+
     def to_json(self):
         return {
             "%s/%s" % k: [{"value": m.value, "lat_us": m.lat_us, **m.info} for m in v]
             for k, v in self.trials.items()
         }
+
+
+def num(v, digits=2) -> str:
+    return "-" if v is None else "%.*f" % (digits, v)
+
+
+def spread_pct(vs) -> Optional[float]:
+    """(max - min) / median, percent; None with fewer than two values."""
+    if len(vs) < 2:
+        return None
+    med = statistics.median(vs)
+    return 100.0 * (max(vs) - min(vs)) / med if med else None
 
 
 def mib(n) -> str:
@@ -843,34 +1612,72 @@ def render(results, ctx, env, partial, table):
     ids = [s.id for s in results.servers]
     parts = []
     title = "Results" + (" (PARTIAL: run did not complete)" if partial else "")
-    ratio_rows = results.ratio_rows()
-    if ratio_rows:
-        done = max(len(v) for v in results.trials.values())
-        parts.append((title + ": flexnbd variants vs. the best other server, median of %d round(s)"
-                      % done, table(
-                          ["test", "server", "unit", "median", "best other", "ratio", "target", "result"],
-                          ratio_rows)))
-    else:
-        title = "(no ratios: the selected servers lack a flexnbd variant or a reference) " + title
-    parts.append((title + ": medians, all servers (MiB/s or IOPS; higher is better)" if not ratio_rows
-                  else "Medians, all servers (MiB/s or IOPS; higher is better)",
-                  table(["test", "unit"] + ids, results.median_rows(results.median))))
-    for t in results.tests:
-        if t.measure is measure_nbdcopy_sparse:
-            rows = results.sparse_rows(t)
-            if rows:
-                parts.append(("%s: %s; median time and copy allocation, content checked once per server"
-                              % (t.id, t.label),
-                              table(["server", "MiB/s", "seconds", "source allocated", "copy allocated",
-                                     "bytes identical", "server's block status (nbdinfo --map)"], rows)))
-    lat = results.median_rows(results.lat_median, 1)
-    if lat:
-        parts.append(("fio completion latency p50 in microseconds, median of rounds (lower is better)",
-                      table(["test", "unit"] + ids, [[r[0], "us"] + r[2:] for r in lat])))
-    spread = results.median_rows(results.spread, 0)
-    if ctx.rounds > 1 and spread:
-        parts.append(("Spread: (max - min) / median across rounds, percent",
-                      table(["test", "unit"] + ids, spread)))
+    if results.has_server_trials():
+        ratio_rows = results.ratio_rows()
+        if ratio_rows:
+            done = max(len(v) for v in results.trials.values())
+            parts.append((title + ": flexnbd variants vs. the best other server, median of %d round(s)"
+                          % done, table(
+                              ["test", "server", "unit", "median", "best other", "ratio", "target", "result"],
+                              ratio_rows)))
+        else:
+            title = "(no ratios: the selected servers lack a flexnbd variant or a reference) " + title
+        parts.append((title + ": medians, all servers (MiB/s or IOPS; higher is better)" if not ratio_rows
+                      else "Medians, all servers (MiB/s or IOPS; higher is better)",
+                      table(["test", "unit"] + ids, results.median_rows(results.median))))
+        title = None
+        for t in results.tests:
+            if t.measure is measure_nbdcopy_sparse:
+                rows = results.sparse_rows(t)
+                if rows:
+                    parts.append(("%s: %s; median time and copy allocation, content checked once per server"
+                                  % (t.id, t.label),
+                                  table(["server", "MiB/s", "seconds", "source allocated", "copy allocated",
+                                         "bytes identical", "server's block status (nbdinfo --map)"], rows)))
+        lat = results.median_rows(results.lat_median, 1)
+        if lat:
+            parts.append(("fio completion latency p50 in microseconds, median of rounds (lower is better)",
+                          table(["test", "unit"] + ids, [[r[0], "us"] + r[2:] for r in lat])))
+        spread = results.median_rows(results.spread, 0)
+        if ctx.rounds > 1 and spread:
+            parts.append(("Spread: (max - min) / median across rounds, percent",
+                          table(["test", "unit"] + ids, spread)))
+    parts += migration_parts(results, table, title)
+    return parts
+
+
+def migration_parts(results, table, title):
+    """The migration tables: verdicts, then the details of each kind of row,
+    then the reasons of failed trials. title: the Results title when there
+    are no other tables (it carries the PARTIAL mark)."""
+    rows = results.migration_rows()
+    if not rows:
+        return []
+    done = max(len(results.migration_trials(t)) for t in results.tests)
+    head = (title + ": migration" if title else "Migration")
+    parts = [(head + ", flexnbd serve -> flexnbd listen on loopback, median of %d round(s); LOWER is better "
+              "for every figure; ratio = migration / reference, PASS when ratio <= target (pause: "
+              "when below the target)" % done,
+              table(["test", "figure", "migration", "reference", "ratio", "target", "result"], rows))]
+    copy = results.migration_copy_rows()
+    if copy:
+        parts.append(("migrate-dense / migrate-sparse: median seconds (MiB/s of the image size), the "
+                      "last attempt's bytes as the source's log reports them, allocation of the copies; "
+                      "reference = nbdcopy --flush FILE into flexnbd --newstyle on a fresh file",
+                      table(["test", "migration s", "MiB/s", "acked / durable s", "nbdcopy s", "MiB/s", "sent as data",
+                             "as zero ranges", "attempts", "source allocated", "copy allocated",
+                             "nbdcopy's copy", "bytes identical", "spread % (mig / nbdcopy)"], copy)))
+    pause = results.migration_pause_rows()
+    if pause:
+        parts.append(("migrate-pause: time line, medians in seconds after the last write acknowledged by "
+                      "the source (steps from the servers' logs, millisecond resolution); 'first read' "
+                      "is the pause",
+                      table(["test", "pause min - max"] + [name for _, name in PAUSE_STEPS]
+                            + ["writes acked", "migration s", "failed binds", "read attempts",
+                               "bytes identical"], pause)))
+    failed = results.migration_failures()
+    if failed:
+        parts.append(("Migration trials that did not complete", table(["test", "round", "what happened"], failed)))
     return parts
 
 
@@ -963,6 +1770,10 @@ def prepare(ctx, args, tests, servers):
     fixtures = ["probe"] + sorted({t.serves for t in tests} |
                                   {t.params["source"] for t in tests if "source" in t.params})
     need = sum(FIXTURES[f].disk(ctx) for f in fixtures)
+    # a migration row's destination (and its baseline's), one at a time; as
+    # large as the source if it came out dense
+    need += max([SPARSE_SIZE if t.serves == "sparse10" else ctx.size
+                 for t in tests if t.kind == "migration"] or [0])
     free = shutil.disk_usage(args.dir).free
     if free < need + 256 * MIB:
         raise BenchError("%s has %s free; the run needs %s" % (args.dir, human(free), human(need)))
@@ -974,12 +1785,13 @@ def prepare(ctx, args, tests, servers):
     if kind != "ext4":
         print("warning: %s is on %s, not ext4" % (args.dir, kind), file=sys.stderr)
     ctx.workdir = tempfile.mkdtemp(prefix="flexnbd-bench.", dir=args.dir)
+    to_probe = probed_servers(tests, servers)
     for name in fixtures:
-        if name != "probe" and not ctx.probes:
+        if name != "probe" and to_probe and not ctx.probes:
             # Probe first: a server that does not start fails the run in
             # seconds, before the big files are written.
             print("probing the servers", file=sys.stderr, flush=True)
-            ctx.probes = {s.id: probe(ctx, s) for s in servers}
+            ctx.probes = {s.id: probe(ctx, s) for s in to_probe}
         fix = FIXTURES[name]
         path = os.path.join(ctx.workdir, fix.file)
         print("creating %s (%s)" % (path, fix.what(ctx)), file=sys.stderr, flush=True)
@@ -1016,12 +1828,16 @@ def describe(ctx, args, servers, tests):
             "nbdcopy": first_line(["nbdcopy", "--version"]),
             "python": platform.python_version(),
         },
-        "servers": {s.id: shlex.join(s.argv(ctx, dummy_port, "FILE")) for s in servers},
+        "servers": {s.id: shlex.join(s.argv(ctx, dummy_port, "FILE")) for s in probed_servers(tests, servers)},
         "tests": {},
         "cached": {n: cached_pct(p) for n, p in ctx.files.items() if n != "probe"},
         "probes": ctx.probes,
     }
     for t in tests:
+        if t.kind == "migration":
+            if runs_on(t, servers):
+                env["tests"][t.id] = migration_commands(ctx, t)
+            continue
         if t.measure is measure_fio:
             cmd = shlex.join(fio_argv(ctx, t, 0, "OUT.json")).replace("127.0.0.1:0", "127.0.0.1:PORT")
         elif t.measure is measure_nbdcopy_sparse:
@@ -1055,12 +1871,16 @@ def print_header(env):
           % env["rounds"])
     print("         fio jobs run %d s; figure = median over rounds; ratio = flexnbd / best other"
           % env["runtime"])
-    print("servers:")
-    for sid, cmd in env["servers"].items():
-        print("  %-16s %s" % (sid, cmd))
-    print("servers as seen by nbdinfo / nbdcopy -v:")
-    for line in probe_lines(env):
-        print("  " + line)
+    if any(t.startswith("migrate-") for t in env["tests"]):
+        print("         migration rows run once per round (flexnbd serve -> flexnbd listen), "
+              "each against its own target")
+    if env["servers"]:
+        print("servers:")
+        for sid, cmd in env["servers"].items():
+            print("  %-16s %s" % (sid, cmd))
+        print("servers as seen by nbdinfo / nbdcopy -v:")
+        for line in probe_lines(env):
+            print("  " + line)
     print("tests:")
     for tid, cmd in env["tests"].items():
         print("  %-18s %s" % (tid, cmd))
@@ -1088,13 +1908,30 @@ def settle(ctx):
 
 
 def runs_on(test, servers):
+    """What a test runs on: the selected servers it does not skip; for a
+    migration row, the MIGRATION pseudo-server, once per round, if a flexnbd
+    variant is selected."""
+    if test.kind == "migration":
+        return [MIGRATION] if any(s.id.startswith("flexnbd") for s in servers) else []
     return [s for s in servers if s.id not in test.skip]
+
+
+def probed_servers(tests, servers):
+    """The selected servers that a selected (non-migration) test runs on."""
+    used = {s.id for t in tests if t.kind == "server" for s in runs_on(t, servers)}
+    probed = [s for s in servers if s.id in used]
+    # the migration rows' reference copy goes to new-style flexnbd: show it too
+    ref = baseline_server()
+    if ref not in probed and any(t.measure is measure_migration and runs_on(t, servers) for t in tests):
+        probed.append(ref)
+    return probed
 
 
 def run_matrix(ctx, tests, servers, results):
     total = ctx.rounds * sum(len(runs_on(t, servers)) for t in tests)
     n = 0
     for rnd in range(ctx.rounds):
+        ctx.round = rnd
         for ti, test in enumerate(tests):
             these = runs_on(test, servers)
             if not these:
@@ -1104,6 +1941,12 @@ def run_matrix(ctx, tests, servers, results):
             for server in order:
                 n += 1
                 settle(ctx)
+                if test.kind == "migration":
+                    m = test.measure(ctx, test, None)
+                    results.add(test, server, m)
+                    print("[%3d/%d] round %d  %-18s %s" % (n, total, rnd + 1, test.id, migration_progress(test, m)),
+                          file=sys.stderr, flush=True)
+                    continue
                 with Running(ctx, server, ctx.files[test.serves]) as srv:
                     m = test.measure(ctx, test, srv)
                 results.add(test, server, m)
@@ -1133,7 +1976,7 @@ def report(results, ctx, env, args, partial):
         print(table)
         print()
     refs = [s.id for s in results.servers if s.role == "reference"]
-    if refs:
+    if refs and results.has_server_trials():
         print("ratio = median of the flexnbd variant / best median of (%s); PASS when ratio >= target."
               % ", ".join(refs))
     if env.get("cached_end"):
