@@ -433,12 +433,14 @@ impl Run {
                 self.config.id
             );
             let result = self.attempt().await;
-            let doors = self.config.listener.send(OpenDoors);
+            // Reopening the doors is explicit on each path: after a completed exit/unlink
+            // hand-off, or when this server can no longer serve its copy, they stay closed.
+            let doors = || self.config.listener.send(OpenDoors);
             match result {
                 Ok(action) => {
                     self.stats.set_phase(Phase::Completed);
                     if action == MirrorAction::Nothing {
-                        let _ = doors.await;
+                        let _ = doors().await;
                     }
                     return Outcome::Completed(action);
                 }
@@ -455,7 +457,7 @@ impl Run {
                             "the migration was abandoned after the source file was removed".into(),
                         );
                     }
-                    let _ = doors.await;
+                    let _ = doors().await;
                     self.report_first(Err(FirstFailure::Abandoned));
                     return Outcome::Abandoned;
                 }
@@ -466,7 +468,7 @@ impl Run {
                 }
                 Err(AttemptError::Connect(_, why) | AttemptError::Transfer(why)) => {
                     self.config.backing.dirty().stop();
-                    let _ = doors.await;
+                    let _ = doors().await;
                     self.stats.set_phase(Phase::Retrying);
                     tracing::warn!(
                         "Migration attempt {attempt} to {target} failed: {why}; retrying in {RETRY_DELAY:?}"
@@ -899,6 +901,9 @@ struct Engine {
     failed: CancellationToken,
     failure: Arc<Mutex<Option<String>>>,
     reader: tokio::task::JoinHandle<()>,
+    /// When bytes last moved either way (process milliseconds): the inactivity limit
+    /// counts from here while requests are outstanding.
+    activity: Arc<AtomicU64>,
 }
 
 impl Drop for Engine {
@@ -917,12 +922,16 @@ impl Engine {
         let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
         let failed = cancel.child_token();
         let failure: Arc<Mutex<Option<String>>> = Arc::default();
+        let activity = Arc::new(AtomicU64::new(process_ms()));
         let reader = tokio::spawn(read_replies(
             read_half,
-            pending.clone(),
-            stats,
-            failed.clone(),
-            failure.clone(),
+            Replies {
+                pending: pending.clone(),
+                stats,
+                failed: failed.clone(),
+                failure: failure.clone(),
+                activity: activity.clone(),
+            },
         ));
         Engine {
             writer,
@@ -934,6 +943,7 @@ impl Engine {
             failed,
             failure,
             reader,
+            activity,
         }
     }
 
@@ -971,6 +981,7 @@ impl Engine {
         if let Ok(mut map) = self.pending.lock() {
             map.insert(cookie, pending);
         }
+        self.activity.store(process_ms(), Ordering::Relaxed);
         let write = async {
             self.writer.write_all(&header).await?;
             if !payload.is_empty() {
@@ -980,7 +991,10 @@ impl Engine {
         };
         tokio::select! {
             result = tokio::time::timeout(request_limit(), write) => match result {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => {
+                    self.activity.store(process_ms(), Ordering::Relaxed);
+                    Ok(())
+                }
                 Ok(Err(e)) => Err(AttemptError::Transfer(format!("sending to the destination failed: {e}"))),
                 Err(_) => Err(AttemptError::Transfer("the destination stopped reading".into())),
             },
@@ -1058,6 +1072,7 @@ impl Engine {
     async fn drain(&mut self) -> Result<(), AttemptError> {
         let all = IN_FLIGHT as u32;
         tokio::select! {
+            biased;
             permits = self.slots.acquire_many(all) => {
                 drop(permits);
                 Ok(())
@@ -1088,7 +1103,10 @@ impl Engine {
             Pending::Handoff(tx),
         )
         .await?;
+        // Biased, as in `probe`: after Committed the destination closes the connection, and
+        // that must not hide the answer that came first.
         tokio::select! {
+            biased;
             answer = rx => match answer {
                 Ok(Ok(reply)) => Ok(reply),
                 Ok(Err(why)) => Err(AttemptError::Transfer(why)),
@@ -1123,53 +1141,83 @@ fn request_limit() -> Duration {
         .unwrap_or(REQUEST_LIMIT)
 }
 
-/// The reader task: matches replies to requests; any error fails the attempt.
-async fn read_replies(
-    mut reader: OwnedReadHalf,
+/// What the reply reader shares with the engine.
+struct Replies {
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
     stats: Arc<MirrorStats>,
     failed: CancellationToken,
     failure: Arc<Mutex<Option<String>>>,
-) {
-    let limit = request_limit();
-    let fail = |why: String| {
-        if let Ok(mut f) = failure.lock() {
+    activity: Arc<AtomicU64>,
+}
+
+impl Replies {
+    fn fail(&self, why: String) {
+        if let Ok(mut f) = self.failure.lock() {
             f.get_or_insert(why);
         }
-        failed.cancel();
-    };
-    loop {
-        let mut header = [0u8; SIMPLE_REPLY_LEN];
-        let waiting = pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
-        let read = reader.read_exact(&mut header);
-        let result = if waiting {
-            match tokio::time::timeout(limit, read).await {
-                Ok(r) => r,
-                Err(_) => {
-                    fail(format!("the destination answered nothing for {limit:?}"));
-                    return;
+        self.failed.cancel();
+    }
+
+    fn outstanding(&self) -> bool {
+        self.pending.lock().map(|p| !p.is_empty()).unwrap_or(false)
+    }
+}
+
+/// How often the reader checks the inactivity limit while it waits.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Reads until `buf` holds `n` bytes. Reading is cancel-safe (`read_buf` into a buffer that
+/// outlives each wait), so a tick that checks the inactivity limit loses no bytes. Fails the
+/// attempt when requests are outstanding and no byte has moved for the limit (flexnbd
+/// §10.10), whenever the request was sent relative to the start of this wait.
+async fn fill(
+    reader: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    n: usize,
+    shared: &Replies,
+) -> Result<(), String> {
+    let limit = request_limit();
+    while buf.len() < n {
+        tokio::select! {
+            read = reader.read_buf(buf) => match read {
+                Ok(0) => return Err("the connection to the destination ended".into()),
+                Ok(_) => shared.activity.store(process_ms(), Ordering::Relaxed),
+                Err(e) => return Err(format!("reading from the destination failed: {e}")),
+            },
+            () = tokio::time::sleep(TICK) => {
+                let idle = process_ms().saturating_sub(shared.activity.load(Ordering::Relaxed));
+                if shared.outstanding() && idle > limit.as_millis() as u64 {
+                    return Err(format!("the destination answered nothing for {limit:?}"));
                 }
             }
-        } else {
-            tokio::select! {
-                r = read => r,
-                () = failed.cancelled() => return,
-            }
-        };
-        if let Err(e) = result {
-            fail(format!("the connection to the destination ended: {e}"));
+            () = shared.failed.cancelled() => return Err("cancelled".into()),
+        }
+    }
+    Ok(())
+}
+
+/// The reader task: matches replies to requests; any error fails the attempt. An answer is
+/// always delivered before a failure that follows it is reported.
+async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if let Err(why) = fill(&mut reader, &mut buf, SIMPLE_REPLY_LEN, &shared).await {
+            shared.fail(why);
             return;
         }
+        let header: [u8; SIMPLE_REPLY_LEN] = buf[..SIMPLE_REPLY_LEN].try_into().expect("16 bytes");
+        let _ = buf.split_to(SIMPLE_REPLY_LEN);
         let Some(reply) = decode_simple_reply(&header) else {
-            fail("the destination sent a reply with a bad magic number".into());
+            shared.fail("the destination sent a reply with a bad magic number".into());
             return;
         };
-        let Some(entry) = pending
+        let Some(entry) = shared
+            .pending
             .lock()
             .ok()
             .and_then(|mut p| p.remove(&reply.cookie))
         else {
-            fail(format!(
+            shared.fail(format!(
                 "the destination answered an unknown request {:#x}",
                 reply.cookie
             ));
@@ -1178,13 +1226,17 @@ async fn read_replies(
         match entry {
             Pending::Transfer { len, data, .. } => {
                 if reply.error != 0 {
-                    fail(format!(
+                    shared.fail(format!(
                         "the destination refused a write with error {}",
                         crate::protocol::Errno(reply.error)
                     ));
                     return;
                 }
-                let counter = if data { &stats.sent } else { &stats.zeroed };
+                let counter = if data {
+                    &shared.stats.sent
+                } else {
+                    &shared.stats.zeroed
+                };
                 counter.fetch_add(len, Ordering::Relaxed);
             }
             Pending::Probe(tx) => {
@@ -1198,26 +1250,23 @@ async fn read_replies(
                     )));
                     continue;
                 }
-                let mut len = [0u8; 4];
+                // The answer follows: its length, then the encoded reply.
                 let body = async {
-                    reader.read_exact(&mut len).await?;
-                    let n = u32::from_be_bytes(len) as usize;
+                    fill(&mut reader, &mut buf, 4, &shared).await?;
+                    let n = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
                     if n > MAX_MESSAGE {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "hand-off answer too long",
-                        ));
+                        return Err("the hand-off answer is too long".to_owned());
                     }
-                    let mut bytes = vec![0u8; n];
-                    reader.read_exact(&mut bytes).await?;
-                    Ok(bytes)
+                    fill(&mut reader, &mut buf, 4 + n, &shared).await?;
+                    let _ = buf.split_to(4);
+                    Ok(buf.split_to(n))
                 };
-                match tokio::time::timeout(limit, body).await {
-                    Ok(Ok(bytes)) => {
+                match body.await {
+                    Ok(bytes) => {
                         let _ = tx.send(HandoffReply::decode(&bytes).map_err(|e| e.to_string()));
                     }
-                    _ => {
-                        fail("reading the hand-off answer failed".into());
+                    Err(why) => {
+                        shared.fail(format!("reading the hand-off answer failed: {why}"));
                         return;
                     }
                 }

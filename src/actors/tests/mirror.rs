@@ -1026,7 +1026,6 @@ async fn a_silent_destination_is_retried_until_abandoned() {
 /// started waiting for the next reply; after the probe's answer nothing is, so the stall
 /// is never detected and the attempt waits forever in the final pass (doors closed).
 #[actix::test]
-#[ignore = "bug: read_replies applies the inactivity limit only when a request was already pending as it began reading; a stall after any reply hangs the migration"]
 async fn a_destination_that_stops_answering_writes_is_retried_until_abandoned() {
     let stalling = Serving {
         stall_writes: true,
