@@ -89,6 +89,8 @@ pub struct Listener {
     has_control: bool,
     /// `listen`: the hand-off state and where to report completion.
     target: Option<(TargetHandoff, Events)>,
+    /// A legacy completion is making the data durable; control is taken once, when it ends.
+    taking_control: bool,
 }
 
 /// Main → listener: stop accepting and close every session; answered when none is left.
@@ -143,6 +145,7 @@ impl Listener {
             doors_open: true,
             has_control: true,
             target: None,
+            taking_control: false,
         }
     }
 
@@ -159,12 +162,18 @@ impl Listener {
     /// Takes control after an inbound migration: everything received is made durable
     /// first, then `has_control` is set and main is told.
     fn take_control(&mut self, how: &'static str, ctx: &mut Context<Self>) {
-        if self.has_control {
+        if self.has_control || self.taking_control {
             return;
         }
+        self.taking_control = true;
         let backing = self.config.session.backing.clone();
         let synced = tokio::task::spawn_blocking(move || backing.sync_data());
         ctx.spawn(synced.into_actor(self).map(move |result, act, _| {
+            act.taking_control = false;
+            if act.has_control {
+                // An acknowledged Commit got there first.
+                return;
+            }
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -422,6 +431,7 @@ impl Handler<HandoffMessage> for Listener {
                         }),
                 )
             }
+            TargetEffect::TakeControl if self.has_control => Box::pin(actix::fut::ready(reply)),
             TargetEffect::TakeControl => {
                 // Prepare already made everything durable; nothing was written since (the
                 // source sends nothing between Prepared and Commit).

@@ -372,7 +372,6 @@ async fn a_disconnect_completes_the_migration_once() {
 /// Two sources that disconnect at the same moment: `take_control` syncs the file before it
 /// sets `has_control`, so the second end must not start a second take-over.
 #[actix::test]
-#[ignore = "bug: Listener::take_control checks has_control before its async fdatasync, so ends that arrive meanwhile each report MigrationReceived"]
 async fn simultaneous_disconnects_report_the_migration_once() {
     let export = target_export(MIB);
     let (listener, addr, mut events) = start_target(&export);
