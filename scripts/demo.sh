@@ -1,65 +1,92 @@
 #!/usr/bin/env bash
-# The main job on sample data: build flexnbd, serve a sample disk image, write to it and read
-# it back with real NBD clients, check every byte, and shut the server down with SIGTERM.
+# The main job on sample data: build flexnbd, serve a sample disk image, migrate it live to a
+# second server while a client keeps writing to it, and check that the destination — now
+# serving on the address the source used — holds every write the source acknowledged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
 cargo build --release --quiet
-flexnbd=target/release/flexnbd
+flexnbd=$PWD/target/release/flexnbd
 
 work=$(mktemp -d)
-server=""
+pids=()
 cleanup() {
-    if [ -n "$server" ] && kill -0 "$server" 2>/dev/null; then kill -KILL "$server"; fi
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
+cd "$work"
 
-echo "== A 64 MiB sample image: 16 MiB of random data, the rest a hole"
-truncate -s 64M "$work/disk.img"
-head -c 16M /dev/urandom | dd of="$work/disk.img" conv=notrunc status=none
-cp "$work/disk.img" "$work/expected.img"
+free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { for _ in $(seq 100); do [ -e "$1" ] && return 0; sleep 0.05; done; echo "timed out waiting for $1" >&2; exit 1; }
 
-echo "== flexnbd serve on 127.0.0.1 (port chosen by the kernel)"
-"$flexnbd" serve --addr 127.0.0.1 --port 0 --file "$work/disk.img" --verbose 2>"$work/server.log" &
-server=$!
-port=""
-for _ in $(seq 50); do
-    port=$(sed -n 's/.* on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$work/server.log" | head -n 1)
-    [ -n "$port" ] && break
+echo "== A 256 MiB sample image: 32 MiB of random data in four places, the rest holes"
+truncate -s 256M source.img
+for at in 0 64 128 192; do head -c 8M /dev/urandom | dd of=source.img bs=1M seek=$at conv=notrunc status=none; done
+truncate -s 256M destination.img
+src_port=$(free_port); dst_port=$(free_port)
+
+echo "== Source: flexnbd serve on 127.0.0.1:$src_port"
+"$flexnbd" serve --addr 127.0.0.1 --port "$src_port" --file source.img --sock source.sock -v 2>source.log &
+source_pid=$!; pids+=("$source_pid")
+echo "== Destination: flexnbd listen on 127.0.0.1:$dst_port, to serve on :$src_port afterwards"
+"$flexnbd" listen --addr 127.0.0.1 --port "$dst_port" --file destination.img --sock destination.sock \
+    --rebind-addr 127.0.0.1 --rebind-port "$src_port" -v 2>destination.log &
+dest_pid=$!; pids+=("$dest_pid")
+wait_for source.sock; wait_for destination.sock
+
+echo "== A client writes 64 KiB blocks to the source while it migrates"
+(
+    i=0
+    while [ $i -lt 2000 ]; do
+        head -c 65536 /dev/urandom > "block.$i"
+        if "$flexnbd" write --addr 127.0.0.1 --port "$src_port" --from $((i * 131072)) --size 65536 -q < "block.$i"; then
+            echo "$i" >> acknowledged
+        else
+            rm -f "block.$i"
+            break
+        fi
+        i=$((i + 1))
+    done
+) &
+writer=$!
+sleep 0.5
+
+echo "== flexnbd mirror (bandwidth limited to 32 MiB/s so the writer overlaps the copy)"
+"$flexnbd" mirror --sock source.sock --addr 127.0.0.1 --port "$dst_port"
+"$flexnbd" mirror-speed --sock source.sock --max-speed $((32 << 20))
+for _ in $(seq 6); do
+    "$flexnbd" status --sock source.sock 2>/dev/null | tr ' ' '\n' | grep -E '^migration_(phase|bytes_sent|bytes_zeroed|passes)=' | tr '\n' ' ' && echo || true
+    sleep 0.5
+done
+status=0
+wait "$source_pid" || status=$?
+[ "$status" = 0 ] || { cat source.log; echo "the source exited with status $status" >&2; exit 1; }
+wait "$writer" || true
+echo "   the source handed over and exited 0; $(wc -l < acknowledged) writes were acknowledged"
+
+echo "== The destination took control and serves on :$src_port"
+for _ in $(seq 100); do
+    "$flexnbd" status --sock destination.sock 2>/dev/null | grep -q 'rebind=serving' && break
     sleep 0.1
 done
-[ -n "$port" ] || { cat "$work/server.log"; echo "the server did not start" >&2; exit 1; }
-uri="nbd://127.0.0.1:$port"
-echo "   serving $uri"
+"$flexnbd" status --sock destination.sock | tr ' ' '\n' | grep -E '^(has_control|handoff_phase|rebind)='
+nbdinfo "nbd://127.0.0.1:$src_port" | sed -n '1,3p'
 
-echo "== nbdinfo"
-nbdinfo "$uri" | sed -n '1,4p'
+echo "== Every acknowledged write is on the destination, and every other byte too"
+cp source.img expected.img 2>/dev/null || true
+while read -r i; do
+    dd if="block.$i" of=expected.img bs=65536 seek=$((i * 2)) conv=notrunc status=none
+done < acknowledged
+qemu-img convert -f raw -O raw "nbd://127.0.0.1:$src_port" served.img
+cmp served.img expected.img
+cmp destination.img expected.img
+echo "   identical; allocated: source $(du -k source.img | cut -f1) KiB, destination $(du -k destination.img | cut -f1) KiB"
 
-echo "== qemu-io writes a pattern at 32 MiB, reads it back and flushes"
-qemu-io -f raw -c 'write -P 0x5a 32M 1M' -c 'read -P 0x5a 32M 1M' -c flush "$uri" | grep -E '^(wrote|read)'
-printf '\x5a%.0s' $(seq 1048576) | dd of="$work/expected.img" bs=1M seek=32 conv=notrunc status=none
-
-echo "== flexnbd write / flexnbd read: 4 KiB at 60 MiB"
-head -c 4096 /dev/urandom > "$work/block"
-"$flexnbd" write --addr 127.0.0.1 --port "$port" --from $((60 << 20)) --size 4096 < "$work/block"
-dd if="$work/block" of="$work/expected.img" bs=4096 seek=$((60 << 8)) conv=notrunc status=none
-"$flexnbd" read --addr 127.0.0.1 --port "$port" --from $((60 << 20)) --size 4096 | cmp - "$work/block"
-
-echo "== qemu-img and nbdcopy read the whole export back"
-qemu-img convert -f raw -O raw "$uri" "$work/by-qemu-img.img"
-nbdcopy "$uri" "$work/by-nbdcopy.img"
-cmp "$work/by-qemu-img.img" "$work/expected.img"
-cmp "$work/by-nbdcopy.img" "$work/expected.img"
-echo "   both copies are identical to the expected image"
-
-echo "== SIGTERM: the server finishes, flushes and exits 0"
-kill -TERM "$server"
+echo "== SIGTERM: the destination flushes and exits 0"
+kill -TERM "$dest_pid"
 status=0
-wait "$server" || status=$?
-server=""
-[ "$status" = 0 ] || { cat "$work/server.log"; echo "the server exited with status $status" >&2; exit 1; }
-cmp "$work/disk.img" "$work/expected.img"
-echo "   exit status $status; the served file holds every write"
+wait "$dest_pid" || status=$?
+[ "$status" = 0 ] || { cat destination.log; echo "the destination exited with status $status" >&2; exit 1; }
 echo "Demo OK"

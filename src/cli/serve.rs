@@ -392,7 +392,7 @@ impl Server {
                     match result {
                         Ok(listener) => self.listener = listener,
                         Err(why) => {
-                            tracing::error!("{why}");
+                            crate::fatal!("{why}");
                             return 1;
                         }
                     }
