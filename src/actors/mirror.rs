@@ -552,6 +552,13 @@ impl Run {
             self.send_runs(&mut engine, &runs).await?;
         }
 
+        // Make the bulk durable on the destination while clients still run, so that the
+        // sync at the hand-off only covers the final pass (it is part of the pause clients
+        // see). Every destination advertises FLUSH (flexnbd's flags are 13).
+        if engine.flags & tflags::SEND_FLUSH != 0 {
+            self.abandonable(engine.flush()).await??;
+        }
+
         // The final pass: no client may write any more once the doors are closed.
         self.stats.set_phase(Phase::FinalPass);
         self.abandonable(self.config.listener.send(CloseDoors))
@@ -1079,6 +1086,26 @@ impl Engine {
             }
             () = self.failed.cancelled() => Err(self.failure()),
         }
+    }
+
+    /// Waits until every request is acknowledged, then asks the destination to make them
+    /// durable (NBD FLUSH).
+    async fn flush(&mut self) -> Result<(), AttemptError> {
+        self.drain().await?;
+        let slot = self.slot().await?;
+        self.send(
+            Command::Flush,
+            0,
+            0,
+            &[],
+            Pending::Transfer {
+                len: 0,
+                data: false,
+                _slot: slot,
+            },
+        )
+        .await?;
+        self.drain().await
     }
 
     /// Asks whether the destination is ours: C flexnbd answers EINVAL.

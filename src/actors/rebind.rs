@@ -5,7 +5,9 @@
 //! places) and starts a `Rebinder`, which binds the serving address and starts a serve-mode
 //! [`Listener`] there, keeping the control socket. Binding fails while the old source is
 //! still exiting (address in use) or the address is not configured yet: those errors are
-//! retried once a second, logged and shown in `status`; it never gives up silently.
+//! retried (every 50 ms for the first 3 s, since the old source usually lets go within
+//! milliseconds, then once a second), logged and shown in `status` at most once a second;
+//! it never gives up silently.
 //!
 //! # Handshakes
 //! - Rebinder → control: [`RebindState`] at each step (shown in `status`), then
@@ -23,6 +25,11 @@ use tokio::sync::oneshot;
 use super::control::{Control, RebindState, ReplaceListener};
 use super::listener::{Listener, ListenerConfig};
 
+/// Binding is retried this often for the first [`FAST_FOR`] (the old source usually frees
+/// the port within milliseconds of the hand-off, and every retry interval adds to the pause
+/// clients see), then once a second. Failures are logged and reported at most once a second.
+const FAST_RETRY: Duration = Duration::from_millis(50);
+const FAST_FOR: Duration = Duration::from_secs(3);
 const RETRY: Duration = Duration::from_secs(1);
 
 pub struct Rebinder {
@@ -31,6 +38,9 @@ pub struct Rebinder {
     control: Option<Addr<Control>>,
     done: Option<oneshot::Sender<Result<Addr<Listener>, String>>>,
     attempts: u64,
+    started: std::time::Instant,
+    /// When a failure was last logged.
+    last_report: Option<std::time::Instant>,
 }
 
 impl Rebinder {
@@ -46,6 +56,8 @@ impl Rebinder {
             control,
             done: Some(done),
             attempts: 0,
+            started: std::time::Instant::now(),
+            last_report: None,
         }
     }
 
@@ -75,13 +87,21 @@ impl Rebinder {
                 ctx.stop();
             }
             Err(e) if retryable(&e) => {
-                tracing::warn!(
-                    "Couldn't bind {} yet ({e}); retrying every second (attempt {})",
-                    self.target,
-                    self.attempts
-                );
-                self.report(format!("waiting:{}", reason(&e)));
-                ctx.run_later(RETRY, |act, ctx| act.try_bind(ctx));
+                if self.last_report.is_none_or(|t| t.elapsed() >= RETRY) {
+                    tracing::warn!(
+                        "Couldn't bind {} yet ({e}); retrying (attempt {})",
+                        self.target,
+                        self.attempts
+                    );
+                    self.report(format!("waiting:{}", reason(&e)));
+                    self.last_report = Some(std::time::Instant::now());
+                }
+                let delay = if self.started.elapsed() < FAST_FOR {
+                    FAST_RETRY
+                } else {
+                    RETRY
+                };
+                ctx.run_later(delay, |act, ctx| act.try_bind(ctx));
             }
             Err(e) => {
                 let why = format!(

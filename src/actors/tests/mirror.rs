@@ -560,6 +560,8 @@ async fn serve(sock: &mut TcpStream, s: &Serving, image: &Mutex<Vec<u8>>, log: &
                 }
                 continue;
             }
+            // The mirror flushes before its final pass, as any server would answer it.
+            Command::Flush => 0,
             Command::Disconnect => {
                 log.note(Seen::Disc {
                     source_exists: s.source_exists(),
