@@ -14,28 +14,18 @@ const BIND_ATTEMPTS: u32 = 10;
 /// Creates the NBD listening socket: SO_REUSEADDR, TCP_NODELAY, backlog 10. Binding is
 /// retried every second (ten times) while the address is not available yet.
 pub fn bind_listener(addr: IpAddr, port: u16) -> io::Result<TcpListener> {
-    let target = SocketAddr::new(addr, port);
     let mut attempt = 1;
     loop {
-        let socket = Socket::new(
-            Domain::for_address(target),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_nodelay(true)?;
-        match socket.bind(&target.into()) {
-            Ok(()) => {
-                socket.listen(BACKLOG)?;
-                socket.set_nonblocking(true)?;
-                return Ok(socket.into());
-            }
+        match bind_listener_once(addr, port) {
             Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && attempt < BIND_ATTEMPTS => {
-                tracing::warn!("Couldn't bind to {target} ({e}), retrying in 1 s");
+                tracing::warn!(
+                    "Couldn't bind to {} ({e}), retrying in 1 s",
+                    SocketAddr::new(addr, port)
+                );
                 std::thread::sleep(Duration::from_secs(1));
                 attempt += 1;
             }
-            Err(e) => return Err(e),
+            result => return result,
         }
     }
 }

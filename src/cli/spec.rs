@@ -26,7 +26,8 @@ pub struct Mode {
     pub name: &'static str,
     pub usage: &'static str,
     pub description: &'static str,
-    pub opts: &'static [Opt],
+    /// Option groups (shared ones, then the mode's own).
+    pub opts: &'static [&'static [Opt]],
     /// Name of the positional arguments, if the mode takes any.
     pub positional: Option<&'static str>,
     /// `flexnbd help MODE` knows this mode (flexnbd §3.12).
@@ -64,7 +65,8 @@ const COMMON: &[Opt] = &[
     opt("quiet", 'q', Flag, "Log only fatal errors."),
 ];
 
-const SERVE_OPTS: &[Opt] = &[
+/// Options of both `serve` and `listen`.
+const SERVER_OPTS: &[Opt] = &[
     opt(
         "addr",
         'l',
@@ -85,16 +87,10 @@ const SERVE_OPTS: &[Opt] = &[
         Flag,
         "Refuse every client while the access control list is empty.",
     ),
-    opt(
-        "killswitch",
-        'k',
-        FlagIgnoringValue,
-        "Close a client whose request makes no progress for 120 s.",
-    ),
     long_only(
         "max-clients",
         Value("N"),
-        "Serve at most N clients at once (default 16).",
+        "Serve at most N clients at once (default 16; 1 for listen).",
     ),
     long_only(
         "sync-writes",
@@ -129,63 +125,16 @@ const SERVE_OPTS: &[Opt] = &[
     ),
 ];
 
+/// `serve`'s own options.
+const SERVE_OPTS: &[Opt] = &[opt(
+    "killswitch",
+    'k',
+    FlagIgnoringValue,
+    "Close a client whose request makes no progress for 120 s.",
+)];
+
+/// `listen`'s own options.
 const LISTEN_OPTS: &[Opt] = &[
-    opt(
-        "addr",
-        'l',
-        Value("ADDR"),
-        "The address to serve on (0 for every IPv4 address).",
-    ),
-    opt("port", 'p', Value("PORT"), "The port to serve on."),
-    opt("file", 'f', Value("FILE"), "The file to serve."),
-    opt(
-        "sock",
-        's',
-        Value("SOCK"),
-        "Path of the control socket to open.",
-    ),
-    opt(
-        "default-deny",
-        'd',
-        Flag,
-        "Refuse every client while the access control list is empty.",
-    ),
-    long_only(
-        "max-clients",
-        Value("N"),
-        "Serve at most N clients at once (default 16).",
-    ),
-    long_only(
-        "sync-writes",
-        Flag,
-        "Make every write durable before answering it, as C flexnbd does.",
-    ),
-    long_only(
-        "grace",
-        Value("SECONDS"),
-        "At shutdown, wait this long for requests in flight (default 10).",
-    ),
-    opt(
-        "read-only",
-        'r',
-        Flag,
-        "Refuse writes, trims and zeroes (EPERM).",
-    ),
-    long_only(
-        "newstyle",
-        Flag,
-        "Speak fixed new-style NBD instead of flexnbd's old-style.",
-    ),
-    long_only(
-        "export-name",
-        Value("NAME"),
-        "New-style: the export's name (default: the empty name).",
-    ),
-    long_only(
-        "description",
-        Value("TEXT"),
-        "New-style: the export's description.",
-    ),
     long_only(
         "rebind-addr",
         Value("ADDR"),
@@ -228,7 +177,7 @@ pub const MODES: &[Mode] = &[
         name: "serve",
         usage: "flexnbd serve --addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny] [--killswitch] [ACL_ENTRY...]",
         description: "Serve FILE over NBD on ADDR:PORT to the clients the access control list admits.",
-        opts: SERVE_OPTS,
+        opts: &[SERVER_OPTS, SERVE_OPTS],
         positional: Some("ACL_ENTRY"),
         in_help_mode: true,
     },
@@ -236,7 +185,7 @@ pub const MODES: &[Mode] = &[
         name: "listen",
         usage: "flexnbd listen --addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny] [--rebind-addr ADDR --rebind-port PORT] [ACL_ENTRY...]",
         description: "Receive a migration into FILE on ADDR:PORT, then exit (or serve the file on the rebind address).",
-        opts: LISTEN_OPTS,
+        opts: &[SERVER_OPTS, LISTEN_OPTS],
         positional: Some("ACL_ENTRY"),
         in_help_mode: true,
     },
@@ -244,7 +193,7 @@ pub const MODES: &[Mode] = &[
         name: "read",
         usage: "flexnbd read --addr ADDR --port PORT --from OFFSET --size SIZE [--bind BIND_ADDR]",
         description: "Read SIZE bytes at OFFSET from an NBD server and write them to standard output.",
-        opts: CLIENT_OPTS,
+        opts: &[CLIENT_OPTS],
         positional: None,
         in_help_mode: true,
     },
@@ -252,7 +201,7 @@ pub const MODES: &[Mode] = &[
         name: "write",
         usage: "flexnbd write --addr ADDR --port PORT --from OFFSET --size SIZE [--bind BIND_ADDR]",
         description: "Write SIZE bytes from standard input to an NBD server at OFFSET.",
-        opts: CLIENT_OPTS,
+        opts: &[CLIENT_OPTS],
         positional: None,
         in_help_mode: true,
     },
@@ -260,7 +209,7 @@ pub const MODES: &[Mode] = &[
         name: "acl",
         usage: "flexnbd acl --sock SOCK [ACL_ENTRY...]",
         description: "Replace the access control list of a running server.",
-        opts: SOCK_ONLY,
+        opts: &[SOCK_ONLY],
         positional: Some("ACL_ENTRY"),
         in_help_mode: true,
     },
@@ -268,10 +217,10 @@ pub const MODES: &[Mode] = &[
         name: "mirror-speed",
         usage: "flexnbd mirror-speed --sock SOCK --max-speed BPS",
         description: "Set the bandwidth limit of a running migration.",
-        opts: &[
+        opts: &[&[
             opt("sock", 's', Value("SOCK"), "The control socket of the source server."),
             opt("max-speed", 'm', Value("BPS"), "The limit in bytes per second."),
-        ],
+        ]],
         positional: None,
         in_help_mode: false,
     },
@@ -279,13 +228,13 @@ pub const MODES: &[Mode] = &[
         name: "mirror",
         usage: "flexnbd mirror --addr ADDR --port PORT --sock SOCK [--unlink] [--bind BIND_ADDR]",
         description: "Migrate a running server's export to the server listening on ADDR:PORT.",
-        opts: &[
+        opts: &[&[
             opt("sock", 's', Value("SOCK"), "The control socket of the source server."),
             opt("addr", 'l', Value("ADDR"), "The address of the destination."),
             opt("port", 'p', Value("PORT"), "The port of the destination."),
             opt("unlink", 'u', FlagIgnoringValue, "Delete the source file before handing over."),
             opt("bind", 'b', Value("BIND_ADDR"), "Local address to connect from."),
-        ],
+        ]],
         positional: None,
         in_help_mode: true,
     },
@@ -293,7 +242,7 @@ pub const MODES: &[Mode] = &[
         name: "break",
         usage: "flexnbd break --sock SOCK",
         description: "Stop a running migration.",
-        opts: SOCK_ONLY,
+        opts: &[SOCK_ONLY],
         positional: Some("ARG"),
         in_help_mode: false,
     },
@@ -302,8 +251,8 @@ pub const MODES: &[Mode] = &[
         usage: "flexnbd status --sock SOCK [--json]",
         description: "Print the status line of a running server.",
         opts: &[
-            opt("sock", 's', Value("SOCK"), "The control socket of the server."),
-            long_only("json", Flag, "Print the same fields as a JSON object."),
+            SOCK_ONLY,
+            &[long_only("json", Flag, "Print the same fields as a JSON object.")],
         ],
         positional: None,
         in_help_mode: true,
@@ -335,7 +284,10 @@ pub fn general_help() -> String {
 
 impl Mode {
     pub fn all_opts(&self) -> impl Iterator<Item = &Opt> {
-        self.opts.iter().chain(COMMON.iter())
+        self.opts
+            .iter()
+            .flat_map(|group| group.iter())
+            .chain(COMMON.iter())
     }
 
     /// `Usage: ...`, a description, then one tab-indented line per option.

@@ -26,6 +26,7 @@ pub mod newstyle;
 pub mod reply;
 pub mod request;
 pub mod structured;
+mod wire;
 
 pub use consts::*;
 pub use errno::Errno;

@@ -23,6 +23,7 @@ use bytes::{Buf, BytesMut};
 use super::consts::{tflags, IHAVEOPT, NBD_MAGIC};
 use super::request::HeaderStyle;
 use super::structured::ReplyStyle;
+use super::wire::Reader;
 
 /// Magic that starts every option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
@@ -709,42 +710,6 @@ fn floor_char_boundary(s: &str, at: usize) -> usize {
         end -= 1;
     }
     end
-}
-
-/// Big-endian reads from a slice, each checked against what is left.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Reader<'a> {
-        Reader { buf }
-    }
-
-    fn remaining(&self) -> usize {
-        self.buf.len()
-    }
-
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if n > self.buf.len() {
-            return None;
-        }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Some(head)
-    }
-
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2)
-            .and_then(|b| b.try_into().ok())
-            .map(u16::from_be_bytes)
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_be_bytes)
-    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use super::consts::{
 use super::errno::Errno;
 use super::reply::{decode_simple_reply, simple_reply, SimpleReply};
 use super::request::Request;
+use super::wire::Reader;
 
 /// Length of a structured (compact) chunk header.
 pub const STRUCTURED_HEADER_LEN: usize = 20;
@@ -714,50 +715,6 @@ pub fn decode_chunk_payload<'a>(
             })
         }
         other => Ok(ChunkPayload::Unknown { chunk_type: other }),
-    }
-}
-
-/// Big-endian reads from a slice, each checked against what is left.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Reader<'a> {
-        Reader { buf }
-    }
-
-    fn remaining(&self) -> usize {
-        self.buf.len()
-    }
-
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if n > self.buf.len() {
-            return None;
-        }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Some(head)
-    }
-
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.buf)
-    }
-
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        self.take(N).and_then(|b| b.try_into().ok())
-    }
-
-    fn u16(&mut self) -> Option<u16> {
-        self.array().map(u16::from_be_bytes)
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        self.array().map(u32::from_be_bytes)
-    }
-
-    fn u64(&mut self) -> Option<u64> {
-        self.array().map(u64::from_be_bytes)
     }
 }
 
