@@ -369,10 +369,6 @@ fn assert_served_bytes(client: &mut RawClient, expected: &Path, what: &str) {
 // 1. Between two of our servers
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn a_dense_image_migrates_between_two_of_our_servers() {
     const SIZE: usize = 256 * MIB;
     let src = Image::with_data(&pattern(1, SIZE));
@@ -444,10 +440,6 @@ fn a_dense_image_migrates_between_two_of_our_servers() {
 }
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn a_sparse_image_migrates_as_data_and_zero_ranges() {
     const SIZE: u64 = 1 << 30;
     // Ten regions of about 10 MiB, one per 100 MiB, at offsets and lengths that are not
@@ -594,10 +586,6 @@ fn start_writer(
 }
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn every_write_acknowledged_during_a_migration_reaches_the_destination() {
     const SIZE: usize = 64 * MIB;
     let src = Image::with_data(&pattern(2, SIZE));
@@ -699,10 +687,6 @@ fn copying_at(max_bps: u64, seed: u64) -> Copying {
 }
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn a_destination_killed_mid_copy_and_restarted_receives_everything() {
     let mut c = copying_at(4 * MIB as u64, 3);
     let port = c.target.port;
@@ -759,10 +743,6 @@ fn a_destination_killed_mid_copy_and_restarted_receives_everything() {
 }
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn break_mid_copy_stops_the_migration_and_the_source_serves_again() {
     let mut c = copying_at(2 * MIB as u64, 4);
     // One migration at a time: a second `mirror` is refused and the first goes on.
@@ -824,10 +804,6 @@ fn break_mid_copy_stops_the_migration_and_the_source_serves_again() {
 }
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn sigterm_mid_copy_abandons_the_migration_and_the_source_exits_1() {
     let mut c = copying_at(2 * MIB as u64, 5);
     c.source.signal("TERM");
@@ -864,10 +840,6 @@ fn sigterm_mid_copy_abandons_the_migration_and_the_source_exits_1() {
 // 6. --unlink
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn unlink_removes_the_source_file_and_the_destination_holds_the_data() {
     const SIZE: usize = 16 * MIB;
     let data = pattern(6, SIZE);
@@ -894,10 +866,6 @@ fn unlink_removes_the_source_file_and_the_destination_holds_the_data() {
 // 7. Rebinding
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn the_destination_rebinds_onto_the_source_port_once_the_source_has_exited() {
     const SIZE: usize = 8 * MIB;
     let src = Image::with_data(&pattern(7, SIZE));
@@ -948,10 +916,6 @@ fn the_destination_rebinds_onto_the_source_port_once_the_source_has_exited() {
 }
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn a_rebind_port_held_by_another_listener_is_retried_until_it_is_free() {
     const SIZE: usize = 4 * MIB;
     let src = Image::with_data(&pattern(8, SIZE));
@@ -1009,10 +973,6 @@ fn a_rebind_port_held_by_another_listener_is_retried_until_it_is_free() {
 // 8-10. listen on its own
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn listen_admits_one_client_at_a_time() {
     let dst = destination(MIB as u64);
     let sock = dst.sibling("dst.sock");
@@ -1035,10 +995,6 @@ fn listen_admits_one_client_at_a_time() {
 }
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn bad_magic_to_listen_gets_ebadmsg_and_completes_nothing() {
     let dst = destination(MIB as u64);
     let sock = dst.sibling("dst.sock");
@@ -1063,10 +1019,6 @@ fn bad_magic_to_listen_gets_ebadmsg_and_completes_nothing() {
 }
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn a_legacy_disc_completes_a_listen() {
     let dst = destination(MIB as u64);
     let mut target = start_listen(&dst.path, None, 0, &[]);
@@ -1494,10 +1446,6 @@ fn mirror_failures_have_flexnbds_texts_and_leave_nothing_registered() {
 }
 
 #[test]
-#[cfg_attr(
-    debug_assertions,
-    ignore = "bug: `flexnbd listen` panics in debug builds (serve.rs reads the serve-only killswitch flag)"
-)]
 fn a_destination_of_another_size_is_refused() {
     let src = Image::with_data(&pattern(14, MIB));
     let sock = src.sibling("src.sock");

@@ -150,7 +150,8 @@ fn options(mode: &str, matches: &ArgMatches) -> anyhow::Result<ServeOptions> {
         file: PathBuf::from(value(matches, "file").unwrap_or_default()),
         sock: value(matches, "sock").map(PathBuf::from),
         acl,
-        killswitch: flag(matches, "killswitch"),
+        // Only `serve` has the option (clap panics, in debug builds, on ids a mode lacks).
+        killswitch: mode == Mode::Serve && flag(matches, "killswitch"),
         max_clients,
         sync_writes: flag(matches, "sync-writes"),
         grace,
