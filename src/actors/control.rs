@@ -48,8 +48,6 @@ pub struct ControlConfig {
     pub size: u64,
     /// Fixed at startup; `acl` keeps it (flexnbd §8).
     pub default_deny: bool,
-    /// `serve`: true from the start.
-    pub has_control: bool,
     pub listener: Addr<Listener>,
     pub allocation: Arc<AllocationMap>,
 }
@@ -220,7 +218,7 @@ impl Control {
     fn status(&self) -> ResponseFuture<String> {
         let listener = self.config.listener.clone();
         let map = self.config.allocation.clone();
-        let (pid, size, has_control) = (self.config.pid, self.config.size, self.config.has_control);
+        let (pid, size) = (self.config.pid, self.config.size);
         let mirror = self.mirror.as_ref().map(|m| m.stats.clone());
         let rebind = self.rebind.clone();
         Box::pin(async move {
@@ -246,7 +244,7 @@ impl Control {
                 is_mirroring: mirror.is_some(),
                 clients_allowed: clients.clients_allowed,
                 num_clients: clients.num_clients,
-                has_control: has_control && clients.has_control,
+                has_control: clients.has_control,
                 migration: mirror.map(|stats| stats.status()),
                 extra,
             };

@@ -300,7 +300,6 @@ impl Server {
                     pid: std::process::id(),
                     size: backing.size(),
                     default_deny: opts.acl.default_deny(),
-                    has_control: true,
                     listener: listener.clone(),
                     allocation: backing.allocation().clone(),
                 };

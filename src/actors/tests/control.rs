@@ -68,7 +68,6 @@ impl Ctl {
                 pid: PID,
                 size,
                 default_deny,
-                has_control: true,
                 listener: listener.clone(),
                 allocation,
             },
