@@ -195,7 +195,12 @@ impl ReaderStop {
 /// Limits and settings of a reader.
 pub(crate) struct ReaderConfig {
     pub rules: ExportRules,
+    /// Largest piece of a READ's budget taken at once (the session's part size).
     pub part_size: usize,
+    /// Largest piece of a WRITE's payload handed to the session at once. Smaller than
+    /// `part_size` so that a long write's first parts go into the file while the next
+    /// ones are still arriving.
+    pub write_part: usize,
     pub sync_writes: bool,
     pub killswitch: Option<Duration>,
     pub peer: SocketAddr,
@@ -235,7 +240,7 @@ impl Reader {
         negotiation: Option<ServerNegotiation>,
         replies: mpsc::Sender<Outgoing>,
     ) -> Reader {
-        let framer = RequestFramer::new(HeaderStyle::Compact, config.part_size);
+        let framer = RequestFramer::new(HeaderStyle::Compact, config.write_part);
         Reader {
             sock,
             buf: BytesMut::with_capacity(READ_AHEAD),
@@ -535,7 +540,7 @@ impl Reader {
             });
         }
         let slot = self.slot.take();
-        let (whole, group) = if length <= self.config.part_size as u64 {
+        let (whole, group) = if length <= self.config.write_part as u64 {
             (Some(WriteCompletion::Whole { to, slot }), None)
         } else {
             let group = WriteGroup {

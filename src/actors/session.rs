@@ -41,6 +41,15 @@ const STATE_ZERO: u64 = 2;
 /// Extents in one block status reply (the protocol allows 2^20; clients handle a short
 /// answer by asking again from where it ended).
 const MAX_EXTENTS: usize = 64 * 1024;
+/// Largest piece of a WRITE's payload written at once (at most the part size): a 1 MiB
+/// write goes into the file in four pieces, the first ones while the rest is arriving.
+const WRITE_PART: usize = 256 << 10;
+/// Largest WRITE done on the session's own thread (see `Session::write`).
+const INLINE_WRITE_MAX: usize = 128 << 10;
+/// An inline write slower than this sends the session's writes to the blocking pool...
+const INLINE_WRITE_SLOW: Duration = Duration::from_millis(2);
+/// ...for this long.
+const INLINE_WRITE_BACKOFF: Duration = Duration::from_secs(1);
 
 use super::reader::{Incoming, Reader, ReaderConfig, ReaderStop, WriteCompletion};
 use super::writer::{self, Body, Header, Outgoing, Permits};
@@ -74,6 +83,7 @@ impl SessionConfig {
     pub const DEFAULT_IN_FLIGHT: usize = 64;
     pub const DEFAULT_PART: usize = 8 << 20;
     pub const DEFAULT_BUDGET: usize = 32 << 20;
+
 }
 
 /// Session → listener (of a `listen` server): a hand-off message from the migration
@@ -133,6 +143,9 @@ pub struct Session {
     base_allocation: Option<u32>,
     /// Where hand-off messages go (the listener of a `listen` server).
     handoff_target: Option<Recipient<HandoffMessage>>,
+    /// While set and in the future, small writes go to the blocking pool: an inline write
+    /// was slow (see `Session::write`).
+    inline_writes_from: Option<Instant>,
 }
 
 impl Session {
@@ -165,6 +178,7 @@ impl Session {
             style: ReplyStyle::Simple,
             base_allocation: None,
             handoff_target: None,
+            inline_writes_from: None,
         }
     }
 
@@ -202,6 +216,7 @@ impl Session {
             ReaderConfig {
                 rules: self.config.rules,
                 part_size: self.config.part_size,
+                write_part: self.config.part_size.min(WRITE_PART),
                 sync_writes: self.config.sync_writes,
                 killswitch: self.config.killswitch,
                 peer: self.peer,
@@ -566,6 +581,15 @@ impl Session {
         });
     }
 
+    /// Executes a WRITE (or one part of a long one).
+    ///
+    /// Small writes that need no sync are done inline: they only copy into the page cache,
+    /// and a hand-off to the blocking pool (a futex wake there, another to come back) costs
+    /// more than the copy itself. A buffered write can still block (dirty-page throttling,
+    /// reading in a partial page), and there is no `RWF_NOWAIT` for buffered writes; so an
+    /// inline write that took longer than [`INLINE_WRITE_SLOW`] sends this session's writes
+    /// to the blocking pool for [`INLINE_WRITE_BACKOFF`], bounding how long a slow
+    /// filesystem can hold up the other sessions of this thread.
     fn write(
         &mut self,
         offset: u64,
@@ -575,22 +599,63 @@ impl Session {
         budget: Option<OwnedSemaphorePermit>,
     ) {
         let style = self.style;
-        self.on_blocking_pool(move |backing| {
-            let len = data.len() as u64;
-            let error = backing.write_at(&data, offset, durable).err().map(|e| {
-                tracing::error!("Writing {len} bytes at {offset} failed: {e}");
-                Errno::from_os_error(e.raw_os_error())
+        let inline = !durable
+            && data.len() <= INLINE_WRITE_MAX
+            && self.inline_writes_from.is_none_or(|t| Instant::now() >= t);
+        if !inline {
+            self.on_blocking_pool(move |backing| {
+                Self::write_now(&backing, style, offset, data, durable, completion, budget)
             });
-            // The payload is in the file (or failed): its budget is free again.
-            drop(data);
-            drop(budget);
-            let (to, error, slot) = match completion {
-                WriteCompletion::Whole { to, slot } => (to, error, slot),
-                WriteCompletion::Part(group) => group.part_done(len, error)?,
-            };
-            let permits = Permits { slot, bytes: None };
-            Some(Self::reply(style, to, error, permits))
+            return;
+        }
+        let started = Instant::now();
+        let reply = Self::write_now(
+            &self.config.backing,
+            style,
+            offset,
+            data,
+            durable,
+            completion,
+            budget,
+        );
+        let took = started.elapsed();
+        if took > INLINE_WRITE_SLOW {
+            tracing::debug!(
+                "An inline write of client {} took {took:?}; using the blocking pool for a while",
+                self.peer
+            );
+            self.inline_writes_from = Some(Instant::now() + INLINE_WRITE_BACKOFF);
+        }
+        if let Some(reply) = reply {
+            Self::send(&self.replies, reply);
+        }
+    }
+
+    /// Writes one payload (part) into the file and builds the reply once the whole request
+    /// is done (`None` while other parts of it are outstanding).
+    fn write_now(
+        backing: &Backing,
+        style: ReplyStyle,
+        offset: u64,
+        data: Bytes,
+        durable: bool,
+        completion: WriteCompletion,
+        budget: Option<OwnedSemaphorePermit>,
+    ) -> Option<Outgoing> {
+        let len = data.len() as u64;
+        let error = backing.write_at(&data, offset, durable).err().map(|e| {
+            tracing::error!("Writing {len} bytes at {offset} failed: {e}");
+            Errno::from_os_error(e.raw_os_error())
         });
+        // The payload is in the file (or failed): its budget is free again.
+        drop(data);
+        drop(budget);
+        let (to, error, slot) = match completion {
+            WriteCompletion::Whole { to, slot } => (to, error, slot),
+            WriteCompletion::Part(group) => group.part_done(len, error)?,
+        };
+        let permits = Permits { slot, bytes: None };
+        Some(Self::reply(style, to, error, permits))
     }
 
     /// Runs `job` on the blocking pool; the reply it returns (if any) goes straight to the
