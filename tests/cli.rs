@@ -490,4 +490,7 @@ fn bad_options_are_fatal() {
         "--max-clients 0",
     );
     assert_startup_fails(&with(&["--grace", "soon"]), "grace", "--grace soon");
+    for value in ["-1", "1001", "fast"] {
+        assert_startup_fails(&with(&["--busy-poll", value]), "busy-poll", value);
+    }
 }

@@ -17,6 +17,7 @@ pub mod allocation_map;
 pub mod control;
 pub mod listener;
 pub mod mirror;
+mod poll;
 mod reader;
 pub mod rebind;
 pub mod session;

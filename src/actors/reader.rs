@@ -16,7 +16,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
@@ -31,6 +31,7 @@ use crate::protocol::request::{
 use crate::protocol::structured::{ReplyStyle, ReplyTo};
 use crate::protocol::{Command, Errno};
 
+use super::poll::PollWindow;
 use super::writer::{Outgoing, Permits};
 
 /// Bytes read ahead of what the framer needs, so that pipelined small requests arrive in
@@ -204,6 +205,8 @@ pub(crate) struct ReaderConfig {
     pub sync_writes: bool,
     pub killswitch: Option<Duration>,
     pub peer: SocketAddr,
+    /// The longest the reader polls the socket before sleeping (zero: never).
+    pub busy_poll: Duration,
 }
 
 pub(crate) struct Reader {
@@ -229,6 +232,8 @@ pub(crate) struct Reader {
     negotiation: Option<ServerNegotiation>,
     /// The writer's channel, for negotiation replies (requests are answered by the session).
     replies: mpsc::Sender<Outgoing>,
+    /// How long to poll for the next request before sleeping.
+    poll: PollWindow,
 }
 
 impl Reader {
@@ -241,6 +246,7 @@ impl Reader {
         replies: mpsc::Sender<Outgoing>,
     ) -> Reader {
         let framer = RequestFramer::new(HeaderStyle::Compact, config.write_part);
+        let poll = PollWindow::new(config.busy_poll);
         Reader {
             sock,
             buf: BytesMut::with_capacity(READ_AHEAD),
@@ -257,6 +263,7 @@ impl Reader {
             stop: Default::default(),
             negotiation,
             replies,
+            poll,
         }
     }
 
@@ -587,6 +594,27 @@ impl Reader {
         Some(item)
     }
 
+    /// Polls the socket for up to `window` before the reader goes to sleep (see
+    /// [`PollWindow`]). True when bytes arrived; false when the window closed, the session
+    /// asked the reader to stop, or the socket reported its end or an error (the blocking
+    /// read that follows sees it again and reports it).
+    async fn poll_briefly(&mut self, window: Duration) -> bool {
+        let deadline = Instant::now() + window;
+        loop {
+            match self.sock.try_read_buf(&mut self.buf) {
+                Ok(n) => return n > 0,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+            if Instant::now() >= deadline || self.stop.is_requested() {
+                return false;
+            }
+            // Lets the writer send the reply the client is waiting for, and everything
+            // else on this thread run, between two tries.
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Reads more bytes. Returns false at end of stream or on an error.
     async fn fill(&mut self) -> bool {
         let need = self.framer.next_need().unwrap_or(1);
@@ -595,6 +623,16 @@ impl Reader {
         let mid_request = !self.buf.is_empty() || !self.framer.at_request_boundary();
         if self.framer.at_request_boundary() && self.stop.is_requested() {
             return false;
+        }
+        // Waiting for the next request with nothing buffered: the time until it comes
+        // adapts the polling window.
+        let idle_since = (!mid_request).then(Instant::now);
+        let window = self.poll.window();
+        if idle_since.is_some() && !window.is_zero() && self.poll_briefly(window).await {
+            if let Some(since) = idle_since {
+                self.poll.record(since.elapsed());
+            }
+            return true;
         }
         let read = async {
             if self.framer.at_request_boundary() {
@@ -633,7 +671,12 @@ impl Reader {
                 }
                 false
             }
-            Ok(_) => true,
+            Ok(_) => {
+                if let Some(since) = idle_since {
+                    self.poll.record(since.elapsed());
+                }
+                true
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted && self.stop.is_requested() => false,
             Err(e) => {
                 match e.kind() {

@@ -77,13 +77,17 @@ pub struct SessionConfig {
     pub killswitch: Option<Duration>,
     /// How long a closing session waits for its requests in flight.
     pub grace: Duration,
+    /// The longest a session polls its socket for the next request before sleeping
+    /// (`--busy-poll`; zero: never). See `actors::poll`.
+    pub busy_poll: Duration,
 }
 
 impl SessionConfig {
     pub const DEFAULT_IN_FLIGHT: usize = 64;
     pub const DEFAULT_PART: usize = 8 << 20;
     pub const DEFAULT_BUDGET: usize = 32 << 20;
-
+    /// `--busy-poll`'s default.
+    pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 }
 
 /// Session → listener (of a `listen` server): a hand-off message from the migration
@@ -220,6 +224,7 @@ impl Session {
                 sync_writes: self.config.sync_writes,
                 killswitch: self.config.killswitch,
                 peer: self.peer,
+                busy_poll: self.config.busy_poll,
             },
             self.slots.clone(),
             self.budget.clone(),

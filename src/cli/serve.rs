@@ -31,6 +31,10 @@ use super::{flag, value};
 const KILLSWITCH: Duration = Duration::from_secs(120);
 /// Default client limit of `serve` (flexnbd §14).
 const DEFAULT_MAX_CLIENTS: usize = 16;
+/// The largest `--busy-poll`: polling longer than a millisecond per request would only
+/// burn CPU (a wake-up costs tens of microseconds).
+const MAX_BUSY_POLL_MICROS: u64 = 1000;
+
 /// Default grace for requests in flight at shutdown.
 const DEFAULT_GRACE_SECS: u64 = 10;
 
@@ -56,6 +60,8 @@ struct ServeOptions {
     max_clients: usize,
     sync_writes: bool,
     grace: Duration,
+    /// `--busy-poll`: the longest a session polls for the next request.
+    busy_poll: Duration,
     read_only: bool,
     /// `--newstyle`: the name and description to negotiate.
     newstyle: Option<(String, Option<String>)>,
@@ -137,6 +143,15 @@ fn options(mode: &str, matches: &ArgMatches) -> anyhow::Result<ServeOptions> {
             _ => bail!("--grace must be a number of seconds, not '{text}'"),
         },
     };
+    let busy_poll = match value(matches, "busy-poll") {
+        None => SessionConfig::DEFAULT_BUSY_POLL,
+        Some(text) => match text.parse::<u64>() {
+            Ok(us) if us <= MAX_BUSY_POLL_MICROS => Duration::from_micros(us),
+            _ => bail!(
+                "--busy-poll must be a whole number of microseconds from 0 to {MAX_BUSY_POLL_MICROS}, not '{text}'"
+            ),
+        },
+    };
     let newstyle = flag(matches, "newstyle");
     for option in ["export-name", "description"] {
         if !newstyle && value(matches, option).is_some() {
@@ -155,6 +170,7 @@ fn options(mode: &str, matches: &ArgMatches) -> anyhow::Result<ServeOptions> {
         max_clients,
         sync_writes: flag(matches, "sync-writes"),
         grace,
+        busy_poll,
         read_only: flag(matches, "read-only"),
         newstyle: newstyle.then(|| {
             (
@@ -225,6 +241,7 @@ fn session_config(
         // the listen socket (flexnbd §11).
         killswitch: (opts.killswitch && !migration_target).then_some(KILLSWITCH),
         grace: opts.grace,
+        busy_poll: opts.busy_poll,
     })
 }
 

@@ -102,6 +102,12 @@ const SERVER_OPTS: &[Opt] = &[
         Value("SECONDS"),
         "At shutdown, wait this long for requests in flight (default 10).",
     ),
+    long_only(
+        "busy-poll",
+        Value("MICROSECONDS"),
+        "After answering, poll for the next request up to this long before sleeping; the \
+         window adapts to the client (default 50, 0 to never poll).",
+    ),
     opt(
         "read-only",
         'r',

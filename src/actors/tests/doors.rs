@@ -38,6 +38,7 @@ fn target_export(size: u64) -> Export {
         part_size: config.part_size,
         killswitch: None,
         grace: config.grace,
+        busy_poll: config.busy_poll,
     });
     Export { file, config }
 }

@@ -117,6 +117,7 @@ impl Export {
             part_size: limits.part_size,
             killswitch: None,
             grace: limits.grace,
+            busy_poll: SessionConfig::DEFAULT_BUSY_POLL,
         });
         Export { file, config }
     }
