@@ -37,6 +37,8 @@ use super::writer::{Outgoing, Permits};
 /// Bytes read ahead of what the framer needs, so that pipelined small requests arrive in
 /// few system calls.
 const READ_AHEAD: usize = 64 * 1024;
+/// Payload parts at least this long are read into a buffer of their own size.
+const EXACT_READ_MIN: usize = 64 * 1024;
 
 /// A checked request, ready for the session to execute.
 pub(crate) enum Incoming {
@@ -615,11 +617,34 @@ impl Reader {
         }
     }
 
+    /// Makes `buf` able to hold a payload part of `part` bytes (of which it holds the
+    /// first ones) without growing: a buffer that cannot is replaced by one of exactly that
+    /// size, so the bytes already read are copied once, and only those.
+    fn make_room_for_part(&mut self, part: usize) {
+        if self.buf.capacity() < part {
+            let mut fresh = BytesMut::with_capacity(part);
+            fresh.extend_from_slice(&self.buf);
+            self.buf = fresh;
+        }
+    }
+
     /// Reads more bytes. Returns false at end of stream or on an error.
     async fn fill(&mut self) -> bool {
         let need = self.framer.next_need().unwrap_or(1);
-        let missing = need.saturating_sub(self.buf.len());
-        self.buf.reserve(missing.max(READ_AHEAD));
+        // A long payload part is read into a buffer of its own size, and no further: with
+        // read-ahead, the bytes of the next request that came with it would have to be
+        // copied into a new buffer once the part is handed out.
+        let exact = self
+            .framer
+            .kept_part_need()
+            .filter(|&part| part >= EXACT_READ_MIN && part > self.buf.len());
+        match exact {
+            Some(part) => self.make_room_for_part(part),
+            None => {
+                let missing = need.saturating_sub(self.buf.len());
+                self.buf.reserve(missing.max(READ_AHEAD));
+            }
+        }
         let mid_request = !self.buf.is_empty() || !self.framer.at_request_boundary();
         if self.framer.at_request_boundary() && self.stop.is_requested() {
             return false;
@@ -641,6 +666,9 @@ impl Reader {
                     read = self.sock.read_buf(&mut self.buf) => read,
                     () = self.stop.wake.notified() => Err(io::ErrorKind::Interrupted.into()),
                 }
+            } else if let Some(part) = exact {
+                let limit = (part - self.buf.len()) as u64;
+                (&mut self.sock).take(limit).read_buf(&mut self.buf).await
             } else {
                 self.sock.read_buf(&mut self.buf).await
             }

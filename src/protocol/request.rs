@@ -255,6 +255,19 @@ impl RequestFramer {
         }
     }
 
+    /// The size of the next payload part when it is one the caller keeps (not a payload
+    /// being discarded), so that a reader can read it straight into a buffer of its own.
+    pub fn kept_part_need(&self) -> Option<usize> {
+        match self.state {
+            State::Payload {
+                remaining,
+                keep: true,
+                ..
+            } => Some(remaining.min(self.part_size) as usize),
+            _ => None,
+        }
+    }
+
     /// True while the framer is between requests (no payload pending).
     pub fn at_request_boundary(&self) -> bool {
         self.state == State::Header
@@ -631,6 +644,34 @@ mod tests {
         );
         assert_eq!(framer.next_frame(&mut buf), None);
         assert_eq!(framer.next_need(), None);
+    }
+
+    #[test]
+    fn kept_part_need_names_only_payload_parts_the_caller_keeps() {
+        let mut framer = RequestFramer::new(HeaderStyle::Compact, 4);
+        assert_eq!(framer.kept_part_need(), None);
+        let mut buf = BytesMut::from(&compact(&write_req(1, 0, 10))[..]);
+        assert!(matches!(
+            framer.next_frame(&mut buf),
+            Some(Frame::Request(_))
+        ));
+        assert_eq!(framer.kept_part_need(), Some(4));
+        buf.extend_from_slice(b"01234567");
+        assert!(framer.next_frame(&mut buf).is_some());
+        assert!(framer.next_frame(&mut buf).is_some());
+        assert_eq!(framer.kept_part_need(), Some(2));
+        buf.extend_from_slice(b"89");
+        assert!(framer.next_frame(&mut buf).is_some());
+        assert_eq!(framer.kept_part_need(), None);
+
+        let mut buf = BytesMut::from(&compact(&write_req(2, 0, 10))[..]);
+        assert!(matches!(
+            framer.next_frame(&mut buf),
+            Some(Frame::Request(_))
+        ));
+        framer.discard_payload();
+        assert_eq!(framer.kept_part_need(), None);
+        assert_eq!(framer.next_need(), Some(1));
     }
 
     #[test]
