@@ -21,6 +21,7 @@ mod poll;
 mod reader;
 pub mod rebind;
 pub mod session;
+pub mod write_queue;
 mod writer;
 
 #[cfg(test)]

@@ -52,6 +52,7 @@ const INLINE_WRITE_SLOW: Duration = Duration::from_millis(2);
 const INLINE_WRITE_BACKOFF: Duration = Duration::from_secs(1);
 
 use super::reader::{Incoming, Reader, ReaderConfig, ReaderStop, WriteCompletion};
+use super::write_queue::{WriteJob, WriteQueue};
 use super::writer::{self, Body, Header, Outgoing, Permits};
 use super::ClientId;
 
@@ -80,6 +81,9 @@ pub struct SessionConfig {
     /// The longest a session polls its socket for the next request before sleeping
     /// (`--busy-poll`; zero: never). See `actors::poll`.
     pub busy_poll: Duration,
+    /// The thread that does long buffered writes into the export (`None`: the blocking
+    /// pool does them). See `actors::write_queue`.
+    pub write_queue: Option<WriteQueue>,
 }
 
 impl SessionConfig {
@@ -588,7 +592,8 @@ impl Session {
 
     /// Executes a WRITE (or one part of a long one).
     ///
-    /// Small writes that need no sync are done inline: they only copy into the page cache,
+    /// Longer writes that need no sync go to the export's write queue, those with FUA or
+    /// `--sync-writes` to the blocking pool. Small writes that need no sync are done inline: they only copy into the page cache,
     /// and a hand-off to the blocking pool (a futex wake there, another to come back) costs
     /// more than the copy itself. A buffered write can still block (dirty-page throttling,
     /// reading in a partial page), and there is no `RWF_NOWAIT` for buffered writes; so an
@@ -607,6 +612,23 @@ impl Session {
         let inline = !durable
             && data.len() <= INLINE_WRITE_MAX
             && self.inline_writes_from.is_none_or(|t| Instant::now() >= t);
+        if !inline && !durable {
+            if let Some(queue) = &self.config.write_queue {
+                let replies = self.replies.clone();
+                let backing = self.config.backing.clone();
+                let job: WriteJob = Box::new(move || {
+                    let reply =
+                        Self::write_now(&backing, style, offset, data, durable, completion, budget);
+                    if let Some(reply) = reply {
+                        Self::send(&replies, reply);
+                    }
+                });
+                if let Err(job) = queue.submit(job) {
+                    tokio::task::spawn_blocking(job);
+                }
+                return;
+            }
+        }
         if !inline {
             self.on_blocking_pool(move |backing| {
                 Self::write_now(&backing, style, offset, data, durable, completion, budget)

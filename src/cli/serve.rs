@@ -16,6 +16,7 @@ use crate::actors::control::{Control, ControlConfig, StopControl, StopMirror};
 use crate::actors::listener::{Listener, ListenerConfig, Shutdown};
 use crate::actors::rebind::Rebinder;
 use crate::actors::session::SessionConfig;
+use crate::actors::write_queue::WriteQueue;
 use crate::actors::{Events, ServerEvent};
 use crate::addr::{parse_ip, parse_port};
 use crate::protocol::handshake::OldstyleHello;
@@ -242,6 +243,13 @@ fn session_config(
         killswitch: (opts.killswitch && !migration_target).then_some(KILLSWITCH),
         grace: opts.grace,
         busy_poll: opts.busy_poll,
+        write_queue: WriteQueue::start()
+            .map_err(|e| {
+                tracing::warn!(
+                    "Couldn't start the write thread ({e}); writes use the blocking pool"
+                )
+            })
+            .ok(),
     })
 }
 

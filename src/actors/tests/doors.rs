@@ -39,6 +39,7 @@ fn target_export(size: u64) -> Export {
         killswitch: None,
         grace: config.grace,
         busy_poll: config.busy_poll,
+        write_queue: None,
     });
     Export { file, config }
 }

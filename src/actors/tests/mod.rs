@@ -39,6 +39,7 @@ use crate::protocol::{tflags, OLDSTYLE_HELLO_LEN, SIMPLE_REPLY_LEN};
 use crate::storage::Backing;
 
 use super::session::{SessionConfig, SessionEnded};
+use super::write_queue::WriteQueue;
 
 /// Upper bound of every wait that is expected to succeed.
 const WAIT: Duration = Duration::from_secs(10);
@@ -118,6 +119,7 @@ impl Export {
             killswitch: None,
             grace: limits.grace,
             busy_poll: SessionConfig::DEFAULT_BUSY_POLL,
+            write_queue: Some(WriteQueue::start().expect("start the write queue")),
         });
         Export { file, config }
     }
