@@ -592,8 +592,9 @@ impl Session {
 
     /// Executes a WRITE (or one part of a long one).
     ///
-    /// Longer writes that need no sync go to the export's write queue, those with FUA or
-    /// `--sync-writes` to the blocking pool. Small writes that need no sync are done inline: they only copy into the page cache,
+    /// Longer writes that need no sync go to the export's write queue, which also starts
+    /// their writeback to the disk once they are answered; those with FUA or
+    /// `--sync-writes` go to the blocking pool. Small writes that need no sync are done inline: they only copy into the page cache,
     /// and a hand-off to the blocking pool (a futex wake there, another to come back) costs
     /// more than the copy itself. A buffered write can still block (dirty-page throttling,
     /// reading in a partial page), and there is no `RWF_NOWAIT` for buffered writes; so an
@@ -617,10 +618,17 @@ impl Session {
                 let replies = self.replies.clone();
                 let backing = self.config.backing.clone();
                 let job: WriteJob = Box::new(move || {
+                    let len = data.len() as u64;
                     let reply =
                         Self::write_now(&backing, style, offset, data, durable, completion, budget);
                     if let Some(reply) = reply {
                         Self::send(&replies, reply);
+                    }
+                    // Write-behind: a long write is usually part of a stream (a copy, a
+                    // migration) that ends with a FLUSH; writing it back now, while the
+                    // rest arrives, leaves that FLUSH little to do.
+                    if let Err(e) = backing.start_writeback(offset, len) {
+                        tracing::debug!("Starting writeback of {len} bytes at {offset}: {e}");
                     }
                 });
                 if let Err(job) = queue.submit(job) {

@@ -460,6 +460,25 @@ impl Backing {
         }
     }
 
+    /// Starts writing `[offset, offset + len)` back to the disk, without waiting for it
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Durability still comes only from
+    /// [`Backing::sync_data`]; this makes that later sync shorter.
+    pub fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: sync_file_range takes plain integers and only schedules I/O on our fd.
+        let r = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Makes every completed write durable (`fdatasync`).
     pub fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -549,6 +568,23 @@ mod tests {
         backing.read_into(&mut buf, 5000, 5).unwrap();
         assert_eq!(&buf[..], b"helloworld");
         backing.sync_data().unwrap();
+    }
+
+    #[test]
+    fn writeback_can_be_started_on_ext4_and_tmpfs() {
+        for dir in [std::env::temp_dir(), "/dev/shm".into()] {
+            if !dir.is_dir() {
+                continue;
+            }
+            let tmp = tempfile::NamedTempFile::new_in(&dir).unwrap();
+            tmp.as_file().set_len(1 << 20).unwrap();
+            let backing = Backing::open(tmp.path()).unwrap();
+            backing.write_at(&[7u8; 65536], 4096, false).unwrap();
+            backing.start_writeback(4096, 65536).unwrap();
+            let mut buf = BytesMut::new();
+            backing.read_into(&mut buf, 4096, 65536).unwrap();
+            assert!(buf.iter().all(|&b| b == 7), "in {}", dir.display());
+        }
     }
 
     #[test]
