@@ -626,8 +626,9 @@ impl Session {
                     }
                     // Write-behind: a long write is usually part of a stream (a copy, a
                     // migration) that ends with a FLUSH; writing it back now, while the
-                    // rest arrives, leaves that FLUSH little to do.
-                    if let Err(e) = backing.start_writeback(offset, len) {
+                    // rest arrives, leaves that FLUSH little to do. Once per range and
+                    // flush: a range rewritten before the flush is not sent again.
+                    if let Err(e) = backing.write_behind(offset, len) {
                         tracing::debug!("Starting writeback of {len} bytes at {offset}: {e}");
                     }
                 });

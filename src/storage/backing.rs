@@ -10,6 +10,7 @@ use bytes::BytesMut;
 
 use super::allocation::{AllocationMap, BLOCK};
 use super::dirty::DirtyMap;
+use super::write_behind::WriteBehind;
 
 /// Errors of the storage layer. The OS error is part of the message (and deliberately not
 /// a `source`), so that a one-line report names it exactly once.
@@ -66,6 +67,8 @@ pub struct Backing {
     allocation: Arc<AllocationMap>,
     /// Blocks changed since a migration sent them; recorded after each completed change.
     dirty: DirtyMap,
+    /// Where writeback was started early since the last flush.
+    write_behind: WriteBehind,
 }
 
 impl Backing {
@@ -113,6 +116,7 @@ impl Backing {
             nowait_reads: AtomicBool::new(true),
             allocation: Arc::new(AllocationMap::new(size)),
             dirty: DirtyMap::new(size),
+            write_behind: WriteBehind::new(size),
         })
     }
 
@@ -460,10 +464,20 @@ impl Backing {
         }
     }
 
-    /// Starts writing `[offset, offset + len)` back to the disk, without waiting for it
-    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). Durability still comes only from
-    /// [`Backing::sync_data`]; this makes that later sync shorter.
-    pub fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+    /// Write-behind for a range just written: starts writing it back to the disk without
+    /// waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), unless that was already done for
+    /// it since the last flush (see `storage::write_behind`). Durability still comes only
+    /// from [`Backing::sync_data`]; this makes that later sync shorter. Returns whether
+    /// writeback was started.
+    pub fn write_behind(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if !self.write_behind.claim(offset, len) {
+            return Ok(false);
+        }
+        self.start_writeback(offset, len)?;
+        Ok(true)
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: sync_file_range takes plain integers and only schedules I/O on our fd.
         let r = unsafe {
             libc::sync_file_range(
@@ -481,6 +495,8 @@ impl Backing {
 
     /// Makes every completed write durable (`fdatasync`).
     pub fn sync_data(&self) -> io::Result<()> {
+        // Writes from now on may need an early writeback again.
+        self.write_behind.new_epoch();
         self.file.sync_data()
     }
 }
@@ -580,7 +596,13 @@ mod tests {
             tmp.as_file().set_len(1 << 20).unwrap();
             let backing = Backing::open(tmp.path()).unwrap();
             backing.write_at(&[7u8; 65536], 4096, false).unwrap();
-            backing.start_writeback(4096, 65536).unwrap();
+            assert!(backing.write_behind(4096, 65536).unwrap());
+            assert!(!backing.write_behind(0, 65536).unwrap(), "once per flush");
+            backing.sync_data().unwrap();
+            assert!(
+                backing.write_behind(0, 65536).unwrap(),
+                "again after a flush"
+            );
             let mut buf = BytesMut::new();
             backing.read_into(&mut buf, 4096, 65536).unwrap();
             assert!(buf.iter().all(|&b| b == 7), "in {}", dir.display());
