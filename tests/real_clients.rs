@@ -267,10 +267,22 @@ h.shutdown()
 
 #[test]
 fn fio_verifies_pipelined_random_writes_from_several_connections() {
-    // fio's nbd engine keeps 32 requests in flight per connection and checks every block
-    // it wrote (crc32c headers); four jobs, one connection each, on disjoint 4 MiB regions.
+    // Small writes: the server does them on the session's thread.
+    fio_verify(&[], "4k-64k");
+}
+
+#[test]
+fn fio_verifies_long_multi_part_writes_without_polling() {
+    // Writes up to 1 MiB: the server reads them in 256 KiB parts into exact buffers and
+    // writes them on its write thread (with write-behind); no busy polling between requests.
+    fio_verify(&["--busy-poll", "0"], "128k-1m");
+}
+
+/// fio's nbd engine keeps 32 requests in flight per connection and checks every block it
+/// wrote (crc32c headers); four jobs, one connection each, on disjoint 4 MiB regions.
+fn fio_verify(server_args: &[&str], bsrange: &str) {
     let img = Image::zeroed(16 * MIB);
-    let server = Server::start(&img.path, &[]);
+    let server = Server::start(&img.path, server_args);
     let out = run_tool(
         tool("fio")
             .args([
@@ -278,7 +290,7 @@ fn fio_verifies_pipelined_random_writes_from_several_connections() {
                 "--ioengine=nbd",
                 &format!("--uri={}", server.uri()),
                 "--rw=randwrite",
-                "--bsrange=4k-64k",
+                &format!("--bsrange={bsrange}"),
                 "--size=4M",
                 "--numjobs=4",
                 "--offset_increment=4M",
