@@ -590,17 +590,22 @@ impl Session {
         });
     }
 
-    /// Executes a WRITE (or one part of a long one).
+    /// Executes a WRITE (or one part of a long one), in one of three places:
     ///
-    /// Longer writes that need no sync go to the export's write queue, which also starts
-    /// their writeback to the disk once they are answered; those with FUA or
-    /// `--sync-writes` go to the blocking pool. Small writes that need no sync are done inline: they only copy into the page cache,
-    /// and a hand-off to the blocking pool (a futex wake there, another to come back) costs
-    /// more than the copy itself. A buffered write can still block (dirty-page throttling,
-    /// reading in a partial page), and there is no `RWF_NOWAIT` for buffered writes; so an
-    /// inline write that took longer than [`INLINE_WRITE_SLOW`] sends this session's writes
-    /// to the blocking pool for [`INLINE_WRITE_BACKOFF`], bounding how long a slow
-    /// filesystem can hold up the other sessions of this thread.
+    /// - inline, for small writes that need no sync: they only copy into the page cache,
+    ///   and a hand-off to the blocking pool (a futex wake there, another to come back)
+    ///   costs more than the copy itself;
+    /// - on the export's write queue, for longer writes that need no sync (one thread, as
+    ///   the inode lock serialises buffered writes to one file anyway), which also starts
+    ///   their writeback once they are answered;
+    /// - on the blocking pool, for writes with FUA or `--sync-writes`, where several
+    ///   `RWF_DSYNC` writes can wait for the disk together.
+    ///
+    /// A buffered write can still block (dirty-page throttling, reading in a partial page),
+    /// and there is no `RWF_NOWAIT` for buffered writes; so an inline write that took longer
+    /// than [`INLINE_WRITE_SLOW`] sends this session's writes elsewhere for
+    /// [`INLINE_WRITE_BACKOFF`], bounding how long a slow filesystem can hold up the other
+    /// sessions of this thread.
     fn write(
         &mut self,
         offset: u64,
@@ -613,44 +618,35 @@ impl Session {
         let inline = !durable
             && data.len() <= INLINE_WRITE_MAX
             && self.inline_writes_from.is_none_or(|t| Instant::now() >= t);
-        if !inline && !durable {
-            if let Some(queue) = &self.config.write_queue {
-                let replies = self.replies.clone();
-                let backing = self.config.backing.clone();
-                let job: WriteJob = Box::new(move || {
-                    let len = data.len() as u64;
-                    let reply =
-                        Self::write_now(&backing, style, offset, data, durable, completion, budget);
-                    if let Some(reply) = reply {
-                        Self::send(&replies, reply);
-                    }
-                    // Write-behind: a long write is usually part of a stream (a copy, a
-                    // migration) that ends with a FLUSH; writing it back now, while the
-                    // rest arrives, leaves that FLUSH little to do. Once per range and
-                    // flush: a range rewritten before the flush is not sent again.
-                    if let Err(e) = backing.write_behind(offset, len) {
-                        tracing::debug!("Starting writeback of {len} bytes at {offset}: {e}");
-                    }
-                });
-                if let Err(job) = queue.submit(job) {
-                    tokio::task::spawn_blocking(job);
-                }
-                return;
+        if inline {
+            self.write_inline(offset, data, completion, budget);
+        } else if let (false, Some(queue)) = (durable, &self.config.write_queue) {
+            let job = self.queued_write(offset, data, completion, budget);
+            if let Err(job) = queue.submit(job) {
+                tokio::task::spawn_blocking(job);
             }
-        }
-        if !inline {
+        } else {
             self.on_blocking_pool(move |backing| {
                 Self::write_now(&backing, style, offset, data, durable, completion, budget)
             });
-            return;
         }
+    }
+
+    /// A small write on the session's thread; see [`Session::write`].
+    fn write_inline(
+        &mut self,
+        offset: u64,
+        data: Bytes,
+        completion: WriteCompletion,
+        budget: Option<OwnedSemaphorePermit>,
+    ) {
         let started = Instant::now();
         let reply = Self::write_now(
             &self.config.backing,
-            style,
+            self.style,
             offset,
             data,
-            durable,
+            false,
             completion,
             budget,
         );
@@ -665,6 +661,33 @@ impl Session {
         if let Some(reply) = reply {
             Self::send(&self.replies, reply);
         }
+    }
+
+    /// The job that does a longer, non-durable write on the export's write queue.
+    fn queued_write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        completion: WriteCompletion,
+        budget: Option<OwnedSemaphorePermit>,
+    ) -> WriteJob {
+        let replies = self.replies.clone();
+        let backing = self.config.backing.clone();
+        let style = self.style;
+        Box::new(move || {
+            let len = data.len() as u64;
+            let reply = Self::write_now(&backing, style, offset, data, false, completion, budget);
+            if let Some(reply) = reply {
+                Self::send(&replies, reply);
+            }
+            // Write-behind: a long write is usually part of a stream (a copy, a migration)
+            // that ends with a FLUSH; writing it back now, while the rest arrives, leaves
+            // that FLUSH little to do. Once per range and flush: a range rewritten before
+            // the flush is not sent again.
+            if let Err(e) = backing.write_behind(offset, len) {
+                tracing::debug!("Starting writeback of {len} bytes at {offset}: {e}");
+            }
+        })
     }
 
     /// Writes one payload (part) into the file and builds the reply once the whole request
