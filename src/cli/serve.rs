@@ -243,13 +243,18 @@ fn session_config(
         killswitch: (opts.killswitch && !migration_target).then_some(KILLSWITCH),
         grace: opts.grace,
         busy_poll: opts.busy_poll,
-        write_queue: WriteQueue::start()
-            .map_err(|e| {
-                tracing::warn!(
-                    "Couldn't start the write thread ({e}); writes use the blocking pool"
-                )
-            })
-            .ok(),
+        // A read-only export refuses every write: no thread to wait for them.
+        write_queue: if opts.read_only {
+            None
+        } else {
+            WriteQueue::start()
+                .map_err(|e| {
+                    tracing::warn!(
+                        "Couldn't start the write thread ({e}); writes use the blocking pool"
+                    )
+                })
+                .ok()
+        },
     })
 }
 
