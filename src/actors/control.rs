@@ -35,8 +35,11 @@ use crate::protocol::control::{
 use crate::protocol::handoff::MigrationId;
 use crate::storage::{AllocationMap, Backing};
 
+use super::inbound::{GetTargetStatus, Inbound};
 use super::listener::{GetStatus, Listener, ReplaceAcl};
-use super::mirror::{Abandon, Mirror, MirrorConfig, MirrorEnded, MirrorStats, Outcome, SetMaxBps};
+use super::mirror::{
+    Abandon, AbandonAnswer, Mirror, MirrorConfig, MirrorEnded, MirrorStats, Outcome, SetMaxBps,
+};
 use super::Events;
 
 /// A control connection that sends nothing for this long is closed without an answer.
@@ -50,6 +53,8 @@ pub struct ControlConfig {
     pub default_deny: bool,
     pub listener: Addr<Listener>,
     pub allocation: Arc<AllocationMap>,
+    /// `listen`: the inbound-migration actor, which says whether this side has control.
+    pub inbound: Option<Addr<Inbound>>,
 }
 
 pub struct Control {
@@ -170,22 +175,30 @@ impl Control {
         )
     }
 
-    fn break_mirror(&mut self) -> ResponseActFuture<Self, String> {
+    /// `break`: the mirror's hand-off state machine decides. A refused break changes
+    /// nothing and keeps the registration; a stopped one ends it.
+    fn break_mirror(&mut self, force_source: bool) -> ResponseActFuture<Self, String> {
         let Some(registered) = &self.mirror else {
             return Box::pin(actix::fut::ready(response(FAILED, "not mirroring")));
         };
         let addr = registered.addr.clone();
         Box::pin(
             addr.clone()
-                .send(Abandon)
+                .send(Abandon::Break { force_source })
                 .into_actor(self)
-                .map(move |completed, act, _| {
-                    if act.mirror.as_ref().is_some_and(|m| m.addr == addr) {
+                .map(move |answer, act, _| {
+                    let answer = answer.unwrap_or(AbandonAnswer::Stopped);
+                    if answer == AbandonAnswer::Stopped
+                        && act.mirror.as_ref().is_some_and(|m| m.addr == addr)
+                    {
                         act.mirror = None;
                     }
-                    match completed {
-                        Ok(true) => response(FAILED, "mirror completed"),
-                        _ => response(OK, "mirror stopped"),
+                    match answer {
+                        AbandonAnswer::Completed => response(FAILED, "mirror completed"),
+                        AbandonAnswer::Refused(why) => {
+                            response(FAILED, &format!("break refused: {why}"))
+                        }
+                        AbandonAnswer::Stopped => response(OK, "mirror stopped"),
                     }
                 }),
         )
@@ -217,6 +230,7 @@ impl Control {
 
     fn status(&self) -> ResponseFuture<String> {
         let listener = self.config.listener.clone();
+        let inbound = self.config.inbound.clone();
         let map = self.config.allocation.clone();
         let (pid, size) = (self.config.pid, self.config.size);
         let mirror = self.mirror.as_ref().map(|m| m.stats.clone());
@@ -225,6 +239,13 @@ impl Control {
             let Ok(clients) = listener.send(GetStatus).await else {
                 return response(FAILED, "shutting down");
             };
+            let target = match inbound {
+                Some(inbound) => match inbound.send(GetTargetStatus).await {
+                    Ok(target) => Some(target),
+                    Err(_) => return response(FAILED, "shutting down"),
+                },
+                None => None,
+            };
             let mut extra = vec![
                 ("alloc_map", map.state().name().to_owned()),
                 ("alloc_map_progress", map.progress_percent().to_string()),
@@ -232,19 +253,27 @@ impl Control {
             if let Some(stats) = &mirror {
                 extra.extend(stats.extra());
             }
-            if let Some(phase) = clients.target_phase {
-                extra.push(("handoff_phase", phase.to_owned()));
+            if let Some(target) = &target {
+                extra.push(("handoff_phase", target.phase.to_owned()));
+                extra.push(("handoff_attempt", target.attempt.to_string()));
             }
             if let Some(rebind) = rebind {
                 extra.push(("rebind", rebind));
             }
+            // `has_control`: this side may accept writes (now, or once its doors reopen)
+            // and holds every acknowledged write.
+            let has_control = match (&target, &mirror) {
+                (Some(target), _) => target.has_control,
+                (None, Some(stats)) => stats.has_control(),
+                (None, None) => true,
+            };
             let status = Status {
                 pid,
                 size,
                 is_mirroring: mirror.is_some(),
                 clients_allowed: clients.clients_allowed,
                 num_clients: clients.num_clients,
-                has_control: clients.has_control,
+                has_control,
                 migration: mirror.map(|stats| stats.status()),
                 extra,
             };
@@ -313,7 +342,7 @@ impl Handler<Execute> for Control {
             ControlRequest::Unknown => now(response(UNKNOWN_COMMAND, "unknown command")),
             ControlRequest::Status => wrap(self.status(), self),
             ControlRequest::Acl(entries) => wrap(self.acl(entries), self),
-            ControlRequest::Break => self.break_mirror(),
+            ControlRequest::Break { force_source } => self.break_mirror(force_source),
             ControlRequest::MirrorMaxBps(args) => now(self.max_bps(&args)),
             ControlRequest::MirrorRefused(text) => now(response(FAILED, text)),
             ControlRequest::Mirror(request) => self.start_mirror(request, ctx),
@@ -345,7 +374,7 @@ impl Handler<StopMirror> for Control {
         Box::pin(async move {
             match mirror {
                 Some(addr) => {
-                    let _ = addr.send(Abandon).await;
+                    let _ = addr.send(Abandon::Signal).await;
                     true
                 }
                 None => false,

@@ -16,8 +16,11 @@
 //!   close, answer once no session is left (the old `serve_wait_for_close`).
 //! - [`OpenDoors`] (mirror → listener, after a failed or abandoned migration, or one whose
 //!   action is `nothing`): admit clients again. Answered at once.
-//! - [`HandoffMessage`] (session → listener of a `listen` server): apply the hand-off state
-//!   machine; answered after its effect (`fdatasync`, taking control) is done.
+//! - [`CloseClient`] (inbound → listener of a `listen` server): close one session (a
+//!   fenced attempt of a migration, or a connection that did not join in time).
+//! - A `listen` server's listener asks the inbound-migration actor whether to admit each
+//!   connection ([`Admit`]) instead of applying the client limit, and tells it when a
+//!   session ended ([`SessionGone`]); the inbound actor owns "who may write".
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,9 +33,9 @@ use tokio::sync::oneshot;
 
 use crate::acl::Acl;
 
-use super::session::{Close, CloseReason, HandoffMessage, Session, SessionConfig, SessionEnded};
-use super::{ClientId, Events, ServerEvent};
-use crate::protocol::handoff::{HandoffReply, TargetEffect, TargetHandoff};
+use super::inbound::{Admit, Inbound, SessionGone};
+use super::session::{Close, CloseReason, Session, SessionConfig, SessionEnded};
+use super::ClientId;
 
 /// Pause after a failing `accept()` (for example EMFILE) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -85,12 +88,9 @@ pub struct Listener {
     shutting_down: bool,
     /// New clients are admitted (false during a migration's final pass).
     doors_open: bool,
-    /// `serve`: always; `listen`: once the inbound migration completed.
-    has_control: bool,
-    /// `listen`: the hand-off state and where to report completion.
-    target: Option<(TargetHandoff, Events)>,
-    /// A legacy completion is making the data durable; control is taken once, when it ends.
-    taking_control: bool,
+    /// `listen`: the inbound-migration actor, which decides admissions and owns the
+    /// hand-off.
+    inbound: Option<Addr<Inbound>>,
 }
 
 /// Main → listener: stop accepting and close every session; answered when none is left.
@@ -108,9 +108,6 @@ pub struct GetStatus;
 pub struct ListenerStatus {
     pub num_clients: usize,
     pub clients_allowed: bool,
-    pub has_control: bool,
-    /// `listen`: where the inbound hand-off is (`receiving`, `in_doubt`, `committed`).
-    pub target_phase: Option<&'static str>,
 }
 
 /// Mirror → listener: close the doors for the final pass; answered once no session is left.
@@ -122,6 +119,11 @@ pub struct CloseDoors;
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct OpenDoors;
+
+/// Inbound → listener: close this session (it was fenced, or did not join in time).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct CloseClient(pub ClientId);
 
 /// Control → listener: put a new access control list in force.
 #[derive(Message, Debug)]
@@ -143,54 +145,15 @@ impl Listener {
             empty_waiters: Vec::new(),
             shutting_down: false,
             doors_open: true,
-            has_control: true,
-            target: None,
-            taking_control: false,
+            inbound: None,
         }
     }
 
-    /// Makes this the listener of a `listen` server: it has no control until an inbound
-    /// migration completes (a legacy DISC, or our acknowledged hand-off), then it reports
-    /// [`ServerEvent::MigrationReceived`] on `events`.
-    pub fn migration_target(mut self, events: Events) -> Listener {
-        let size = self.config.session.backing.size();
-        self.target = Some((TargetHandoff::new(size), events));
-        self.has_control = false;
+    /// Makes this the listener of a `listen` server: `inbound` decides which connections
+    /// are admitted and owns the hand-off (the sessions' config must carry its gate).
+    pub fn migration_target(mut self, inbound: Addr<Inbound>) -> Listener {
+        self.inbound = Some(inbound);
         self
-    }
-
-    /// Takes control after an inbound migration: everything received is made durable
-    /// first, then `has_control` is set and main is told.
-    fn take_control(&mut self, how: &'static str, ctx: &mut Context<Self>) {
-        if self.has_control || self.taking_control {
-            return;
-        }
-        self.taking_control = true;
-        let backing = self.config.session.backing.clone();
-        let synced = tokio::task::spawn_blocking(move || backing.sync_data());
-        ctx.spawn(synced.into_actor(self).map(move |result, act, _| {
-            act.taking_control = false;
-            if act.has_control {
-                // An acknowledged Commit got there first.
-                return;
-            }
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!("Flushing the received export failed: {e}; not taking control");
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!("Flushing the received export failed: {e}; not taking control");
-                    return;
-                }
-            }
-            act.has_control = true;
-            tracing::info!("Migration received ({how}); this server now has control");
-            if let Some((_, events)) = &act.target {
-                let _ = events.send(ServerEvent::MigrationReceived);
-            }
-        }));
     }
 
     fn accept_stream(listener: tokio::net::TcpListener) -> impl Stream<Item = Accepted> {
@@ -220,27 +183,70 @@ impl Listener {
             tracing::warn!("Rejecting client {peer}: Access control error");
             return;
         }
-        if self.sessions.len() >= self.config.max_clients {
-            tracing::warn!(
-                "Rejecting client {peer}: too many clients ({} connected)",
-                self.sessions.len()
-            );
+        let id = self.next_id;
+        self.next_id += 1;
+        let Some(inbound) = self.inbound.clone() else {
+            if self.sessions.len() >= self.config.max_clients {
+                tracing::warn!(
+                    "Rejecting client {peer}: too many clients ({} connected)",
+                    self.sessions.len()
+                );
+                return;
+            }
+            self.start_session(id, stream, peer, ctx);
             return;
-        }
+        };
+        // A migration target: the inbound actor decides (one legacy client, or the
+        // current attempt and a few candidates). The stream waits for the answer.
+        ctx.spawn(
+            inbound.send(Admit(id)).into_actor(self).map(
+                move |admitted, act, ctx| match admitted {
+                    Ok(true) if !act.shutting_down && act.doors_open => {
+                        act.start_session(id, stream, peer, ctx)
+                    }
+                    Ok(true) => {
+                        tracing::info!("Rejecting client {peer}: the server is closing");
+                        // The inbound actor counted it: tell it the session is gone.
+                        if let Some(inbound) = &act.inbound {
+                            inbound.do_send(SessionGone {
+                                id,
+                                disconnect_seen: false,
+                            });
+                        }
+                    }
+                    _ => tracing::warn!(
+                        "Rejecting client {peer}: not admitted while receiving a migration"
+                    ),
+                },
+            ),
+        );
+    }
+
+    fn start_session(
+        &mut self,
+        id: ClientId,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        ctx: &mut Context<Self>,
+    ) {
         let socket = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("Couldn't hand over the socket of client {peer}: {e}");
+                if let Some(inbound) = &self.inbound {
+                    inbound.do_send(SessionGone {
+                        id,
+                        disconnect_seen: false,
+                    });
+                }
                 return;
             }
         };
         let probe = std::os::fd::AsFd::as_fd(&socket).try_clone_to_owned().ok();
-        let id = self.next_id;
-        self.next_id += 1;
         let arbiters = &self.config.arbiters;
         let session_config = self.config.session.clone();
         let me = ctx.address();
-        let handoff = self.target.is_some().then(|| me.clone().recipient());
+        let handoff = self.inbound.clone().map(|inbound| inbound.recipient());
         let make = move |_: &mut Context<Session>| {
             let session = Session::new(id, peer, socket, session_config, me.recipient());
             match handoff {
@@ -302,14 +308,17 @@ impl StreamHandler<Accepted> for Listener {
 impl Handler<SessionEnded> for Listener {
     type Result = ();
 
-    fn handle(&mut self, msg: SessionEnded, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: SessionEnded, _ctx: &mut Self::Context) {
         if let Some(entry) = self.sessions.remove(&msg.id) {
             tracing::info!("Client {} disconnected (session {}).", entry.peer, msg.id);
         }
-        // flexnbd's hand-off: any client that ends its connection with a DISC completes
-        // an inbound migration (never a bad magic, which does not set the flag).
-        if msg.disconnect_seen && self.target.is_some() {
-            self.take_control("the source disconnected", ctx);
+        // The inbound actor decides whether this completes a legacy migration (a DISC
+        // from the legacy client; never a bad magic, which does not set the flag).
+        if let Some(inbound) = &self.inbound {
+            inbound.do_send(SessionGone {
+                id: msg.id,
+                disconnect_seen: msg.disconnect_seen,
+            });
         }
         self.answer_waiters_if_empty();
     }
@@ -345,8 +354,6 @@ impl Handler<GetStatus> for Listener {
         ListenerStatus {
             num_clients: self.sessions.values().filter(|s| s.peer_alive()).count(),
             clients_allowed: !self.shutting_down && self.doors_open,
-            has_control: self.has_control,
-            target_phase: self.target.as_ref().map(|(t, _)| t.phase().name()),
         }
     }
 }
@@ -400,50 +407,17 @@ impl Handler<OpenDoors> for Listener {
     }
 }
 
-impl Handler<HandoffMessage> for Listener {
-    type Result = ResponseActFuture<Self, HandoffReply>;
+impl Handler<CloseClient> for Listener {
+    type Result = ();
 
-    fn handle(&mut self, msg: HandoffMessage, _ctx: &mut Self::Context) -> Self::Result {
-        let Some((target, _)) = &mut self.target else {
-            let refused = HandoffReply::Refused {
-                reason: "this server is not a migration target".into(),
-            };
-            return Box::pin(actix::fut::ready(refused));
-        };
-        let (reply, effect) = target.on_request(&msg.0);
-        tracing::info!("Hand-off: {:?} → {reply:?}", msg.0);
-        match effect {
-            TargetEffect::None => Box::pin(actix::fut::ready(reply)),
-            TargetEffect::SyncFirst => {
-                let backing = self.config.session.backing.clone();
-                let synced = tokio::task::spawn_blocking(move || backing.sync_data());
-                Box::pin(
-                    synced
-                        .into_actor(self)
-                        .map(move |result, _, _| match result {
-                            Ok(Ok(())) => reply,
-                            Ok(Err(e)) => HandoffReply::Refused {
-                                reason: format!("making the data durable failed: {e}"),
-                            },
-                            Err(e) => HandoffReply::Refused {
-                                reason: format!("making the data durable failed: {e}"),
-                            },
-                        }),
-                )
-            }
-            TargetEffect::TakeControl if self.has_control => Box::pin(actix::fut::ready(reply)),
-            TargetEffect::TakeControl => {
-                // Prepare already made everything durable; nothing was written since (the
-                // source sends nothing between Prepared and Commit).
-                self.has_control = true;
-                tracing::info!(
-                    "Migration received (acknowledged hand-off); this server now has control"
-                );
-                if let Some((_, events)) = &self.target {
-                    let _ = events.send(ServerEvent::MigrationReceived);
-                }
-                Box::pin(actix::fut::ready(reply))
-            }
+    fn handle(&mut self, msg: CloseClient, _ctx: &mut Self::Context) {
+        if let Some(entry) = self.sessions.get(&msg.0) {
+            tracing::warn!(
+                "Closing client {} (session {}): it no longer carries the migration",
+                entry.peer,
+                msg.0
+            );
+            entry.addr.do_send(Close(CloseReason::Fenced));
         }
     }
 }

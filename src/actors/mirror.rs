@@ -1,20 +1,29 @@
 //! The mirror: one outbound migration (flexnbd §10, design notes §1 and §4).
 //!
 //! A migration runs in attempts. Each attempt connects to the destination (old-style or
-//! fixed new-style), sweeps the whole export — holes as zero-range requests where the
-//! destination takes them, data as WRITEs — then sends the blocks that clients dirtied
-//! meanwhile, pass after pass, until the estimated time left is under 5 s. Then the final
-//! pass: the listener closes the doors and waits until every session has ended (a message
-//! handshake, no I/O lock), the last dirty blocks go out, and the hand-off follows:
-//! acknowledged between two of our servers, flexnbd's bare DISC otherwise. A failure after
-//! the first successful connection reopens the doors and retries from scratch a second
-//! later; `break` (or a signal) abandons.
+//! fixed new-style), identifies itself to one of our destinations (`Join`, with the
+//! migration id and a number that grows with every connection), sweeps the whole export —
+//! holes as zero-range requests where the destination takes them, data as WRITEs — then
+//! sends the blocks that clients dirtied meanwhile, pass after pass, until the estimated
+//! time left is under 5 s. Then the final pass: the listener closes the doors and waits
+//! until every session has ended (a message handshake, no I/O lock), the last dirty blocks
+//! go out, and the hand-off follows: acknowledged between two of our servers, flexnbd's
+//! bare DISC otherwise.
+//!
+//! Whether this server may serve is decided in one place, the actor's [`SourceHandoff`]
+//! (its module docs give the rule): the task asks it before every step that moves
+//! authority, and `break` asks it too. A failure before a Commit may be on the wire
+//! reopens the doors and retries from scratch a second later; after that, the source keeps
+//! its doors closed and reconnects to resend Commit until the destination answers
+//! Committed (done) or NotPrepared (proof: serve again and retry), or an operator forces it.
 //!
 //! # Handshakes
 //! - [`SetMaxBps`] (control → mirror): new bandwidth limit; answered at once.
-//! - [`Abandon`] (control → mirror, `break` or shutdown): stop at the next step, reopen the
-//!   doors (unless the hand-off is in doubt after the source file was removed), answered
-//!   once the migration has stopped, with whether it had already completed.
+//! - [`Abandon`] (control → mirror, `break` or a signal): asks the hand-off state machine;
+//!   answered at once when it refuses (in doubt, or the source file is gone), otherwise
+//!   once the migration has stopped (doors reopened where this side is authoritative).
+//! - [`Step`] (the migration's task → mirror): an event of the hand-off; answered at once
+//!   with what to do next. The task asks before the first byte of a Commit is written.
 //! - [`MirrorEnded`] (mirror → control): the migration ended by itself (first attempt
 //!   failed, completed, or failed fatally); control ends the registration as flexnbd §6.4
 //!   requires.
@@ -25,7 +34,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -39,13 +48,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::protocol::client::{self, Greeting};
 use crate::protocol::control::{MigrationStatus, MirrorAction, MirrorRequest};
+use crate::protocol::handoff::source::{BreakDecision, Next, SourceHandoff};
 use crate::protocol::handoff::{
-    HandoffReply, HandoffRequest, MigrationId, HANDOFF, MAX_MESSAGE, PROBE,
+    answer_length, HandoffReply, HandoffRequest, JoinPurpose, MigrationId, HANDOFF, PROBE,
 };
 use crate::protocol::handshake::OldstyleHello;
 use crate::protocol::reply::decode_simple_reply;
 use crate::protocol::request::HeaderStyle;
-use crate::protocol::{tflags, Command, Request, OLDSTYLE_HELLO_LEN, SIMPLE_REPLY_LEN};
+use crate::protocol::{tflags, Command, Errno, Request, OLDSTYLE_HELLO_LEN, SIMPLE_REPLY_LEN};
 use crate::storage::Backing;
 
 use super::listener::{CloseDoors, Listener, OpenDoors};
@@ -55,8 +65,22 @@ use super::{Events, ServerEvent};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The whole hello (or new-style negotiation) must arrive within this (flexnbd §10.2).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default per-transfer inactivity limit (`FLEXNBD_MS_REQUEST_LIMIT_SECS` overrides it).
-const REQUEST_LIMIT: Duration = Duration::from_secs(60);
+/// Inactivity limit of the bulk copy (sweep and passes, doors open): flexnbd's per-transfer
+/// limit. `FLEXNBD_MS_REQUEST_LIMIT_SECS` overrides it, as in C.
+const BULK_LIMIT: Duration = Duration::from_secs(60);
+/// Inactivity limit once the doors are closed (final pass, Prepare, Commit): every second
+/// is an outage for every client, so a stuck destination is given up quickly and the doors
+/// reopen. A dead link is usually noticed sooner, by TCP (see [`LINK_TIMEOUT`]).
+const HANDOFF_LIMIT: Duration = Duration::from_secs(5);
+/// A Prepare makes the final pass durable on the destination (`fdatasync`): it may take
+/// longer than a request.
+const PREPARE_LIMIT: Duration = Duration::from_secs(10);
+/// TCP_USER_TIMEOUT of the migration socket, and the keepalive that makes a silent peer
+/// count as gone: a link that blackholes is detected in about this long in every phase.
+const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(1);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_PROBES: u32 = 3;
 /// Pause between attempts.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// The final pass starts once the estimated time left is below this.
@@ -84,7 +108,8 @@ pub enum Phase {
     Copying = 2,
     FinalPass = 3,
     HandingOff = 4,
-    /// Prepared was acknowledged but Commit not (yet): neither side serves writes.
+    /// A Commit may be on the wire and no answer came: the source never serves again on
+    /// its own; it reconnects and resends Commit.
     InDoubt = 5,
     Completed = 6,
     Retrying = 7,
@@ -145,6 +170,12 @@ pub struct MirrorStats {
     max_bps: AtomicU64,
     /// Dirty bytes waiting, as of the last look.
     dirty: AtomicU64,
+    /// Published by the actor after every hand-off step: this side is authoritative.
+    has_control: AtomicBool,
+    /// The hand-off state machine's phase name, published with `has_control`.
+    handoff_phase: Mutex<&'static str>,
+    /// Why the last attempt failed (for example the destination's ENOSPC).
+    last_failure: Mutex<Option<String>>,
 }
 
 impl MirrorStats {
@@ -160,6 +191,9 @@ impl MirrorStats {
             passes: AtomicU64::new(0),
             max_bps: AtomicU64::new(max_bps),
             dirty: AtomicU64::new(0),
+            has_control: AtomicBool::new(true),
+            handoff_phase: Mutex::new("serving"),
+            last_failure: Mutex::new(None),
         }
     }
 
@@ -169,6 +203,26 @@ impl MirrorStats {
 
     pub fn phase(&self) -> Phase {
         Phase::from_u8(self.phase.load(Ordering::Relaxed))
+    }
+
+    /// This side holds every acknowledged write and may accept writes (now, or once its
+    /// doors reopen): `has_control` in `status`.
+    pub fn has_control(&self) -> bool {
+        self.has_control.load(Ordering::SeqCst)
+    }
+
+    fn publish_handoff(&self, handoff: &SourceHandoff) {
+        self.has_control
+            .store(handoff.has_control(), Ordering::SeqCst);
+        if let Ok(mut phase) = self.handoff_phase.lock() {
+            *phase = handoff.phase().name();
+        }
+    }
+
+    fn record_failure(&self, why: &str) {
+        if let Ok(mut last) = self.last_failure.lock() {
+            *last = Some(why.to_owned());
+        }
     }
 
     fn start_attempt(&self, attempt: u64) {
@@ -214,8 +268,10 @@ impl MirrorStats {
 
     /// Our own keys, after flexnbd's.
     pub fn extra(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let handoff = self.handoff_phase.lock().map(|p| *p).unwrap_or("unknown");
+        let mut keys = vec![
             ("migration_phase", self.phase().name().to_owned()),
+            ("handoff_phase", handoff.to_owned()),
             (
                 "migration_bytes_sent",
                 self.sent.load(Ordering::Relaxed).to_string(),
@@ -232,8 +288,25 @@ impl MirrorStats {
                 "migration_attempt",
                 self.attempt.load(Ordering::Relaxed).to_string(),
             ),
-        ]
+        ];
+        if let Some(why) = self.last_failure.lock().ok().and_then(|f| f.clone()) {
+            keys.push(("migration_last_failure", status_word(&why)));
+        }
+        keys
     }
+}
+
+/// A reason as one status value: the status line is space-separated `key=value` pairs.
+fn status_word(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_whitespace() || c == '=' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// Why the first attempt failed, with flexnbd's exact response texts (§6.3).
@@ -265,7 +338,8 @@ pub enum Outcome {
     Abandoned,
     Completed(MirrorAction),
     /// This server can no longer serve its copy (the source file could not be removed,
-    /// or was removed and the hand-off is in doubt).
+    /// or was removed and the destination did not take control, or a legacy DISC could not
+    /// be written).
     Fatal(String),
 }
 
@@ -274,10 +348,42 @@ pub enum Outcome {
 #[rtype(result = "()")]
 pub struct SetMaxBps(pub u64);
 
-/// Control → mirror: stop. Answered once stopped: true if the migration had completed.
-#[derive(Message, Debug)]
-#[rtype(result = "bool")]
-pub struct Abandon;
+/// Control → mirror: stop (`break`, or a signal). See the module docs.
+#[derive(Message, Debug, Clone, Copy, PartialEq, Eq)]
+#[rtype(result = "AbandonAnswer")]
+pub enum Abandon {
+    /// `break`; `force_source` with `break --force-source`.
+    Break { force_source: bool },
+    /// A signal: the process exits whatever the phase.
+    Signal,
+}
+
+/// The answer to [`Abandon`].
+#[derive(Clone, Debug, PartialEq, Eq, MessageResponse)]
+pub enum AbandonAnswer {
+    /// The migration has stopped; this side serves again where it is authoritative.
+    Stopped,
+    /// Nothing changed; the text says why.
+    Refused(String),
+    /// The migration had completed.
+    Completed,
+}
+
+/// The migration's task → mirror: a step of the hand-off (see [`SourceHandoff`]).
+#[derive(Message, Debug, Clone, PartialEq, Eq)]
+#[rtype(result = "Next")]
+enum Step {
+    CloseDoors,
+    Prepared,
+    Unlinking,
+    UnlinkFailed,
+    /// Asked before the first byte of a Commit or a legacy DISC goes to the socket.
+    CommitStarting,
+    Committed,
+    NotPrepared,
+    Failed(String),
+    FinishedWithoutHandoff,
+}
 
 /// Mirror → control: the migration ended by itself.
 #[derive(Message, Debug)]
@@ -297,11 +403,13 @@ pub struct MirrorConfig {
 pub struct Mirror {
     config: Option<MirrorConfig>,
     stats: Arc<MirrorStats>,
+    /// Whether this side may serve: the one place it is decided.
+    handoff: SourceHandoff,
     cancel: CancellationToken,
     first: Option<oneshot::Sender<Result<(), FirstFailure>>>,
     outcome: Option<Outcome>,
     /// Abandon requests waiting for the migration to stop.
-    waiters: Vec<oneshot::Sender<bool>>,
+    waiters: Vec<oneshot::Sender<AbandonAnswer>>,
 }
 
 impl Mirror {
@@ -315,6 +423,7 @@ impl Mirror {
         Mirror {
             config: Some(config),
             stats,
+            handoff: SourceHandoff::new(),
             cancel: CancellationToken::new(),
             first: Some(first),
             outcome: None,
@@ -324,6 +433,13 @@ impl Mirror {
 
     pub fn stats(&self) -> Arc<MirrorStats> {
         self.stats.clone()
+    }
+
+    fn stop_after(&mut self) -> ResponseFuture<AbandonAnswer> {
+        self.cancel.cancel();
+        let (tx, rx) = oneshot::channel();
+        self.waiters.push(tx);
+        Box::pin(async move { rx.await.unwrap_or(AbandonAnswer::Stopped) })
     }
 }
 
@@ -340,7 +456,8 @@ impl Actor for Mirror {
             stats: self.stats.clone(),
             cancel: self.cancel.clone(),
             first: self.first.take(),
-            unlinked: false,
+            bulk_limit: bulk_limit(),
+            mirror: ctx.address(),
             config,
         };
         let task = actix_rt::spawn(run.run());
@@ -361,9 +478,12 @@ impl Actor for Mirror {
                 }
                 _ => {}
             }
-            let completed = matches!(outcome, Outcome::Completed(_));
+            let answer = match outcome {
+                Outcome::Completed(_) => AbandonAnswer::Completed,
+                _ => AbandonAnswer::Stopped,
+            };
             for waiter in act.waiters.drain(..) {
-                let _ = waiter.send(completed);
+                let _ = waiter.send(answer.clone());
             }
             owner.do_send(MirrorEnded(outcome.clone()));
             act.outcome = Some(outcome);
@@ -381,17 +501,73 @@ impl Handler<SetMaxBps> for Mirror {
 }
 
 impl Handler<Abandon> for Mirror {
-    type Result = ResponseFuture<bool>;
+    type Result = ResponseFuture<AbandonAnswer>;
 
-    fn handle(&mut self, _msg: Abandon, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Abandon, _ctx: &mut Self::Context) -> Self::Result {
         if let Some(outcome) = &self.outcome {
-            let completed = matches!(outcome, Outcome::Completed(_));
-            return Box::pin(async move { completed });
+            let answer = match outcome {
+                Outcome::Completed(_) => AbandonAnswer::Completed,
+                _ => AbandonAnswer::Stopped,
+            };
+            return Box::pin(async move { answer });
         }
-        self.cancel.cancel();
-        let (tx, rx) = oneshot::channel();
-        self.waiters.push(tx);
-        Box::pin(async move { rx.await.unwrap_or(false) })
+        let answer = match msg {
+            Abandon::Signal => {
+                self.handoff.on_signal();
+                None
+            }
+            Abandon::Break { force_source } => match self.handoff.on_break(force_source) {
+                BreakDecision::Stop { .. } => {
+                    if force_source {
+                        tracing::warn!(
+                            "break --force-source: this source is authoritative again by the operator's decision"
+                        );
+                    }
+                    None
+                }
+                BreakDecision::Refuse(why) => {
+                    tracing::warn!("Refusing break: {why}");
+                    Some(AbandonAnswer::Refused(why))
+                }
+                BreakDecision::AlreadyHandedOff => Some(AbandonAnswer::Completed),
+            },
+        };
+        self.stats.publish_handoff(&self.handoff);
+        match answer {
+            Some(answer) => Box::pin(async move { answer }),
+            None => self.stop_after(),
+        }
+    }
+}
+
+impl Handler<Step> for Mirror {
+    type Result = MessageResult<Step>;
+
+    fn handle(&mut self, msg: Step, _ctx: &mut Self::Context) -> Self::Result {
+        let h = &mut self.handoff;
+        let next = match &msg {
+            Step::CloseDoors => h.close_doors(),
+            Step::Prepared => h.prepared(),
+            Step::Unlinking => h.unlinking(),
+            Step::UnlinkFailed => {
+                h.unlink_failed();
+                Next::Proceed
+            }
+            Step::CommitStarting => h.commit_starting(),
+            Step::Committed => h.committed(),
+            Step::NotPrepared => h.not_prepared(),
+            Step::Failed(why) => {
+                self.stats.record_failure(why);
+                h.failed()
+            }
+            Step::FinishedWithoutHandoff => h.finished_without_handoff(),
+        };
+        tracing::debug!(
+            "Hand-off step {msg:?} → {next:?} (now {:?})",
+            self.handoff.phase()
+        );
+        self.stats.publish_handoff(&self.handoff);
+        MessageResult(next)
     }
 }
 
@@ -400,11 +576,14 @@ impl Handler<Abandon> for Mirror {
 enum AttemptError {
     /// Before the transfer: the first attempt reports it.
     Connect(FirstFailure, String),
-    /// During the transfer or the hand-off: retried.
+    /// During the transfer or the hand-off.
     Transfer(String),
+    /// `break` or a signal.
     Abandoned,
     /// Not retried: see [`Outcome::Fatal`].
     Fatal(String),
+    /// The destination answered NotPrepared to our Commit.
+    NotPrepared,
 }
 
 impl From<io::Error> for AttemptError {
@@ -413,80 +592,163 @@ impl From<io::Error> for AttemptError {
     }
 }
 
+impl AttemptError {
+    fn reason(&self) -> String {
+        match self {
+            AttemptError::Connect(_, why)
+            | AttemptError::Transfer(why)
+            | AttemptError::Fatal(why) => why.clone(),
+            AttemptError::Abandoned => "abandoned".into(),
+            AttemptError::NotPrepared => "the destination is not prepared".into(),
+        }
+    }
+}
+
+/// What the task does next.
+enum Mode {
+    /// A new attempt from scratch (doors open).
+    Copy,
+    /// Reconnect and resend Commit (doors closed).
+    ResendCommit,
+}
+
 /// One migration's task.
 struct Run {
     config: MirrorConfig,
     stats: Arc<MirrorStats>,
     cancel: CancellationToken,
     first: Option<oneshot::Sender<Result<(), FirstFailure>>>,
-    /// The source file has been removed (action `unlink`): this server can never serve its
-    /// copy again.
-    unlinked: bool,
+    /// The bulk copy's inactivity limit, read once.
+    bulk_limit: Duration,
+    /// The actor that owns the hand-off state machine.
+    mirror: Addr<Mirror>,
 }
 
 impl Run {
     async fn run(mut self) -> Outcome {
         let target = SocketAddr::new(self.config.request.addr, self.config.request.port);
+        // Grows with every connection, so the destination can fence stale ones.
         let mut attempt = 0u64;
+        let mut mode = Mode::Copy;
         loop {
             attempt += 1;
             self.stats.start_attempt(attempt);
-            self.stats.set_phase(Phase::Connecting);
-            tracing::info!(
-                "Migration {} to {target}: attempt {attempt}",
-                self.config.id
-            );
-            let result = self.attempt().await;
-            // Reopening the doors is explicit on each path: after a completed exit/unlink
-            // hand-off, or when this server can no longer serve its copy, they stay closed.
-            let doors = || self.config.listener.send(OpenDoors);
-            match result {
-                Ok(action) => {
-                    self.stats.set_phase(Phase::Completed);
-                    if action == MirrorAction::Nothing {
-                        let _ = doors().await;
-                    }
-                    return Outcome::Completed(action);
+            let result = match mode {
+                Mode::Copy => {
+                    self.stats.set_phase(Phase::Connecting);
+                    tracing::info!(
+                        "Migration {} to {target}: attempt {attempt}",
+                        self.config.id
+                    );
+                    self.attempt(attempt).await
                 }
+                Mode::ResendCommit => {
+                    self.stats.set_phase(Phase::InDoubt);
+                    tracing::info!(
+                        "Migration {} to {target}: resending Commit (connection {attempt})",
+                        self.config.id
+                    );
+                    self.resend_commit(attempt).await
+                }
+            };
+            let error = match result {
+                Ok(()) => return self.completed().await,
                 Err(AttemptError::Connect(failure, why)) if self.first.is_some() => {
                     tracing::error!("Migration to {target} failed: {why}");
                     self.report_first(Err(failure));
-                    return Outcome::FirstAttemptFailed(failure);
-                }
-                Err(AttemptError::Abandoned) => {
                     self.config.backing.dirty().stop();
-                    self.stats.set_phase(Phase::Abandoned);
-                    if self.unlinked {
-                        return Outcome::Fatal(
-                            "the migration was abandoned after the source file was removed".into(),
-                        );
-                    }
-                    let _ = doors().await;
-                    self.report_first(Err(FirstFailure::Abandoned));
-                    return Outcome::Abandoned;
+                    let _ = self.step(Step::Failed(why)).await;
+                    return Outcome::FirstAttemptFailed(failure);
                 }
                 Err(AttemptError::Fatal(why)) => {
                     self.config.backing.dirty().stop();
                     tracing::error!("Migration to {target} failed: {why}");
                     return Outcome::Fatal(why);
                 }
-                Err(AttemptError::Connect(_, why) | AttemptError::Transfer(why)) => {
+                Err(e) => e,
+            };
+            let next = match &error {
+                AttemptError::NotPrepared => {
+                    tracing::warn!(
+                        "The destination proved it did not take control of migration {}",
+                        self.config.id
+                    );
+                    self.step(Step::NotPrepared).await
+                }
+                other => self.step(Step::Failed(other.reason())).await,
+            };
+            match next {
+                Next::Retry | Next::Proceed => {
                     self.config.backing.dirty().stop();
-                    let _ = doors().await;
+                    let _ = self.config.listener.send(OpenDoors).await;
                     self.stats.set_phase(Phase::Retrying);
                     tracing::warn!(
-                        "Migration attempt {attempt} to {target} failed: {why}; retrying in {RETRY_DELAY:?}"
+                        "Migration attempt {attempt} to {target} failed: {}; retrying in {RETRY_DELAY:?}",
+                        error_text(&error)
                     );
-                    tokio::select! {
-                        () = tokio::time::sleep(RETRY_DELAY) => {}
-                        () = self.cancel.cancelled() => {
-                            self.stats.set_phase(Phase::Abandoned);
-                            return Outcome::Abandoned;
-                        }
+                    mode = Mode::Copy;
+                }
+                Next::ResendCommit => {
+                    self.stats.set_phase(Phase::InDoubt);
+                    tracing::error!(
+                        "Migration {} is in doubt ({}): the destination may have taken control; this server will not serve again unless the destination proves it did not; resending Commit every {RETRY_DELAY:?}",
+                        self.config.id,
+                        error_text(&error)
+                    );
+                    mode = Mode::ResendCommit;
+                }
+                Next::HandedOff => return self.completed().await,
+                Next::Orphaned => {
+                    self.config.backing.dirty().stop();
+                    return Outcome::Fatal(
+                        "the source file was removed and the destination did not take control: its file holds every acknowledged write; serve it".into(),
+                    );
+                }
+                Next::Stop { reopen } => return self.stopped(reopen).await,
+            }
+            // The pause before the next attempt; `break` or a signal ends it at once.
+            tokio::select! {
+                () = tokio::time::sleep(RETRY_DELAY) => {}
+                () = self.cancel.cancelled() => {
+                    if let Next::Stop { reopen } = self.step(Step::Failed("abandoned".into())).await {
+                        return self.stopped(reopen).await;
                     }
                 }
             }
         }
+    }
+
+    /// The hand-off state machine's answer to `step` (if the actor is gone, which cannot
+    /// happen while this task runs, stop without reopening).
+    async fn step(&self, step: Step) -> Next {
+        self.mirror
+            .send(step)
+            .await
+            .unwrap_or(Next::Stop { reopen: false })
+    }
+
+    async fn completed(&mut self) -> Outcome {
+        self.stats.set_phase(Phase::Completed);
+        self.config.backing.dirty().stop();
+        let action = self.config.request.action;
+        if action == MirrorAction::Nothing {
+            let _ = self.step(Step::FinishedWithoutHandoff).await;
+            let _ = self.config.listener.send(OpenDoors).await;
+        }
+        Outcome::Completed(action)
+    }
+
+    async fn stopped(&mut self, reopen: bool) -> Outcome {
+        self.config.backing.dirty().stop();
+        self.stats.set_phase(Phase::Abandoned);
+        self.report_first(Err(FirstFailure::Abandoned));
+        if reopen {
+            let _ = self.config.listener.send(OpenDoors).await;
+            return Outcome::Abandoned;
+        }
+        Outcome::Fatal(
+            "the migration was stopped after this server let go of its copy; it will not serve again".into(),
+        )
     }
 
     fn report_first(&mut self, result: Result<(), FirstFailure>) {
@@ -506,7 +768,13 @@ impl Run {
         }
     }
 
-    async fn attempt(&mut self) -> Result<MirrorAction, AttemptError> {
+    /// Connects, probes and (to one of ours) joins the migration as connection `attempt`.
+    /// Returns the engine and whether the destination is ours.
+    async fn connect(
+        &mut self,
+        attempt: u64,
+        purpose: JoinPurpose,
+    ) -> Result<(Engine, bool), AttemptError> {
         let request = self.config.request.clone();
         let destination = self
             .abandonable(Destination::connect(&request, self.config.backing.size()))
@@ -523,8 +791,36 @@ impl Run {
             },
             destination.flags
         );
-        let mut engine = Engine::start(destination, self.stats.clone(), self.cancel.clone());
+        let limit = match purpose {
+            JoinPurpose::Copy => self.bulk_limit,
+            JoinPurpose::Commit => HANDOFF_LIMIT,
+        };
+        let mut engine = Engine::start(destination, self.stats.clone(), self.cancel.clone(), limit);
         let ours = self.abandonable(engine.probe()).await??;
+        if ours {
+            let id = self.config.id;
+            let join = HandoffRequest::Join {
+                id,
+                attempt,
+                purpose,
+            };
+            match self.abandonable(engine.handoff(join)).await?? {
+                HandoffReply::Joined {
+                    id: got,
+                    attempt: a,
+                } if got == id && a == attempt => {}
+                other => {
+                    return Err(AttemptError::Transfer(format!(
+                        "the destination answered {other:?} to Join"
+                    )))
+                }
+            }
+        }
+        Ok((engine, ours))
+    }
+
+    async fn attempt(&mut self, attempt: u64) -> Result<(), AttemptError> {
+        let (mut engine, ours) = self.connect(attempt, JoinPurpose::Copy).await?;
         engine.zeroes_as_requests = ours || engine.flags & tflags::SEND_WRITE_ZEROES != 0;
         tracing::info!(
             "The destination {} our acknowledged hand-off; holes go as {}",
@@ -580,7 +876,11 @@ impl Run {
         }
 
         // The final pass: no client may write any more once the doors are closed.
+        if let Next::Stop { .. } = self.step(Step::CloseDoors).await {
+            return Err(AttemptError::Abandoned);
+        }
         self.stats.set_phase(Phase::FinalPass);
+        engine.set_limit(HANDOFF_LIMIT);
         self.abandonable(self.config.listener.send(CloseDoors))
             .await?
             .map_err(|e| AttemptError::Transfer(format!("the listener is gone: {e}")))?;
@@ -599,8 +899,7 @@ impl Run {
             self.stats.sent.load(Ordering::Relaxed),
             self.stats.zeroed.load(Ordering::Relaxed)
         );
-        self.hand_off(engine, ours).await?;
-        Ok(self.config.request.action)
+        self.hand_off(engine, ours).await
     }
 
     /// The whole export, extent by extent.
@@ -734,6 +1033,7 @@ impl Run {
         Ok(())
     }
 
+    /// The hand-off, with every byte acknowledged and the doors closed.
     async fn hand_off(&mut self, mut engine: Engine, ours: bool) -> Result<(), AttemptError> {
         let action = self.config.request.action;
         if action == MirrorAction::Nothing {
@@ -741,15 +1041,23 @@ impl Run {
         }
         self.stats.set_phase(Phase::HandingOff);
         if !ours {
-            // flexnbd's hand-off: unlink first (the --unlink guarantee), then a bare DISC.
-            self.unlink_if_asked()?;
+            // flexnbd's hand-off: unlink first (the --unlink guarantee), then a bare DISC,
+            // which may be on the wire from its first byte: never serve again after that.
+            self.unlink_if_asked().await?;
+            if let Next::Stop { .. } = self.step(Step::CommitStarting).await {
+                return Err(AttemptError::Abandoned);
+            }
             engine.disconnect().await.map_err(|e| {
-                AttemptError::Fatal(format!("sending the final DISCONNECT failed: {e}"))
+                AttemptError::Fatal(format!(
+                    "sending the final DISCONNECT failed: {e}; the destination may or may not have taken over"
+                ))
             })?;
+            self.step(Step::Committed).await;
             return Ok(());
         }
         let id = self.config.id;
         let size = self.config.backing.size();
+        engine.set_limit(PREPARE_LIMIT);
         match self
             .abandonable(engine.handoff(HandoffRequest::Prepare { id, size }))
             .await??
@@ -761,65 +1069,75 @@ impl Run {
                 )))
             }
         }
+        engine.set_limit(HANDOFF_LIMIT);
         tracing::info!("The destination made everything durable (migration {id})");
-        self.unlink_if_asked()?;
+        if let Next::Stop { .. } = self.step(Step::Prepared).await {
+            return Err(AttemptError::Abandoned);
+        }
+        self.unlink_if_asked().await?;
+        self.commit(&mut engine).await
+    }
+
+    /// Writes Commit, once the state machine agrees (from then on this side is in doubt
+    /// until an answer), and reads the answer.
+    async fn commit(&mut self, engine: &mut Engine) -> Result<(), AttemptError> {
+        if let Next::Stop { .. } = self.step(Step::CommitStarting).await {
+            return Err(AttemptError::Abandoned);
+        }
         self.stats.set_phase(Phase::InDoubt);
-        let mut engine = Some(engine);
-        loop {
-            let result = match engine.as_mut() {
-                Some(e) => e.handoff(HandoffRequest::Commit { id }).await,
-                None => Err(AttemptError::Transfer("not connected".into())),
-            };
-            match result {
-                Ok(HandoffReply::Committed { id: got }) if got == id => {
-                    tracing::info!("The destination has taken control (migration {id})");
-                    return Ok(());
-                }
-                Ok(other) => {
-                    return Err(AttemptError::Fatal(format!(
-                        "the destination answered {other:?} to Commit; the hand-off is in doubt"
-                    )))
-                }
-                Err(AttemptError::Abandoned) => return Err(AttemptError::Abandoned),
-                Err(e) => {
-                    // The link broke between Prepared and Committed: in doubt. Reconnect and
-                    // resend Commit (the destination answers a resend alike) until it is
-                    // acknowledged or an operator runs `break`.
-                    tracing::error!(
-                        "Migration {id} is in doubt ({e:?}): the destination made the data durable but did not confirm taking control; retrying the commit every {RETRY_DELAY:?}"
-                    );
-                    engine = None;
-                    self.abandonable(tokio::time::sleep(RETRY_DELAY)).await?;
-                    let request = self.config.request.clone();
-                    if let Ok(Ok(destination)) =
-                        self.abandonable(Destination::connect(&request, size)).await
-                    {
-                        let mut fresh =
-                            Engine::start(destination, self.stats.clone(), self.cancel.clone());
-                        if let Ok(true) = fresh.probe().await {
-                            engine = Some(fresh);
-                        }
-                    }
-                }
+        let id = self.config.id;
+        // No `abandonable` here: `break` cannot stop an in-doubt hand-off, and a signal
+        // ends the process without serving.
+        let answer = tokio::select! {
+            answer = engine.handoff(HandoffRequest::Commit { id }) => answer?,
+            () = self.cancel.cancelled() => return Err(AttemptError::Abandoned),
+        };
+        match answer {
+            HandoffReply::Committed { id: got } if got == id => {
+                tracing::info!("The destination has taken control (migration {id})");
+                self.step(Step::Committed).await;
+                Ok(())
             }
+            HandoffReply::NotPrepared { id: got } if got == id => Err(AttemptError::NotPrepared),
+            other => Err(AttemptError::Transfer(format!(
+                "the destination answered {other:?} to Commit"
+            ))),
         }
     }
 
-    fn unlink_if_asked(&mut self) -> Result<(), AttemptError> {
+    /// In doubt: a fresh connection that only resends Commit.
+    async fn resend_commit(&mut self, attempt: u64) -> Result<(), AttemptError> {
+        let (mut engine, ours) = self.connect(attempt, JoinPurpose::Commit).await?;
+        if !ours {
+            return Err(AttemptError::Transfer(
+                "the destination does not speak our hand-off any more".into(),
+            ));
+        }
+        self.commit(&mut engine).await
+    }
+
+    async fn unlink_if_asked(&mut self) -> Result<(), AttemptError> {
         if self.config.request.action != MirrorAction::Unlink {
             return Ok(());
         }
+        if let Next::Stop { .. } = self.step(Step::Unlinking).await {
+            return Err(AttemptError::Abandoned);
+        }
         let path = self.config.backing.path().to_owned();
-        std::fs::remove_file(&path).map_err(|e| {
-            AttemptError::Fatal(format!(
+        if let Err(e) = std::fs::remove_file(&path) {
+            self.step(Step::UnlinkFailed).await;
+            return Err(AttemptError::Fatal(format!(
                 "couldn't remove the source file {} ({e}); not handing over: the source copy stays authoritative",
                 path.display()
-            ))
-        })?;
-        self.unlinked = true;
+            )));
+        }
         tracing::info!("Removed the source file {}", path.display());
         Ok(())
     }
+}
+
+fn error_text(error: &AttemptError) -> String {
+    error.reason()
 }
 
 /// A connected destination, after its handshake.
@@ -857,13 +1175,25 @@ impl Destination {
             Err(_) => return Err(connect_failed("timed out".into())),
         };
         let _ = stream.set_nodelay(true);
-        let handshake = tokio::time::timeout(HELLO_TIMEOUT, Self::handshake(&mut stream));
+        if let Err(e) = watch_link(&stream) {
+            tracing::warn!("Couldn't set keepalive on the connection to {target}: {e}");
+        }
+        let received = AtomicU64::new(0);
+        let handshake =
+            tokio::time::timeout(HELLO_TIMEOUT, Self::handshake(&mut stream, &received));
         let (remote_size, flags, newstyle) = match handshake.await {
             Ok(result) => result?,
-            Err(_) => {
+            // Nothing at all is "failed to respond"; a partial hello is a bad one.
+            Err(_) if received.load(Ordering::Relaxed) == 0 => {
                 return Err(AttemptError::Connect(
                     FirstFailure::NoHello,
-                    format!("{target} sent no complete hello within {HELLO_TIMEOUT:?}"),
+                    format!("{target} sent no hello within {HELLO_TIMEOUT:?}"),
+                ))
+            }
+            Err(_) => {
+                return Err(AttemptError::Connect(
+                    FirstFailure::Rejected,
+                    format!("{target} sent an incomplete hello within {HELLO_TIMEOUT:?}"),
                 ))
             }
         };
@@ -880,19 +1210,30 @@ impl Destination {
         })
     }
 
-    async fn handshake(stream: &mut TcpStream) -> Result<(u64, u16, bool), AttemptError> {
+    async fn handshake(
+        stream: &mut TcpStream,
+        received: &AtomicU64,
+    ) -> Result<(u64, u16, bool), AttemptError> {
         let rejected = |why: String| AttemptError::Connect(FirstFailure::Rejected, why);
         let mut first = [0u8; 16];
-        stream
-            .read_exact(&mut first)
+        read_counted(stream, &mut first, received)
             .await
             .map_err(|e| rejected(format!("reading the hello failed: {e}")))?;
-        match client::classify(&first).map_err(|e| rejected(e.to_string()))? {
+        let greeting = match client::classify(&first) {
+            Ok(greeting) => greeting,
+            Err(e) => {
+                // A hello with a wrong magic is read whole (within the hello time) before
+                // it is rejected, so the peer does not see its hello cut off (flexnbd §10.2).
+                let mut rest = [0u8; OLDSTYLE_HELLO_LEN - 16];
+                let _ = read_counted(stream, &mut rest, received).await;
+                return Err(rejected(e.to_string()));
+            }
+        };
+        match greeting {
             Greeting::Oldstyle => {
                 let mut hello = [0u8; OLDSTYLE_HELLO_LEN];
                 hello[..16].copy_from_slice(&first);
-                stream
-                    .read_exact(&mut hello[16..])
+                read_counted(stream, &mut hello[16..], received)
                     .await
                     .map_err(|e| rejected(format!("reading the hello failed: {e}")))?;
                 let hello = OldstyleHello::decode(&hello).map_err(|e| rejected(e.to_string()))?;
@@ -948,6 +1289,49 @@ impl Destination {
     }
 }
 
+/// Reads exactly `buf.len()` bytes, counting what arrived (to tell "no hello" from "a
+/// partial hello" at the deadline).
+async fn read_counted(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    received: &AtomicU64,
+) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = stream.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        filled += n;
+        received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Makes a dead or blackholed link to the destination fail in about [`LINK_TIMEOUT`]:
+/// keepalive probes while nothing is outstanding, TCP_USER_TIMEOUT for data that is never
+/// acknowledged.
+fn watch_link(stream: &TcpStream) -> io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket.set_tcp_keepalive(&keepalive)?;
+    socket.set_tcp_user_timeout(Some(LINK_TIMEOUT))
+}
+
+/// The bulk copy's inactivity limit: [`BULK_LIMIT`], or `FLEXNBD_MS_REQUEST_LIMIT_SECS`
+/// (read once per migration).
+fn bulk_limit() -> Duration {
+    std::env::var("FLEXNBD_MS_REQUEST_LIMIT_SECS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(BULK_LIMIT)
+}
+
 /// What a request in flight is waiting for.
 enum Pending {
     /// A write or zero range: counted once acknowledged.
@@ -976,6 +1360,8 @@ struct Engine {
     /// When bytes last moved either way (process milliseconds): the inactivity limit
     /// counts from here while requests are outstanding.
     activity: Arc<AtomicU64>,
+    /// The inactivity limit in milliseconds (shorter once the doors are closed).
+    limit_ms: Arc<AtomicU64>,
 }
 
 impl Drop for Engine {
@@ -989,7 +1375,9 @@ impl Engine {
         destination: Destination,
         stats: Arc<MirrorStats>,
         cancel: CancellationToken,
+        limit: Duration,
     ) -> Engine {
+        let limit_ms = Arc::new(AtomicU64::new(limit.as_millis() as u64));
         let (read_half, writer) = destination.stream.into_split();
         let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
         let failed = cancel.child_token();
@@ -1003,6 +1391,7 @@ impl Engine {
                 failed: failed.clone(),
                 failure: failure.clone(),
                 activity: activity.clone(),
+                limit_ms: limit_ms.clone(),
             },
         ));
         Engine {
@@ -1016,7 +1405,18 @@ impl Engine {
             failure,
             reader,
             activity,
+            limit_ms,
         }
+    }
+
+    /// Sets the inactivity limit from now on.
+    fn set_limit(&self, limit: Duration) {
+        self.limit_ms
+            .store(limit.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn limit(&self) -> Duration {
+        Duration::from_millis(self.limit_ms.load(Ordering::Relaxed))
     }
 
     fn failure(&self) -> AttemptError {
@@ -1054,6 +1454,7 @@ impl Engine {
             map.insert(cookie, pending);
         }
         self.activity.store(process_ms(), Ordering::Relaxed);
+        let limit = self.limit();
         let write = async {
             self.writer.write_all(&header).await?;
             if !payload.is_empty() {
@@ -1062,7 +1463,7 @@ impl Engine {
             io::Result::Ok(())
         };
         tokio::select! {
-            result = tokio::time::timeout(request_limit(), write) => match result {
+            result = tokio::time::timeout(limit, write) => match result {
                 Ok(Ok(())) => {
                     self.activity.store(process_ms(), Ordering::Relaxed);
                     Ok(())
@@ -1173,14 +1574,23 @@ impl Engine {
         self.drain().await
     }
 
-    /// Asks whether the destination is ours: C flexnbd answers EINVAL.
+    /// Asks whether the destination is ours (it answers 0); C flexnbd, qemu-nbd and
+    /// nbdkit answer EINVAL. Any other error is a destination that fails (flexnbd §10.7):
+    /// the attempt is retried, it is not taken for a legacy peer.
     async fn probe(&mut self) -> Result<bool, AttemptError> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Unknown(PROBE), 0, 0, &[], Pending::Probe(tx))
             .await?;
-        tokio::select! {
-            answer = rx => answer.map(|error| error == 0).map_err(|_| self.failure()),
-            () = self.failed.cancelled() => Err(self.failure()),
+        let error = tokio::select! {
+            answer = rx => answer.map_err(|_| self.failure())?,
+            () = self.failed.cancelled() => return Err(self.failure()),
+        };
+        match Errno(error) {
+            Errno(0) => Ok(true),
+            Errno::EINVAL => Ok(false),
+            other => Err(AttemptError::Transfer(format!(
+                "the destination answered the probe with error {other}"
+            ))),
         }
     }
 
@@ -1224,15 +1634,6 @@ impl Engine {
     }
 }
 
-fn request_limit() -> Duration {
-    std::env::var("FLEXNBD_MS_REQUEST_LIMIT_SECS")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(REQUEST_LIMIT)
-}
-
 /// What the reply reader shares with the engine.
 struct Replies {
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
@@ -1240,6 +1641,7 @@ struct Replies {
     failed: CancellationToken,
     failure: Arc<Mutex<Option<String>>>,
     activity: Arc<AtomicU64>,
+    limit_ms: Arc<AtomicU64>,
 }
 
 impl Replies {
@@ -1262,13 +1664,17 @@ const TICK: Duration = Duration::from_millis(250);
 /// outlives each wait), so a tick that checks the inactivity limit loses no bytes. Fails the
 /// attempt when requests are outstanding and no byte has moved for the limit (flexnbd
 /// §10.10), whenever the request was sent relative to the start of this wait.
+///
+/// `mid_reply`: the bytes awaited belong to a reply already begun (a hand-off answer after
+/// its header), whose request is no longer counted as outstanding: the limit applies all
+/// the same.
 async fn fill(
     reader: &mut OwnedReadHalf,
     buf: &mut BytesMut,
     n: usize,
     shared: &Replies,
+    mid_reply: bool,
 ) -> Result<(), String> {
-    let limit = request_limit();
     while buf.len() < n {
         tokio::select! {
             read = reader.read_buf(buf) => match read {
@@ -1278,8 +1684,9 @@ async fn fill(
             },
             () = tokio::time::sleep(TICK) => {
                 let idle = process_ms().saturating_sub(shared.activity.load(Ordering::Relaxed));
-                if shared.outstanding() && idle > limit.as_millis() as u64 {
-                    return Err(format!("the destination answered nothing for {limit:?}"));
+                let limit = shared.limit_ms.load(Ordering::Relaxed);
+                if (mid_reply || shared.outstanding()) && idle > limit {
+                    return Err(format!("the destination answered nothing for {limit} ms"));
                 }
             }
             () = shared.failed.cancelled() => return Err("cancelled".into()),
@@ -1293,7 +1700,7 @@ async fn fill(
 async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
-        if let Err(why) = fill(&mut reader, &mut buf, SIMPLE_REPLY_LEN, &shared).await {
+        if let Err(why) = fill(&mut reader, &mut buf, SIMPLE_REPLY_LEN, &shared, false).await {
             shared.fail(why);
             return;
         }
@@ -1344,14 +1751,12 @@ async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
                 }
                 // The answer follows: its length, then the encoded reply.
                 let body = async {
-                    fill(&mut reader, &mut buf, 4, &shared).await?;
-                    let n = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
-                    if n > MAX_MESSAGE {
-                        return Err("the hand-off answer is too long".to_owned());
-                    }
-                    fill(&mut reader, &mut buf, 4 + n, &shared).await?;
+                    fill(&mut reader, &mut buf, 4, &shared, true).await?;
+                    let n = answer_length(buf[..4].try_into().expect("4 bytes"))
+                        .map_err(|e| e.to_string())?;
+                    fill(&mut reader, &mut buf, 4 + n, &shared, true).await?;
                     let _ = buf.split_to(4);
-                    Ok(buf.split_to(n))
+                    Ok::<_, String>(buf.split_to(n))
                 };
                 match body.await {
                     Ok(bytes) => {

@@ -8,6 +8,8 @@
 //! - [`control::Control`]: the Unix control socket.
 //! - [`allocation_map::AllocationMapBuilder`]: the background walk of the file's extents.
 //! - [`mirror::Mirror`]: one outbound migration.
+//! - [`inbound::Inbound`]: a `listen` server's inbound migration: who may write, the
+//!   hand-off, when control is taken.
 //! - [`rebind::Rebinder`]: after a received migration, serves the file on a new address.
 //!
 //! Actors are thin glue: wire formats live in `crate::protocol`, file access in
@@ -15,6 +17,7 @@
 
 pub mod allocation_map;
 pub mod control;
+pub mod inbound;
 pub mod listener;
 pub mod mirror;
 mod poll;

@@ -26,7 +26,7 @@ use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::protocol::handoff::{HandoffReply, HandoffRequest};
+use crate::protocol::handoff::{encode_answer, HandoffReply, HandoffRequest};
 use crate::protocol::newstyle::{NegotiationConfig, ServerNegotiation};
 use crate::protocol::reply::simple_reply;
 use crate::protocol::request::ExportRules;
@@ -51,6 +51,7 @@ const INLINE_WRITE_SLOW: Duration = Duration::from_millis(2);
 /// ...for this long.
 const INLINE_WRITE_BACKOFF: Duration = Duration::from_secs(1);
 
+use super::inbound::{HandoffMessage, WriteGate, WriteRight};
 use super::reader::{Incoming, Reader, ReaderConfig, ReaderStop, WriteCompletion};
 use super::write_queue::{WriteJob, WriteQueue};
 use super::writer::{self, Body, Header, Outgoing, Permits};
@@ -84,6 +85,10 @@ pub struct SessionConfig {
     /// The thread that does long buffered writes into the export (`None`: the blocking
     /// pool does them). See `actors::write_queue`.
     pub write_queue: Option<WriteQueue>,
+    /// `listen` before control: who may write (see `actors::inbound`). Every mutation of
+    /// the file (WRITE, TRIM, WRITE_ZEROES) enters it; a refused one fails with EPERM and
+    /// is not applied. `None`: every session may write.
+    pub gate: Option<Arc<WriteGate>>,
 }
 
 impl SessionConfig {
@@ -94,19 +99,14 @@ impl SessionConfig {
     pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 }
 
-/// Session → listener (of a `listen` server): a hand-off message from the migration
-/// source. Answered with the target's reply once its effect (a sync, taking control) is
-/// done; a stopping listener makes the send fail and the session answers Refused.
-#[derive(Message, Debug)]
-#[rtype(result = "HandoffReply")]
-pub struct HandoffMessage(pub HandoffRequest);
-
 /// Why a session is asked to close.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
     Shutdown,
     AclChanged,
     Migration,
+    /// A migration target closes a connection that no longer carries the migration.
+    Fenced,
 }
 
 /// Listener → session: finish what is in flight and close. See the module docs.
@@ -121,6 +121,13 @@ pub struct SessionEnded {
     pub id: ClientId,
     /// The client sent NBD_CMD_DISC (a listener treats this as migration complete).
     pub disconnect_seen: bool,
+}
+
+/// One WRITE (or part of one) to apply.
+struct Write {
+    offset: u64,
+    data: Bytes,
+    durable: bool,
 }
 
 pub struct Session {
@@ -149,7 +156,7 @@ pub struct Session {
     style: ReplyStyle,
     /// The id the client gave `base:allocation`, once negotiated.
     base_allocation: Option<u32>,
-    /// Where hand-off messages go (the listener of a `listen` server).
+    /// Where hand-off messages go (the inbound-migration actor of a `listen` server).
     handoff_target: Option<Recipient<HandoffMessage>>,
     /// While set and in the future, small writes go to the blocking pool: an inline write
     /// was slow (see `Session::write`).
@@ -190,7 +197,8 @@ impl Session {
         }
     }
 
-    /// Lets this session pass hand-off messages to `target` (a `listen` server's listener).
+    /// Lets this session pass hand-off messages to `target` (a `listen` server's inbound
+    /// actor).
     pub fn with_handoff_target(mut self, target: Recipient<HandoffMessage>) -> Session {
         self.handoff_target = Some(target);
         self
@@ -322,15 +330,21 @@ impl Session {
                 length,
                 fua,
                 permits,
-            } => self.on_blocking_pool(move |backing| {
-                let result = match backing.punch_hole(offset, length) {
-                    // TRIM is a hint: a filesystem that cannot punch simply keeps the data.
-                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
-                    other => other,
-                };
-                let error = Self::finish(&backing, result, fua, "Trimming", offset, length);
-                Some(Self::reply(style, to, error, permits))
-            }),
+            } => {
+                let right = self.write_right();
+                self.on_blocking_pool(move |backing| {
+                    let Some(_ticket) = right.enter() else {
+                        return Some(Self::reply(style, to, Some(Self::refused_write()), permits));
+                    };
+                    let result = match backing.punch_hole(offset, length) {
+                        // TRIM is a hint: a filesystem that cannot punch simply keeps the data.
+                        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+                        other => other,
+                    };
+                    let error = Self::finish(&backing, result, fua, "Trimming", offset, length);
+                    Some(Self::reply(style, to, error, permits))
+                })
+            }
             Incoming::WriteZeroes {
                 to,
                 offset,
@@ -339,16 +353,22 @@ impl Session {
                 no_hole,
                 fast,
                 permits,
-            } => self.on_blocking_pool(move |backing| {
-                let error = match backing.write_zeroes(offset, length, no_hole, fast) {
-                    Err(ZeroError::NotFast) => Some(Errno::ENOTSUP),
-                    Err(ZeroError::Io(e)) => {
-                        Self::finish(&backing, Err(e), fua, "Zeroing", offset, length)
-                    }
-                    Ok(()) => Self::finish(&backing, Ok(()), fua, "Zeroing", offset, length),
-                };
-                Some(Self::reply(style, to, error, permits))
-            }),
+            } => {
+                let right = self.write_right();
+                self.on_blocking_pool(move |backing| {
+                    let Some(_ticket) = right.enter() else {
+                        return Some(Self::reply(style, to, Some(Self::refused_write()), permits));
+                    };
+                    let error = match backing.write_zeroes(offset, length, no_hole, fast) {
+                        Err(ZeroError::NotFast) => Some(Errno::ENOTSUP),
+                        Err(ZeroError::Io(e)) => {
+                            Self::finish(&backing, Err(e), fua, "Zeroing", offset, length)
+                        }
+                        Ok(()) => Self::finish(&backing, Ok(()), fua, "Zeroing", offset, length),
+                    };
+                    Some(Self::reply(style, to, error, permits))
+                })
+            }
             Incoming::Cache {
                 to,
                 offset,
@@ -417,21 +437,18 @@ impl Session {
             return;
         };
         let replies = self.replies.clone();
+        let conn = self.id;
         ctx.spawn(
             async move {
-                let answer = match target.send(HandoffMessage(request)).await {
+                let answer = match target.send(HandoffMessage { conn, request }).await {
                     Ok(answer) => answer,
                     Err(_) => HandoffReply::Refused {
                         reason: "the server is shutting down".into(),
                     },
                 };
-                let encoded = answer.encode();
-                let mut body = Vec::with_capacity(4 + encoded.len());
-                body.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
-                body.extend_from_slice(&encoded);
                 let reply = Outgoing {
                     header: Header::new(&simple_reply(to.cookie, None)),
-                    body: Body::Data(Bytes::from(body)),
+                    body: Body::Data(Bytes::from(encode_answer(&answer))),
                     permits,
                 };
                 Self::send(&replies, reply);
@@ -626,8 +643,14 @@ impl Session {
                 tokio::task::spawn_blocking(job);
             }
         } else {
+            let right = self.write_right();
             self.on_blocking_pool(move |backing| {
-                Self::write_now(&backing, style, offset, data, durable, completion, budget)
+                let write = Write {
+                    offset,
+                    data,
+                    durable,
+                };
+                Self::write_now(&backing, &right, style, write, completion, budget)
             });
         }
     }
@@ -641,12 +664,16 @@ impl Session {
         budget: Option<OwnedSemaphorePermit>,
     ) {
         let started = Instant::now();
-        let reply = Self::write_now(
-            &self.config.backing,
-            self.style,
+        let write = Write {
             offset,
             data,
-            false,
+            durable: false,
+        };
+        let reply = Self::write_now(
+            &self.config.backing,
+            &self.write_right(),
+            self.style,
+            write,
             completion,
             budget,
         );
@@ -674,9 +701,15 @@ impl Session {
         let replies = self.replies.clone();
         let backing = self.config.backing.clone();
         let style = self.style;
+        let right = self.write_right();
         Box::new(move || {
             let len = data.len() as u64;
-            let reply = Self::write_now(&backing, style, offset, data, false, completion, budget);
+            let write = Write {
+                offset,
+                data,
+                durable: false,
+            };
+            let reply = Self::write_now(&backing, &right, style, write, completion, budget);
             if let Some(reply) = reply {
                 Self::send(&replies, reply);
             }
@@ -694,18 +727,25 @@ impl Session {
     /// is done (`None` while other parts of it are outstanding).
     fn write_now(
         backing: &Backing,
+        right: &WriteRight,
         style: ReplyStyle,
-        offset: u64,
-        data: Bytes,
-        durable: bool,
+        write: Write,
         completion: WriteCompletion,
         budget: Option<OwnedSemaphorePermit>,
     ) -> Option<Outgoing> {
+        let Write {
+            offset,
+            data,
+            durable,
+        } = write;
         let len = data.len() as u64;
-        let error = backing.write_at(&data, offset, durable).err().map(|e| {
-            tracing::error!("Writing {len} bytes at {offset} failed: {e}");
-            Errno::from_os_error(e.raw_os_error())
-        });
+        let error = match right.enter() {
+            None => Some(Self::refused_write()),
+            Some(_ticket) => backing.write_at(&data, offset, durable).err().map(|e| {
+                tracing::error!("Writing {len} bytes at {offset} failed: {e}");
+                Errno::from_os_error(e.raw_os_error())
+            }),
+        };
         // The payload is in the file (or failed): its budget is free again.
         drop(data);
         drop(budget);
@@ -715,6 +755,19 @@ impl Session {
         };
         let permits = Permits { slot, bytes: None };
         Some(Self::reply(style, to, error, permits))
+    }
+
+    /// This session's right to mutate the file (see [`SessionConfig::gate`]).
+    fn write_right(&self) -> WriteRight {
+        WriteRight::new(self.config.gate.clone(), self.id)
+    }
+
+    /// The error of a mutation the gate refused: this connection may not write into a
+    /// migration target (it is not the migration's current attempt, or the data is being
+    /// handed off).
+    fn refused_write() -> Errno {
+        tracing::debug!("Refused a write: this connection may not write here");
+        Errno::EPERM
     }
 
     /// Runs `job` on the blocking pool; the reply it returns (if any) goes straight to the
@@ -847,6 +900,7 @@ impl Handler<Close> for Session {
             CloseReason::Shutdown => "the server is shutting down",
             CloseReason::AclChanged => "the access control list no longer admits it",
             CloseReason::Migration => "the migration is entering its final pass",
+            CloseReason::Fenced => "it no longer carries the migration",
         };
         self.begin_close(why, ctx);
     }

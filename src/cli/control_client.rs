@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::ArgMatches;
 
 use crate::fatal;
-use crate::protocol::control::Status;
+use crate::protocol::control::{Status, FORCE_SOURCE};
 
 use super::{flag, value};
 
@@ -95,6 +95,7 @@ fn request_lines(mode: &str, matches: &ArgMatches) -> Vec<String> {
             .chain(positional())
             .collect(),
         "break" => std::iter::once("break".to_owned())
+            .chain(flag(matches, "force-source").then(|| FORCE_SOURCE.to_owned()))
             .chain(positional())
             .collect(),
         "mirror-speed" => vec!["mirror_max_bps".into(), get("max-speed")],

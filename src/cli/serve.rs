@@ -13,6 +13,7 @@ use clap::ArgMatches;
 use crate::acl::Acl;
 use crate::actors::allocation_map::{AllocationMapBuilder, StopBuilder};
 use crate::actors::control::{Control, ControlConfig, StopControl, StopMirror};
+use crate::actors::inbound::{AttachListener, Inbound, StopInbound, WriteGate};
 use crate::actors::listener::{Listener, ListenerConfig, Shutdown};
 use crate::actors::rebind::Rebinder;
 use crate::actors::session::SessionConfig;
@@ -195,12 +196,14 @@ fn rebind_target(matches: &ArgMatches) -> anyhow::Result<Option<SocketAddr>> {
     }
 }
 
-/// The session settings of a listener; `migration_target` for the `listen` socket.
+/// The session settings of a listener; `gate` for the `listen` socket (a migration target,
+/// whose inbound actor decides who may write).
 fn session_config(
     opts: &ServeOptions,
     backing: &Arc<Backing>,
-    migration_target: bool,
+    gate: Option<Arc<WriteGate>>,
 ) -> Arc<SessionConfig> {
+    let migration_target = gate.is_some();
     let newstyle = opts
         .newstyle
         .clone()
@@ -255,6 +258,7 @@ fn session_config(
                 })
                 .ok()
         },
+        gate,
     })
 }
 
@@ -297,6 +301,8 @@ struct Server {
     listener: Addr<Listener>,
     builder: Addr<AllocationMapBuilder>,
     control: Option<Addr<Control>>,
+    /// `listen`: the inbound-migration actor (who may write, the hand-off).
+    inbound: Option<Addr<Inbound>>,
     control_socket: Option<ControlSocket>,
     events: tokio::sync::mpsc::UnboundedReceiver<ServerEvent>,
     /// Keeps the event channel open while no actor holds a sender.
@@ -318,12 +324,18 @@ impl Server {
             let arbiters: Vec<Arbiter> = (0..workers).map(|_| Arbiter::new()).collect();
             let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
             let listening = matches!(opts.mode, Mode::Listen { .. });
-            let config = Self::listener_config(&opts, &backing, &arbiters, listening);
+            let inbound = listening.then(|| Inbound::new(backing.clone(), events_tx.clone()));
+            let gate = inbound.as_ref().map(Inbound::gate);
+            let inbound = inbound.map(Actor::start);
+            let config = Self::listener_config(&opts, &backing, &arbiters, gate);
             let mut listener = Listener::new(socket, config);
-            if listening {
-                listener = listener.migration_target(events_tx.clone());
+            if let Some(inbound) = &inbound {
+                listener = listener.migration_target(inbound.clone());
             }
             let listener = listener.start();
+            if let Some(inbound) = &inbound {
+                inbound.do_send(AttachListener(listener.clone()));
+            }
             let builder = AllocationMapBuilder::new(backing.clone()).start();
             let control = control_socket.as_ref().map(|sock| {
                 let config = ControlConfig {
@@ -332,6 +344,7 @@ impl Server {
                     default_deny: opts.acl.default_deny(),
                     listener: listener.clone(),
                     allocation: backing.allocation().clone(),
+                    inbound: inbound.clone(),
                 };
                 let control = Control::new(sock.take_listener(), config);
                 match opts.mode {
@@ -347,6 +360,7 @@ impl Server {
                 listener,
                 builder,
                 control,
+                inbound,
                 control_socket,
                 events,
                 _events_tx: events_tx,
@@ -355,20 +369,19 @@ impl Server {
         }
     }
 
+    /// A migration target (`gate`) admits whom its inbound actor decides (flexnbd's one
+    /// legacy client, or the current attempt and a few candidates), whatever
+    /// `--max-clients` says: that option applies to the server it rebinds to.
     fn listener_config(
         opts: &ServeOptions,
         backing: &Arc<Backing>,
         arbiters: &[Arbiter],
-        migration_target: bool,
+        gate: Option<Arc<WriteGate>>,
     ) -> ListenerConfig {
         ListenerConfig {
             acl: opts.acl.clone(),
-            max_clients: if migration_target {
-                opts.max_clients
-            } else {
-                opts.max_clients.max(1)
-            },
-            session: session_config(opts, backing, migration_target),
+            max_clients: opts.max_clients.max(1),
+            session: session_config(opts, backing, gate),
             arbiters: arbiters.iter().map(Arbiter::handle).collect(),
         }
     }
@@ -413,8 +426,16 @@ impl Server {
                                 0
                             }
                         }
-                        Mode::Listen { .. } if received => 0,
-                        Mode::Listen { .. } => 1,
+                        // The inbound actor answers whether control was taken, and takes
+                        // none from now on: the exit status never contradicts an answer
+                        // a source got (exit 1 proves control was not taken).
+                        Mode::Listen { .. } => {
+                            let taken = match &self.inbound {
+                                Some(inbound) => inbound.send(StopInbound).await.unwrap_or(received),
+                                None => received,
+                            };
+                            if taken { 0 } else { 1 }
+                        }
                     };
                 }
                 result = rebound => {
@@ -446,7 +467,7 @@ impl Server {
                         // two places.
                         let _ = self.listener.send(Shutdown).await;
                         let (tx, rx) = tokio::sync::oneshot::channel();
-                        let config = Self::listener_config(&self.opts, &self.backing, &self.arbiters, false);
+                        let config = Self::listener_config(&self.opts, &self.backing, &self.arbiters, None);
                         let config = ListenerConfig {
                             max_clients: self.opts.max_clients.max(DEFAULT_MAX_CLIENTS),
                             ..config

@@ -246,9 +246,19 @@ pub const MODES: &[Mode] = &[
     },
     Mode {
         name: "break",
-        usage: "flexnbd break --sock SOCK",
-        description: "Stop a running migration.",
-        opts: &[SOCK_ONLY],
+        usage: "flexnbd break --sock SOCK [--force-source]",
+        description: "Stop a running migration. Refused once the hand-off may have reached \
+                      the destination (in doubt) or the source file was removed.",
+        opts: &[
+            SOCK_ONLY,
+            &[long_only(
+                "force-source",
+                Flag,
+                "In doubt: make this source authoritative again although the destination \
+                 may have taken control. Only after the destination was stopped and exited \
+                 with status 1 (see docs/migration.md); otherwise two servers may take writes.",
+            )],
+        ],
         positional: Some("ARG"),
         in_help_mode: false,
     },

@@ -98,6 +98,9 @@ pub enum MirrorAction {
     Nothing,
 }
 
+/// The argument of `break` that makes an in-doubt source authoritative again.
+pub const FORCE_SOURCE: &str = "force-source";
+
 /// A parsed control request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ControlRequest {
@@ -106,7 +109,11 @@ pub enum ControlRequest {
     Unknown,
     Acl(Vec<String>),
     Status,
-    Break,
+    /// `break`; `force_source` with the argument [`FORCE_SOURCE`] (ours: C flexnbd never
+    /// sends it), which overrides an in-doubt hand-off.
+    Break {
+        force_source: bool,
+    },
     /// `mirror` with valid arguments.
     Mirror(MirrorRequest),
     /// `mirror` whose arguments were refused; the text is the exact response.
@@ -124,7 +131,9 @@ impl ControlRequest {
         match command.as_str() {
             "acl" => ControlRequest::Acl(args.to_vec()),
             "status" => ControlRequest::Status,
-            "break" => ControlRequest::Break,
+            "break" => ControlRequest::Break {
+                force_source: args.first().is_some_and(|a| a == FORCE_SOURCE),
+            },
             "mirror" => match parse_mirror(args) {
                 Ok(m) => ControlRequest::Mirror(m),
                 Err(text) => ControlRequest::MirrorRefused(text),

@@ -17,6 +17,7 @@ use tokio::time::{sleep, timeout};
 use crate::acl::Acl;
 use crate::actors::allocation_map::{AllocationMapBuilder, StopBuilder};
 use crate::actors::control::{Control, ControlConfig, Execute, StopControl};
+use crate::actors::inbound::Inbound;
 use crate::actors::listener::{GetStatus, Listener, ListenerConfig, ListenerStatus, ReplaceAcl};
 use crate::protocol::control::{ControlRequest, MirrorAction, MirrorRequest};
 use crate::protocol::request::Command;
@@ -59,6 +60,17 @@ impl Ctl {
         allocation: Arc<AllocationMap>,
         default_deny: bool,
     ) -> Ctl {
+        Ctl::start_with(listener, size, allocation, default_deny, None)
+    }
+
+    /// As [`Ctl::start`], for a `listen` server with its inbound actor.
+    fn start_with(
+        listener: &Addr<Listener>,
+        size: u64,
+        allocation: Arc<AllocationMap>,
+        default_deny: bool,
+        inbound: Option<Addr<Inbound>>,
+    ) -> Ctl {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("ctl.sock");
         let socket = std::os::unix::net::UnixListener::bind(&path).expect("bind control");
@@ -70,6 +82,7 @@ impl Ctl {
                 default_deny,
                 listener: listener.clone(),
                 allocation,
+                inbound,
             },
         )
         .start();
@@ -179,7 +192,12 @@ async fn every_command_gets_its_exact_response_line() {
         ctl.exec(ControlRequest::Status).await,
         status_line(0, "building", 0)
     );
-    assert_eq!(ctl.exec(ControlRequest::Break).await, "1: not mirroring\n");
+    for force_source in [false, true] {
+        assert_eq!(
+            ctl.exec(ControlRequest::Break { force_source }).await,
+            "1: not mirroring\n"
+        );
+    }
     for args in [vec![], strings(&["100"]), strings(&["1", "2"])] {
         assert_eq!(
             ctl.exec(ControlRequest::MirrorMaxBps(args)).await,
@@ -243,6 +261,54 @@ async fn every_command_gets_its_exact_response_line() {
         ctl.exec(ControlRequest::Status).await,
         status_line(0, "built", 100),
         "a client that closed is not counted, even before its session noticed"
+    );
+}
+
+/// `listen`: `has_control` and the hand-off keys come from the inbound actor, and follow
+/// the hand-off as a source of ours joins, prepares and commits.
+#[actix::test]
+async fn a_listen_servers_status_comes_from_its_inbound_actor() {
+    const A: MigrationId = MigrationId([0xa1; 16]);
+    let t = Target::start(MIB);
+    let map = t.export.config.backing.allocation().clone();
+    let ctl = Ctl::start_with(&t.listener, MIB, map, false, Some(t.inbound.clone()));
+    let line = |clients: usize, control: bool, phase: &str, attempt: u64| {
+        format!(
+            "0: pid={PID} size={MIB} is_mirroring=false clients_allowed=true num_clients={clients} \
+             has_control={control} alloc_map=building alloc_map_progress=0 \
+             handoff_phase={phase} handoff_attempt={attempt} \n"
+        )
+    };
+    assert_eq!(
+        ctl.exec(ControlRequest::Status).await,
+        line(0, false, "receiving", 0)
+    );
+    let mut source = t.join(A, 3).await;
+    assert_eq!(
+        ctl.exec(ControlRequest::Status).await,
+        line(1, false, "receiving", 3)
+    );
+    let prepare = HandoffRequest::Prepare { id: A, size: MIB };
+    assert_eq!(
+        source.handoff(1, &prepare).await,
+        HandoffReply::Prepared { id: A }
+    );
+    assert_eq!(
+        ctl.exec(ControlRequest::Status).await,
+        line(1, false, "prepared", 3)
+    );
+    let commit = HandoffRequest::Commit { id: A };
+    assert_eq!(
+        source.handoff(2, &commit).await,
+        HandoffReply::Committed { id: A }
+    );
+    assert_eq!(
+        ctl.exec(ControlRequest::Status).await,
+        line(1, true, "committed", 3)
+    );
+    assert_eq!(
+        ctl.exec(ControlRequest::Break { force_source: true }).await,
+        "1: not mirroring\n"
     );
 }
 

@@ -1,17 +1,16 @@
 //! The listener's migration handshakes: close-doors / open-doors with real sessions (the
-//! source's final pass), and the `listen` server's hand-off state (the destination),
-//! driven both by [`HandoffMessage`]s sent straight to the listener and by raw clients.
+//! source's final pass), and the `listen` server's hand-off (the destination), driven both
+//! by [`HandoffMessage`]s sent straight to an [`Inbound`] actor and by raw clients of a
+//! [`Target`] (listener, inbound actor and sessions wired as `cli::serve` wires them).
 
 use std::pin::pin;
 
 use actix::prelude::*;
-use tokio::sync::mpsc::{self, UnboundedReceiver};
-use tokio::time::{sleep, timeout, Instant};
+use tokio::sync::mpsc;
+use tokio::time::{sleep, timeout};
 
-use crate::actors::listener::{CloseDoors, Listener, OpenDoors};
-use crate::actors::session::HandoffMessage;
-use crate::actors::ServerEvent;
-use crate::protocol::handoff::{HandoffReply, HandoffRequest, MigrationId, HANDOFF, PROBE};
+use crate::actors::inbound::{Admit, HandoffMessage, Inbound};
+use crate::actors::listener::{CloseDoors, OpenDoors};
 use crate::protocol::request::Command;
 use crate::protocol::Errno;
 
@@ -21,85 +20,60 @@ const MIB: u64 = 1 << 20;
 const A: MigrationId = MigrationId([0xa1; 16]);
 const B: MigrationId = MigrationId([0xb2; 16]);
 
-/// An export whose sessions answer the hand-off requests (the rules of a `listen` server).
-fn target_export(size: u64) -> Export {
-    let Export { file, config } = Export::new(size, Limits::default());
-    let config = Arc::new(SessionConfig {
-        backing: config.backing.clone(),
-        rules: ExportRules {
-            migration_target: true,
-            ..config.rules
-        },
-        hello: config.hello.clone(),
-        newstyle: None,
-        sync_writes: config.sync_writes,
-        max_in_flight: config.max_in_flight,
-        payload_budget: config.payload_budget,
-        part_size: config.part_size,
-        killswitch: None,
-        grace: config.grace,
-        busy_poll: config.busy_poll,
-        write_queue: None,
-    });
-    Export { file, config }
+/// An inbound actor on its own (no listener, no session): messages are sent to it the way
+/// the listener and the sessions would send them.
+struct Alone {
+    inbound: Addr<Inbound>,
+    events: mpsc::UnboundedReceiver<ServerEvent>,
+    _export: Export,
 }
 
-/// A `listen` server's listener and the receiving end of its event channel.
-fn start_target(export: &Export) -> (Addr<Listener>, SocketAddr, UnboundedReceiver<ServerEvent>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (listener, addr) = spawn_listener(export.config.clone(), Some(tx));
-    (listener, addr, rx)
-}
-
-async fn handoff(listener: &Addr<Listener>, request: HandoffRequest) -> HandoffReply {
-    timeout(WAIT, listener.send(HandoffMessage(request)))
-        .await
-        .expect("HandoffMessage not answered within the wait")
-        .expect("the listener's mailbox is closed")
-}
-
-async fn expect_event(events: &mut UnboundedReceiver<ServerEvent>, expected: ServerEvent) {
-    let got = timeout(WAIT, events.recv())
-        .await
-        .unwrap_or_else(|_| panic!("no {expected:?} within the wait"))
-        .expect("the event channel closed");
-    assert_eq!(got, expected);
-}
-
-async fn expect_no_event(events: &mut UnboundedReceiver<ServerEvent>) {
-    if let Ok(event) = timeout(QUIET, events.recv()).await {
-        panic!("unexpected event: {event:?}");
+impl Alone {
+    fn start(size: u64) -> Alone {
+        let export = Export::new(size, Limits::default());
+        let (tx, events) = mpsc::unbounded_channel();
+        let inbound = Inbound::new(export.config.backing.clone(), tx).start();
+        Alone {
+            inbound,
+            events,
+            _export: export,
+        }
     }
-}
 
-/// Polls the status until `has_control` is set (taking control after a DISC is
-/// asynchronous: the file is synced first).
-async fn expect_control_taken(listener: &Addr<Listener>) {
-    let deadline = Instant::now() + WAIT;
-    while !listener_status(listener).await.has_control {
-        assert!(
-            Instant::now() < deadline,
-            "has_control not set within the wait"
-        );
-        sleep(Duration::from_millis(10)).await;
+    async fn admit(&self, conn: u64) -> bool {
+        timeout(WAIT, self.inbound.send(Admit(conn)))
+            .await
+            .expect("Admit not answered within the wait")
+            .expect("the inbound actor's mailbox is closed")
     }
-}
 
-/// A HANDOFF request over the wire: header and encoded message.
-fn handoff_req(cookie: u64, request: &HandoffRequest) -> Vec<u8> {
-    let body = request.encode();
-    let mut out = header(Command::Unknown(HANDOFF), 0, cookie, 0, body.len() as u64);
-    out.extend_from_slice(&body);
-    out
-}
+    async fn handoff(&self, conn: u64, request: HandoffRequest) -> HandoffReply {
+        timeout(WAIT, self.inbound.send(HandoffMessage { conn, request }))
+            .await
+            .expect("HandoffMessage not answered within the wait")
+            .expect("the inbound actor's mailbox is closed")
+    }
 
-/// Reads the answer to a HANDOFF request: simple reply (error 0), 32-bit length, message.
-async fn handoff_answer(client: &mut Client, cookie: u64) -> HandoffReply {
-    let reply = client.reply().await;
-    assert_eq!((reply.cookie, reply.error), (cookie, 0));
-    let len: [u8; 4] = client.read_exact(4).await.try_into().expect("4 bytes");
-    let body = client.read_exact(u32::from_be_bytes(len) as usize).await;
-    HandoffReply::decode(&body).expect("a well-formed hand-off answer")
+    async fn status(&self) -> TargetStatus {
+        timeout(WAIT, self.inbound.send(GetTargetStatus))
+            .await
+            .expect("GetTargetStatus not answered within the wait")
+            .expect("the inbound actor's mailbox is closed")
+    }
+
+    async fn expect_event(&mut self, expected: ServerEvent) {
+        let got = timeout(WAIT, self.events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {expected:?} within the wait"))
+            .expect("the event channel closed");
+        assert_eq!(got, expected);
+    }
+
+    async fn expect_no_event(&mut self) {
+        if let Ok(event) = timeout(QUIET, self.events.recv()).await {
+            panic!("unexpected event: {event:?}");
+        }
+    }
 }
 
 #[actix::test]
@@ -131,7 +105,6 @@ async fn close_doors_waits_for_a_slow_read_and_open_doors_admits_again() {
     expect_no_hello(addr).await;
     let status = listener_status(&listener).await;
     assert!(!status.clients_allowed, "doors closed, yet {status:?}");
-    assert!(status.has_control);
     assert_eq!(status.num_clients, 1, "only the slow client is alive");
     assert!(
         timeout(QUIET, &mut closed).await.is_err(),
@@ -217,86 +190,120 @@ async fn close_doors_with_no_session_resolves_at_once() {
     expect_admitted(addr, &export).await;
 }
 
+/// A `serve` server is no migration target: its sessions answer the PROBE with EINVAL (as C
+/// flexnbd does) and a HANDOFF request with EINVAL, discarding its payload.
 #[actix::test]
-async fn a_serve_listener_refuses_hand_off_messages() {
+async fn a_serve_server_refuses_hand_off_messages() {
     let export = Export::new(MIB, Limits::default());
-    let (listener, _addr) = spawn_listener(export.config.clone(), None);
-    let reply = handoff(&listener, HandoffRequest::Prepare { id: A, size: MIB }).await;
-    assert!(matches!(reply, HandoffReply::Refused { .. }), "{reply:?}");
-    let status = listener_status(&listener).await;
-    assert!(status.has_control);
-    assert_eq!(status.target_phase, None);
+    let (_listener, addr) = spawn_listener(export.config.clone(), None);
+    let mut client = Client::connect(addr, None).await.expect("connect");
+    client.hello(&export).await;
+    client
+        .send(&header(Command::Unknown(PROBE), 0, 1, 0, 0))
+        .await;
+    let reply = client.reply().await;
+    assert_eq!((reply.cookie, reply.error), (1, Errno::EINVAL.0));
+    let prepare = HandoffRequest::Prepare { id: A, size: MIB };
+    client.send(&handoff_req(2, &prepare)).await;
+    let reply = client.reply().await;
+    assert_eq!((reply.cookie, reply.error), (2, Errno::EINVAL.0));
+    // The payload was discarded, not taken for the next request.
+    client.send(&header(Command::Flush, 0, 3, 0, 0)).await;
+    let reply = client.reply().await;
+    assert_eq!((reply.cookie, reply.error), (3, 0));
+    client.expect_quiet().await;
 }
 
 #[actix::test]
 async fn prepare_then_commit_takes_control_exactly_once() {
-    let export = target_export(MIB);
-    let (listener, _addr, mut events) = start_target(&export);
-    let status = listener_status(&listener).await;
+    let mut t = Alone::start(MIB);
+    let status = t.status().await;
     assert!(!status.has_control);
-    assert_eq!(status.target_phase, Some("receiving"));
+    assert_eq!((status.phase, status.attempt), ("receiving", 0));
+    assert!(t.admit(1).await);
 
-    // Commit without Prepare: refused, nothing changes.
-    let reply = handoff(&listener, HandoffRequest::Commit { id: A }).await;
+    // Commit from a connection that has not joined: refused, nothing changes.
+    let reply = t.handoff(1, HandoffRequest::Commit { id: A }).await;
     assert!(matches!(reply, HandoffReply::Refused { .. }), "{reply:?}");
+    let join = HandoffRequest::Join {
+        id: A,
+        attempt: 1,
+        purpose: JoinPurpose::Copy,
+    };
+    assert_eq!(
+        t.handoff(1, join).await,
+        HandoffReply::Joined { id: A, attempt: 1 }
+    );
+    assert_eq!(t.status().await.attempt, 1);
+    // Commit without Prepare: the proof that control was not taken; nothing changes.
+    assert_eq!(
+        t.handoff(1, HandoffRequest::Commit { id: A }).await,
+        HandoffReply::NotPrepared { id: A }
+    );
     // A Prepare for another size: refused, nothing changes.
-    let reply = handoff(
-        &listener,
-        HandoffRequest::Prepare {
-            id: A,
-            size: 2 * MIB,
-        },
-    )
-    .await;
+    let reply = t
+        .handoff(
+            1,
+            HandoffRequest::Prepare {
+                id: A,
+                size: 2 * MIB,
+            },
+        )
+        .await;
     assert!(matches!(reply, HandoffReply::Refused { .. }), "{reply:?}");
-    let status = listener_status(&listener).await;
+    let status = t.status().await;
     assert!(!status.has_control);
-    assert_eq!(status.target_phase, Some("receiving"));
+    assert_eq!(status.phase, "receiving");
 
     // Prepare: answered once the file is synced; control is not taken yet.
-    let reply = handoff(&listener, HandoffRequest::Prepare { id: A, size: MIB }).await;
+    let reply = t
+        .handoff(1, HandoffRequest::Prepare { id: A, size: MIB })
+        .await;
     assert_eq!(reply, HandoffReply::Prepared { id: A });
-    let status = listener_status(&listener).await;
+    let status = t.status().await;
     assert!(!status.has_control, "control taken at Prepare");
-    assert_eq!(status.target_phase, Some("in_doubt"));
-    expect_no_event(&mut events).await;
+    assert_eq!(status.phase, "prepared");
+    t.expect_no_event().await;
 
-    // A Commit of another migration is refused.
-    let reply = handoff(&listener, HandoffRequest::Commit { id: B }).await;
+    // A Commit of another migration proves it is not prepared for that one; a Commit of
+    // this one from a connection that does not carry it is refused. Neither takes control.
+    assert_eq!(
+        t.handoff(1, HandoffRequest::Commit { id: B }).await,
+        HandoffReply::NotPrepared { id: B }
+    );
+    assert!(t.admit(2).await, "a candidate is admitted");
+    let reply = t.handoff(2, HandoffRequest::Commit { id: A }).await;
     assert!(matches!(reply, HandoffReply::Refused { .. }), "{reply:?}");
-    assert!(!listener_status(&listener).await.has_control);
+    let status = t.status().await;
+    assert!(!status.has_control);
+    assert_eq!(status.phase, "prepared");
 
-    let reply = handoff(&listener, HandoffRequest::Commit { id: A }).await;
+    let reply = t.handoff(1, HandoffRequest::Commit { id: A }).await;
     assert_eq!(reply, HandoffReply::Committed { id: A });
-    let status = listener_status(&listener).await;
+    let status = t.status().await;
     assert!(status.has_control);
-    assert_eq!(status.target_phase, Some("committed"));
-    expect_event(&mut events, ServerEvent::MigrationReceived).await;
+    assert_eq!(status.phase, "committed");
+    t.expect_event(ServerEvent::MigrationReceived).await;
 
     // A resent Commit gets the same answer and takes control only once.
-    let reply = handoff(&listener, HandoffRequest::Commit { id: A }).await;
+    let reply = t.handoff(1, HandoffRequest::Commit { id: A }).await;
     assert_eq!(reply, HandoffReply::Committed { id: A });
     // Prepare after Commit is refused.
-    let reply = handoff(&listener, HandoffRequest::Prepare { id: A, size: MIB }).await;
+    let reply = t
+        .handoff(1, HandoffRequest::Prepare { id: A, size: MIB })
+        .await;
     assert!(matches!(reply, HandoffReply::Refused { .. }), "{reply:?}");
-    assert!(listener_status(&listener).await.has_control);
-    expect_no_event(&mut events).await;
+    assert!(t.status().await.has_control);
+    t.expect_no_event().await;
 }
 
-/// The whole destination path over the wire: the probe, data, Prepare, Commit through a
-/// real session; the source's connection then ends without a DISC.
+/// The whole destination path over the wire: the probe, Join, data, Prepare, Commit
+/// through a real session; the source's connection then ends with a DISC, which takes
+/// control no second time.
 #[actix::test]
 async fn the_hand_off_over_a_session_takes_control_once() {
-    let export = target_export(MIB);
-    let (listener, addr, mut events) = start_target(&export);
-    let mut source = Client::connect(addr, None).await.expect("connect");
-    source.hello(&export).await;
-
-    source
-        .send(&header(Command::Unknown(PROBE), 0, 1, 0, 0))
-        .await;
-    let reply = source.reply().await;
-    assert_eq!((reply.cookie, reply.error), (1, 0), "the probe must get 0");
+    let mut t = Target::start(MIB);
+    let mut source = t.join(A, 1).await;
 
     let data = marker(0x44, 128 * 1024);
     source.send(&write_req(2, 4096, &data)).await;
@@ -307,119 +314,120 @@ async fn the_hand_off_over_a_session_takes_control_once() {
     let answers = source.answers(&[(3, 0)]).await;
     assert_eq!(answers[&3].error, 0, "a migration target takes zero ranges");
 
-    source
-        .send(&handoff_req(4, &HandoffRequest::Commit { id: A }))
-        .await;
-    assert!(matches!(
-        handoff_answer(&mut source, 4).await,
-        HandoffReply::Refused { .. }
-    ));
-    source
-        .send(&handoff_req(
-            5,
-            &HandoffRequest::Prepare { id: A, size: MIB },
-        ))
-        .await;
     assert_eq!(
-        handoff_answer(&mut source, 5).await,
+        source.handoff(4, &HandoffRequest::Commit { id: A }).await,
+        HandoffReply::NotPrepared { id: A },
+        "a Commit before Prepare"
+    );
+    assert_eq!(
+        source
+            .handoff(5, &HandoffRequest::Prepare { id: A, size: MIB })
+            .await,
         HandoffReply::Prepared { id: A }
     );
-    assert!(!listener_status(&listener).await.has_control);
-    source
-        .send(&handoff_req(6, &HandoffRequest::Commit { id: A }))
-        .await;
+    assert!(!t.status().await.has_control);
     assert_eq!(
-        handoff_answer(&mut source, 6).await,
+        source.handoff(6, &HandoffRequest::Commit { id: A }).await,
         HandoffReply::Committed { id: A }
     );
-    assert!(listener_status(&listener).await.has_control);
-    expect_event(&mut events, ServerEvent::MigrationReceived).await;
-    assert_eq!(export.contents(4096, data.len()), data);
-    assert_eq!(export.contents(512 * 1024, 64 * 1024), vec![0; 64 * 1024]);
+    assert!(t.status().await.has_control);
+    t.expect_event(ServerEvent::MigrationReceived).await;
+    assert_eq!(t.export.contents(4096, data.len()), data);
+    assert_eq!(t.export.contents(512 * 1024, 64 * 1024), vec![0; 64 * 1024]);
 
     // The source then disconnects with a DISC: control is not taken a second time.
     source.send(&header(Command::Disconnect, 0, 7, 0, 0)).await;
     source.expect_eof().await;
-    expect_no_event(&mut events).await;
+    t.settle().await;
+    t.expect_no_event().await;
 }
 
-/// flexnbd's legacy hand-off: a client that ends with NBD_CMD_DISC completes the migration
-/// (the file synced, has_control, one event); later DISCs change nothing.
+/// flexnbd's legacy hand-off: a client that never spoke our protocol and ends with
+/// NBD_CMD_DISC completes the migration (the file synced, has_control, one event); once
+/// control is taken nobody else is admitted, so nothing can complete it again.
 #[actix::test]
 async fn a_disconnect_completes_the_migration_once() {
-    let export = target_export(MIB);
-    let (listener, addr, mut events) = start_target(&export);
-    let mut source = Client::connect(addr, None).await.expect("connect");
-    source.hello(&export).await;
+    let mut t = Target::start(MIB);
+    let mut source = t.connect().await;
     let data = marker(0x55, 8192);
     let mut batch = write_req(1, 0, &data);
     batch.extend(header(Command::Disconnect, 0, 2, 0, 0));
     source.send(&batch).await;
     let answers = source.answers(&[(1, 0)]).await;
-    assert_eq!(answers[&1].error, 0);
+    assert_eq!(answers[&1].error, 0, "the legacy client may write");
     source.expect_eof().await;
 
-    expect_event(&mut events, ServerEvent::MigrationReceived).await;
-    expect_control_taken(&listener).await;
-    assert_eq!(export.contents(0, data.len()), data);
+    t.expect_event(ServerEvent::MigrationReceived).await;
+    t.expect_control_taken().await;
+    assert_eq!(t.status().await.phase, "committed");
+    assert_eq!(t.export.contents(0, data.len()), data);
 
-    let mut other = Client::connect(addr, None).await.expect("connect");
-    other.hello(&export).await;
-    other.send(&header(Command::Disconnect, 0, 3, 0, 0)).await;
-    other.expect_eof().await;
-    expect_no_event(&mut events).await;
-    assert!(listener_status(&listener).await.has_control);
+    expect_no_hello(t.addr).await;
+    t.settle().await;
+    t.expect_no_event().await;
+    assert!(t.status().await.has_control);
 }
 
-/// Two sources that disconnect at the same moment: `take_control` syncs the file before it
-/// sets `has_control`, so the second end must not start a second take-over.
+/// flexnbd's contract before a source of ours joined: one client at a time. Of four
+/// clients that connect together only one gets a hello; when all of them send a DISC at
+/// the same moment the migration is reported once.
 #[actix::test]
 async fn simultaneous_disconnects_report_the_migration_once() {
-    let export = target_export(MIB);
-    let (listener, addr, mut events) = start_target(&export);
+    let mut t = Target::start(MIB);
     let mut clients = Vec::new();
     for _ in 0..4 {
-        let mut client = Client::connect(addr, None).await.expect("connect");
-        client.hello(&export).await;
-        clients.push(client);
+        clients.push(Client::connect(t.addr, None).await.expect("connect"));
     }
+    let mut admitted = 0;
+    for client in &mut clients {
+        let mut hello = vec![0; OLDSTYLE_HELLO_LEN];
+        match timeout(WAIT, client.sock.read_exact(&mut hello)).await {
+            Err(_) => panic!("a connection was neither served nor closed"),
+            Ok(Ok(_)) => {
+                assert_eq!(hello, t.export.config.hello, "the hello differs");
+                admitted += 1;
+            }
+            Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
+        }
+    }
+    assert_eq!(admitted, 1, "a migration target admits one legacy client");
     let disc = header(Command::Disconnect, 0, 9, 0, 0);
     let sends = clients.iter_mut().map(|c| c.sock.write_all(&disc));
-    for result in timeout(WAIT, futures_util::future::join_all(sends))
+    // The turned-away connections may fail to take it.
+    timeout(WAIT, futures_util::future::join_all(sends))
         .await
-        .expect("sending the DISCs timed out")
-    {
-        result.expect("sending a DISC failed");
-    }
+        .expect("sending the DISCs timed out");
     for client in &mut clients {
-        client.expect_eof().await;
+        assert_eq!(client.bytes_before_close().await, Some(0));
     }
-    expect_event(&mut events, ServerEvent::MigrationReceived).await;
-    expect_control_taken(&listener).await;
-    expect_no_event(&mut events).await;
+    t.expect_event(ServerEvent::MigrationReceived).await;
+    t.expect_control_taken().await;
+    t.settle().await;
+    t.expect_no_event().await;
 }
 
-/// Neither a bad magic nor a plain hang-up is a hand-off.
+/// Neither a bad magic nor a plain hang-up is a hand-off; each frees the one legacy slot.
 #[actix::test]
 async fn a_bad_magic_or_a_hang_up_does_not_complete_the_migration() {
-    let export = target_export(MIB);
-    let (listener, addr, mut events) = start_target(&export);
+    let mut t = Target::start(MIB);
 
-    let mut bad = Client::connect(addr, None).await.expect("connect");
-    bad.hello(&export).await;
+    let mut bad = t.connect().await;
     let mut request = header(Command::Disconnect, 0, 0xbad, 0, 0);
     request[0] ^= 0x80;
     bad.send(&request).await;
     let reply = bad.reply().await;
     assert_eq!((reply.cookie, reply.error), (0xbad, Errno::EBADMSG.0));
     bad.expect_eof().await;
+    t.settle().await;
 
-    let mut hang_up = Client::connect(addr, None).await.expect("connect");
-    hang_up.hello(&export).await;
+    let hang_up = t.connect().await;
     drop(hang_up);
 
-    expect_no_event(&mut events).await;
-    let status = listener_status(&listener).await;
+    t.expect_no_event().await;
+    t.settle().await;
+    let status = t.status().await;
     assert!(!status.has_control, "control taken without a hand-off");
-    assert_eq!(status.target_phase, Some("receiving"));
+    assert_eq!(status.phase, "receiving");
+    // The slot is free again.
+    t.connect().await;
 }

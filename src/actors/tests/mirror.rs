@@ -20,11 +20,14 @@ use tokio::time::{sleep, timeout, Instant};
 
 use crate::actors::listener::Listener;
 use crate::actors::mirror::{
-    Abandon, FirstFailure, Mirror, MirrorConfig, MirrorEnded, MirrorStats, Outcome, Phase,
+    Abandon, AbandonAnswer, FirstFailure, Mirror, MirrorConfig, MirrorEnded, MirrorStats, Outcome,
+    Phase,
 };
 use crate::actors::ServerEvent;
 use crate::protocol::control::{MirrorAction, MirrorRequest};
-use crate::protocol::handoff::{HandoffReply, HandoffRequest, MigrationId, HANDOFF, PROBE};
+use crate::protocol::handoff::{
+    encode_answer, HandoffReply, HandoffRequest, JoinPurpose, MigrationId, HANDOFF, PROBE,
+};
 use crate::protocol::reply::simple_reply;
 use crate::protocol::request::{decode_header, Header};
 use crate::protocol::{Errno, COMPACT_REQUEST_LEN};
@@ -178,11 +181,24 @@ impl Running {
             .expect("the first result was dropped unanswered")
     }
 
-    async fn abandon(&self) -> bool {
-        timeout(WAIT, self.mirror.send(Abandon))
+    async fn send(&self, msg: Abandon) -> AbandonAnswer {
+        timeout(WAIT, self.mirror.send(msg))
             .await
             .expect("Abandon not answered within the wait")
             .expect("the mirror's mailbox is closed")
+    }
+
+    /// `break`.
+    async fn abandon(&self) -> AbandonAnswer {
+        self.send(Abandon::Break {
+            force_source: false,
+        })
+        .await
+    }
+
+    /// `break --force-source`.
+    async fn force(&self) -> AbandonAnswer {
+        self.send(Abandon::Break { force_source: true }).await
     }
 
     /// One of the mirror's own status keys.
@@ -238,7 +254,33 @@ enum Script {
     Hello {
         size: u64,
     },
+    /// Sends a whole hello (152 bytes, at once) whose first magic is wrong, then waits for
+    /// the mirror to close: cleanly ([`Seen::Eof`]) if it read the hello whole, with a
+    /// reset (reported as [`Seen::Unexpected`]) if it left bytes unread.
+    BadMagic {
+        size: u64,
+    },
+    /// Sends the first `bytes` bytes of a good hello, then holds the connection.
+    PartialHello {
+        size: u64,
+        bytes: usize,
+    },
     Serve(Serving),
+}
+
+/// How a fake destination of ours treats a Commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnCommit {
+    /// Answers Committed.
+    Commit,
+    /// Closes the connection without answering.
+    Drop,
+    /// Never answers; holds the connection until the mirror closes it.
+    Stall,
+    /// Answers NotPrepared (a restarted destination, or one that lost the Prepare).
+    NotPrepared,
+    /// Sends the reply header (error 0) but never the answer behind it.
+    HeaderOnly,
 }
 
 /// An old-style server with scripted faults.
@@ -257,8 +299,12 @@ struct Serving {
     /// Closes the connection after reading this (1-based) WRITE, without answering it.
     drop_at_write: Option<usize>,
     drop_at_probe: bool,
+    /// Answers the probe with this error (neither 0 nor EINVAL: a destination that fails).
+    probe_error: Option<u32>,
     drop_at_prepare: bool,
-    drop_at_commit: bool,
+    /// Reads Prepare and never answers it; holds the connection until the mirror closes it.
+    stall_prepare: bool,
+    on_commit: OnCommit,
     /// After the first WRITE, waits for a permit before answering it (and before reading
     /// anything else).
     gate: Option<Arc<Semaphore>>,
@@ -276,8 +322,10 @@ impl Serving {
             stall_probe: false,
             drop_at_write: None,
             drop_at_probe: false,
+            probe_error: None,
             drop_at_prepare: false,
-            drop_at_commit: false,
+            stall_prepare: false,
+            on_commit: OnCommit::Commit,
             gate: None,
             source: None,
         }
@@ -412,9 +460,46 @@ async fn run_script(mut sock: TcpStream, script: Script, image: Arc<Mutex<Vec<u8
                 Err(_) => Seen::Eof,
             }
         }
+        Script::BadMagic { size } => bad_magic_hello(&mut sock, size).await,
+        Script::PartialHello { size, bytes } => {
+            let hello = OldstyleHello {
+                size,
+                flags: tflags::FLEXNBD_COMPAT,
+            };
+            match sock.write_all(&hello.encode()[..bytes]).await {
+                Ok(()) => wait_for_close(&mut sock).await,
+                Err(_) => Seen::Eof,
+            }
+        }
         Script::Serve(serving) => serve(&mut sock, &serving, &image, &log).await,
     };
     log.note(end);
+}
+
+/// See [`Script::BadMagic`]. A socket closed with unread bytes in its receive queue sends
+/// a reset instead of a FIN, so the peer's read fails instead of returning 0.
+async fn bad_magic_hello(sock: &mut TcpStream, size: u64) -> Seen {
+    let mut hello = OldstyleHello {
+        size,
+        flags: tflags::FLEXNBD_COMPAT,
+    }
+    .encode();
+    assert_eq!(hello.len(), OLDSTYLE_HELLO_LEN);
+    hello[..8].copy_from_slice(b"NOTNBD!!");
+    if let Err(e) = sock.write_all(&hello).await {
+        return Seen::Unexpected(format!("writing the hello failed: {e}"));
+    }
+    let mut buf = [0u8; 64];
+    let end = match timeout(WAIT, sock.read(&mut buf)).await {
+        Err(_) => return Seen::Unexpected("the mirror never closed the connection".into()),
+        Ok(Ok(0)) => Seen::Eof,
+        Ok(Ok(n)) => return Seen::Unexpected(format!("the mirror sent {n} bytes")),
+        Ok(Err(e)) => return Seen::Unexpected(format!("the connection was reset: {e}")),
+    };
+    match socket2::SockRef::from(&*sock).take_error() {
+        Ok(None) => end,
+        Ok(Some(e)) | Err(e) => Seen::Unexpected(format!("the socket has an error: {e}")),
+    }
 }
 
 /// Holds the connection, reading nothing meaningful, until the peer closes it.
@@ -521,7 +606,9 @@ async fn serve(sock: &mut TcpStream, s: &Serving, image: &Mutex<Vec<u8>>, log: &
                 if s.stall_probe {
                     continue;
                 }
-                if s.ours {
+                if let Some(error) = s.probe_error {
+                    error
+                } else if s.ours {
                     0
                 } else {
                     Errno::EINVAL.0
@@ -542,19 +629,35 @@ async fn serve(sock: &mut TcpStream, s: &Serving, image: &Mutex<Vec<u8>>, log: &
                 });
                 let answer = match request {
                     HandoffRequest::Prepare { .. } if s.drop_at_prepare => return Seen::Dropped,
-                    HandoffRequest::Commit { .. } if s.drop_at_commit => return Seen::Dropped,
+                    HandoffRequest::Prepare { .. } if s.stall_prepare => {
+                        return wait_for_close(sock).await
+                    }
                     HandoffRequest::Prepare { id, size } if size == s.size => {
                         HandoffReply::Prepared { id }
                     }
                     HandoffRequest::Prepare { .. } => HandoffReply::Refused {
                         reason: "size".into(),
                     },
-                    HandoffRequest::Commit { id } => HandoffReply::Committed { id },
+                    // A destination of ours echoes the id and attempt it was given.
+                    HandoffRequest::Join { id, attempt, .. } => {
+                        HandoffReply::Joined { id, attempt }
+                    }
+                    HandoffRequest::Commit { id } => match s.on_commit {
+                        OnCommit::Commit => HandoffReply::Committed { id },
+                        OnCommit::NotPrepared => HandoffReply::NotPrepared { id },
+                        OnCommit::Drop => return Seen::Dropped,
+                        OnCommit::Stall => return wait_for_close(sock).await,
+                        OnCommit::HeaderOnly => {
+                            let header = simple_reply(req.cookie, None);
+                            if sock.write_all(&header).await.is_err() {
+                                return Seen::Eof;
+                            }
+                            return wait_for_close(sock).await;
+                        }
+                    },
                 };
-                let encoded = answer.encode();
                 let mut out = simple_reply(req.cookie, None).to_vec();
-                out.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
-                out.extend_from_slice(&encoded);
+                out.extend_from_slice(&encode_answer(&answer));
                 if sock.write_all(&out).await.is_err() {
                     return Seen::Eof;
                 }
@@ -615,6 +718,25 @@ fn assert_same_image(got: &[u8], expected: &[u8]) {
             "the destination's image differs from the source from byte {at} (got {:#04x}, expected {:#04x})",
             got[at], expected[at]
         );
+    }
+}
+
+/// The hand-off messages one connection carried, in order.
+fn handoffs(seen: &[Seen]) -> Vec<HandoffRequest> {
+    seen.iter()
+        .filter_map(|s| match s {
+            Seen::Handoff { request, .. } => Some(*request),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The first message on every connection of ours: connection number `attempt`.
+fn join(attempt: u64, purpose: JoinPurpose) -> HandoffRequest {
+    HandoffRequest::Join {
+        id: ID,
+        attempt,
+        purpose,
     }
 }
 
@@ -694,7 +816,18 @@ async fn our_destination_gets_prepare_then_commit_and_the_file_goes_in_between()
     dest.wait_for(0, WAIT, |s| *s == Seen::Eof).await;
 
     let seen = dest.conn(0);
-    assert_eq!(seen[..2], [Seen::Connected, Seen::Probe], "{seen:?}");
+    assert_eq!(
+        seen[..3],
+        [
+            Seen::Connected,
+            Seen::Probe,
+            Seen::Handoff {
+                request: join(1, JoinPurpose::Copy),
+                source_exists: true,
+            }
+        ],
+        "{seen:?}"
+    );
     let n = seen.len();
     assert_eq!(
         seen[n - 3..],
@@ -737,9 +870,12 @@ async fn action_nothing_copies_without_a_hand_off_and_reopens_the_doors() {
     dest.wait_for(0, WAIT, |s| *s == Seen::Eof).await;
     let seen = dest.conn(0);
     assert!(
-        !seen
-            .iter()
-            .any(|s| matches!(s, Seen::Disc { .. } | Seen::Handoff { .. })),
+        !seen.iter().any(|s| matches!(s, Seen::Disc { .. })),
+        "action nothing handed over: {seen:?}"
+    );
+    assert_eq!(
+        handoffs(&seen),
+        [join(1, JoinPurpose::Copy)],
         "action nothing handed over: {seen:?}"
     );
     assert_tiles(&seen, size);
@@ -748,8 +884,11 @@ async fn action_nothing_copies_without_a_hand_off_and_reopens_the_doors() {
     assert!(src.doors_open().await, "the doors stayed closed");
     expect_admitted(src.addr, &src.export).await;
     // Abandon after completion: answered "completed" (the actor may already be gone).
-    if let Ok(Ok(completed)) = timeout(WAIT, run.mirror.send(Abandon)).await {
-        assert!(completed);
+    let abandon = Abandon::Break {
+        force_source: false,
+    };
+    if let Ok(Ok(answer)) = timeout(WAIT, run.mirror.send(abandon)).await {
+        assert_eq!(answer, AbandonAnswer::Completed);
     }
 }
 
@@ -951,16 +1090,10 @@ async fn a_failed_final_pass_reopens_the_doors_before_retrying() {
     );
     dest.wait_for(1, WAIT, |s| *s == Seen::Eof).await;
     let seen = dest.conn(1);
-    let handoffs: Vec<_> = seen
-        .iter()
-        .filter_map(|s| match s {
-            Seen::Handoff { request, .. } => Some(*request),
-            _ => None,
-        })
-        .collect();
     assert_eq!(
-        handoffs,
+        handoffs(&seen),
         [
+            join(2, JoinPurpose::Copy),
             HandoffRequest::Prepare { id: ID, size },
             HandoffRequest::Commit { id: ID }
         ]
@@ -975,7 +1108,7 @@ async fn a_commit_lost_in_doubt_is_resent_on_a_new_connection() {
     let mut src = small_source();
     let size = src.size();
     let failing = Serving {
-        drop_at_commit: true,
+        on_commit: OnCommit::Drop,
         ..Serving::new(size, true)
     };
     let scripts = vec![
@@ -1002,6 +1135,10 @@ async fn a_commit_lost_in_doubt_is_resent_on_a_new_connection() {
         [
             Seen::Connected,
             Seen::Probe,
+            Seen::Handoff {
+                request: join(2, JoinPurpose::Commit),
+                source_exists: true,
+            },
             Seen::Handoff {
                 request: HandoffRequest::Commit { id: ID },
                 source_exists: true,
@@ -1051,8 +1188,9 @@ async fn stalled_then_abandoned(stalling: Serving) {
     );
     assert_eq!(run.stat("migration_attempt"), "2");
 
-    assert!(
-        !run.abandon().await,
+    assert_eq!(
+        run.abandon().await,
+        AbandonAnswer::Stopped,
         "an abandoned migration is not completed"
     );
     assert_eq!(src.outcome(WAIT).await, Outcome::Abandoned);
@@ -1090,7 +1228,7 @@ async fn a_destination_that_sends_no_hello_after_a_restart_is_retried() {
     assert_eq!(dest.conn(1), [Seen::Connected, Seen::Eof]);
     assert_eq!(run.stat("migration_attempt"), "3");
 
-    assert!(!run.abandon().await);
+    assert_eq!(run.abandon().await, AbandonAnswer::Stopped);
     assert_eq!(src.outcome(WAIT).await, Outcome::Abandoned);
     assert!(src.doors_open().await);
     src.expect_no_event().await;
@@ -1099,7 +1237,11 @@ async fn a_destination_that_sends_no_hello_after_a_restart_is_retried() {
 // ---------------------------------------------------------------------------------------
 // First-attempt failures: reported to the `mirror` command, not retried.
 
-async fn first_attempt_fails(script: Option<Script>, expected: FirstFailure) {
+/// Returns the fake destination (if any) and how long the first result took.
+async fn first_attempt_fails(
+    script: Option<Script>,
+    expected: FirstFailure,
+) -> (Option<Dest>, Duration) {
     let mut src = small_source();
     let (port, dest) = match script {
         Some(script) => {
@@ -1114,8 +1256,10 @@ async fn first_attempt_fails(script: Option<Script>, expected: FirstFailure) {
             (port, None)
         }
     };
+    let started = Instant::now();
     let mut run = src.start(port, MirrorAction::Exit);
     assert_eq!(run.first().await, Err(expected));
+    let took = started.elapsed();
     assert_eq!(
         src.outcome(WAIT).await,
         Outcome::FirstAttemptFailed(expected)
@@ -1123,9 +1267,11 @@ async fn first_attempt_fails(script: Option<Script>, expected: FirstFailure) {
     src.expect_no_event().await;
     assert!(src.doors_open().await);
     expect_admitted(src.addr, &src.export).await;
-    if let Some(mut dest) = dest {
+    let dest = dest.map(|mut dest| {
         assert_eq!(dest.connections(), 1, "a failed first attempt was retried");
-    }
+        dest
+    });
+    (dest, took)
 }
 
 #[actix::test]
@@ -1151,5 +1297,592 @@ async fn an_immediate_close_is_a_rejection() {
 
 #[actix::test]
 async fn no_hello_within_five_seconds_is_reported() {
-    first_attempt_fails(Some(Script::Silent), FirstFailure::NoHello).await;
+    let (_, took) = first_attempt_fails(Some(Script::Silent), FirstFailure::NoHello).await;
+    assert!(
+        (Duration::from_millis(4500)..Duration::from_secs(7)).contains(&took),
+        "answered after {took:?}"
+    );
+    assert_eq!(
+        FirstFailure::NoHello.text(),
+        "Remote server failed to respond"
+    );
+}
+
+/// flexnbd §10.2: a hello with a wrong magic is read whole before it is rejected, so the
+/// destination does not see its hello cut off (a reset, had bytes been left unread).
+#[actix::test]
+async fn a_hello_with_a_wrong_magic_is_read_whole_then_rejected() {
+    let script = Script::BadMagic { size: 4 * MIB };
+    let (dest, took) = first_attempt_fails(Some(script), FirstFailure::Rejected).await;
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    assert_eq!(FirstFailure::Rejected.text(), "Mirror was rejected");
+    let mut dest = dest.expect("a destination");
+    dest.wait_for(0, WAIT, |s| matches!(s, Seen::Eof | Seen::Unexpected(_)))
+        .await;
+    assert_eq!(dest.conn(0), [Seen::Connected, Seen::Eof]);
+}
+
+/// A hello cut short that then stalls is a bad hello, not a silent destination: rejected
+/// at the hello deadline.
+#[actix::test]
+async fn a_hello_cut_short_is_rejected_at_the_deadline() {
+    let script = Script::PartialHello {
+        size: 4 * MIB,
+        bytes: 100,
+    };
+    let (dest, took) = first_attempt_fails(Some(script), FirstFailure::Rejected).await;
+    assert!(
+        (Duration::from_millis(4500)..Duration::from_secs(7)).contains(&took),
+        "answered after {took:?}"
+    );
+    let mut dest = dest.expect("a destination");
+    dest.wait_for(0, WAIT, |s| *s == Seen::Eof).await;
+    assert_eq!(dest.conn(0), [Seen::Connected, Seen::Eof]);
+}
+
+// ---------------------------------------------------------------------------------------
+// The hand-off with one of ours: `break`, proof of no control, in doubt.
+
+/// Waits until the doors are open again, checking on the way that no further connection
+/// was made while they were closed (`connections` so far) and that this side has control
+/// once they are open.
+async fn expect_doors_reopened_before_retry(
+    src: &Source,
+    dest: &mut Dest,
+    run: &Running,
+    connections: usize,
+) {
+    let deadline = Instant::now() + WAIT;
+    while !src.doors_open().await {
+        assert_eq!(
+            dest.connections(),
+            connections,
+            "the retry started while the doors were still closed"
+        );
+        assert!(Instant::now() < deadline, "the doors never reopened");
+        sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(dest.connections(), connections, "the doors reopened late");
+    assert!(run.stats.has_control(), "serving again without control");
+    assert_eq!(run.stat("handoff_phase"), "serving");
+}
+
+/// `break` before the Commit is written (the destination holds the Prepare): the
+/// migration stops, the doors reopen, this side has control and no Commit is ever sent.
+#[actix::test]
+async fn break_before_the_commit_stops_and_reopens_the_doors() {
+    let mut src = small_source();
+    let size = src.size();
+    let stalling = Serving {
+        stall_prepare: true,
+        ..Serving::new(size, true)
+    };
+    let mut dest = Dest::start(size, vec![Script::Serve(stalling)]).await;
+    let mut run = src.start(dest.port(), MirrorAction::Exit);
+    assert_eq!(run.first().await, Ok(()));
+    dest.wait_for(0, WAIT, |s| {
+        matches!(
+            s,
+            Seen::Handoff {
+                request: HandoffRequest::Prepare { .. },
+                ..
+            }
+        )
+    })
+    .await;
+    assert!(!src.doors_open().await, "the final pass closes the doors");
+    assert!(run.stats.has_control(), "Prepare moves no authority");
+
+    assert_eq!(run.abandon().await, AbandonAnswer::Stopped);
+    assert_eq!(src.outcome(WAIT).await, Outcome::Abandoned);
+    assert!(
+        src.doors_open().await,
+        "the doors stayed closed after break"
+    );
+    expect_admitted(src.addr, &src.export).await;
+    assert!(run.stats.has_control());
+    assert_eq!(run.stat("handoff_phase"), "stopped");
+    src.expect_no_event().await;
+    dest.wait_for(0, WAIT, |s| *s == Seen::Eof).await;
+    let seen = dest.conn(0);
+    assert_eq!(
+        handoffs(&seen),
+        [
+            join(1, JoinPurpose::Copy),
+            HandoffRequest::Prepare { id: ID, size }
+        ],
+        "{seen:?}"
+    );
+    assert_eq!(dest.connections(), 1);
+}
+
+/// Once the Commit is written, `break` is refused with a reason and the mirror goes on
+/// (in doubt: doors closed, no control, reconnecting with a higher attempt to resend the
+/// Commit); `break --force-source` then stops it and reopens the doors.
+#[actix::test]
+async fn break_while_the_commit_is_outstanding_is_refused_until_forced() {
+    let mut src = small_source();
+    let size = src.size();
+    let stalling = Serving {
+        on_commit: OnCommit::Stall,
+        ..Serving::new(size, true)
+    };
+    let mut dest = Dest::start(size, vec![Script::Serve(stalling)]).await;
+    let mut run = src.start(dest.port(), MirrorAction::Exit);
+    assert_eq!(run.first().await, Ok(()));
+    let commit = Seen::Handoff {
+        request: HandoffRequest::Commit { id: ID },
+        source_exists: true,
+    };
+    dest.wait_for(0, WAIT, |s| *s == commit).await;
+    assert!(!run.stats.has_control(), "the Commit may have landed");
+    assert_eq!(run.stat("handoff_phase"), "in_doubt");
+
+    match run.abandon().await {
+        AbandonAnswer::Refused(why) => assert!(why.contains("in doubt"), "{why}"),
+        other => panic!("break while in doubt: {other:?}"),
+    }
+    // Nothing changed: the doors stay closed, the migration goes on.
+    assert!(!run.stats.has_control());
+    assert!(!src.doors_open().await);
+    expect_no_hello(src.addr).await;
+    if let Ok(outcome) = timeout(QUIET, src.ended.recv()).await {
+        panic!("the migration ended after a refused break: {outcome:?}");
+    }
+    // The hand-off limit (5 s) fails the connection; the mirror reconnects, as attempt 2,
+    // only to resend the Commit.
+    dest.wait_for(1, 2 * WAIT, |s| *s == commit).await;
+    assert!(dest.conn(0).contains(&Seen::Eof), "{:?}", dest.conn(0));
+    assert_eq!(
+        handoffs(&dest.conn(1)),
+        [
+            join(2, JoinPurpose::Commit),
+            HandoffRequest::Commit { id: ID }
+        ]
+    );
+    assert_eq!(run.stats.phase(), Phase::InDoubt);
+    assert!(matches!(run.abandon().await, AbandonAnswer::Refused(_)));
+    assert!(!src.doors_open().await);
+
+    assert_eq!(run.force().await, AbandonAnswer::Stopped);
+    assert_eq!(src.outcome(WAIT).await, Outcome::Abandoned);
+    assert!(
+        src.doors_open().await,
+        "the doors stayed closed after a forced break"
+    );
+    expect_admitted(src.addr, &src.export).await;
+    assert!(run.stats.has_control());
+    src.expect_no_event().await;
+}
+
+/// A destination that answers the Commit with NotPrepared proves that it did not take
+/// control: the source serves again (doors open, control) and retries from scratch.
+#[actix::test]
+async fn not_prepared_makes_the_source_serve_again_and_retry() {
+    let mut src = small_source();
+    let expected = src.contents();
+    let size = src.size();
+    let refusing = Serving {
+        on_commit: OnCommit::NotPrepared,
+        ..Serving::new(size, true)
+    };
+    let scripts = vec![
+        Script::Serve(refusing),
+        Script::Serve(Serving::new(size, true)),
+    ];
+    let mut dest = Dest::start(size, scripts).await;
+    let mut run = src.start(dest.port(), MirrorAction::Exit);
+    assert_eq!(run.first().await, Ok(()));
+
+    dest.wait_for(0, WAIT, |s| {
+        *s == Seen::Handoff {
+            request: HandoffRequest::Commit { id: ID },
+            source_exists: true,
+        }
+    })
+    .await;
+    expect_doors_reopened_before_retry(&src, &mut dest, &run, 1).await;
+    let mut client = expect_admitted(src.addr, &src.export).await;
+
+    assert_eq!(
+        src.outcome(WAIT).await,
+        Outcome::Completed(MirrorAction::Exit)
+    );
+    src.expect_event(ServerEvent::MigrationSent).await;
+    client.expect_eof().await;
+    dest.wait_for(1, WAIT, |s| *s == Seen::Eof).await;
+    let first = dest.conn(0);
+    assert_eq!(
+        handoffs(&first),
+        [
+            join(1, JoinPurpose::Copy),
+            HandoffRequest::Prepare { id: ID, size },
+            HandoffRequest::Commit { id: ID }
+        ],
+        "{first:?}"
+    );
+    let seen = dest.conn(1);
+    assert_eq!(
+        handoffs(&seen),
+        [
+            join(2, JoinPurpose::Copy),
+            HandoffRequest::Prepare { id: ID, size },
+            HandoffRequest::Commit { id: ID }
+        ],
+        "{seen:?}"
+    );
+    assert_tiles(&seen, size);
+    assert_same_image(&dest.image(), &expected);
+    assert_eq!(run.stat("migration_attempt"), "2");
+    assert!(!run.stats.has_control());
+}
+
+/// The destination restarts while the Commit is outstanding (the connection ends): the
+/// source is in doubt; on its next connection the restarted destination joins it and
+/// answers the resent Commit with NotPrepared, so the source serves again and retries.
+#[actix::test]
+async fn a_restarted_destination_proves_no_control_and_the_source_retries() {
+    let mut src = small_source();
+    let expected = src.contents();
+    let size = src.size();
+    let dropping = Serving {
+        on_commit: OnCommit::Drop,
+        ..Serving::new(size, true)
+    };
+    let restarted = Serving {
+        on_commit: OnCommit::NotPrepared,
+        ..Serving::new(size, true)
+    };
+    let scripts = vec![
+        Script::Serve(dropping),
+        Script::Serve(restarted),
+        Script::Serve(Serving::new(size, true)),
+    ];
+    let mut dest = Dest::start(size, scripts).await;
+    let mut run = src.start(dest.port(), MirrorAction::Exit);
+    assert_eq!(run.first().await, Ok(()));
+
+    dest.wait_for(0, WAIT, |s| *s == Seen::Dropped).await;
+    assert!(!run.stats.has_control(), "in doubt");
+    assert!(!src.doors_open().await, "the doors reopened while in doubt");
+    dest.wait_for(1, WAIT, |s| *s == Seen::Eof).await;
+    assert_eq!(
+        dest.conn(1),
+        [
+            Seen::Connected,
+            Seen::Probe,
+            Seen::Handoff {
+                request: join(2, JoinPurpose::Commit),
+                source_exists: true,
+            },
+            Seen::Handoff {
+                request: HandoffRequest::Commit { id: ID },
+                source_exists: true,
+            },
+            Seen::Eof
+        ]
+    );
+    expect_doors_reopened_before_retry(&src, &mut dest, &run, 2).await;
+
+    assert_eq!(
+        src.outcome(WAIT).await,
+        Outcome::Completed(MirrorAction::Exit)
+    );
+    src.expect_event(ServerEvent::MigrationSent).await;
+    dest.wait_for(2, WAIT, |s| *s == Seen::Eof).await;
+    let seen = dest.conn(2);
+    assert_eq!(
+        handoffs(&seen),
+        [
+            join(3, JoinPurpose::Copy),
+            HandoffRequest::Prepare { id: ID, size },
+            HandoffRequest::Commit { id: ID }
+        ],
+        "{seen:?}"
+    );
+    assert_tiles(&seen, size);
+    assert_same_image(&dest.image(), &expected);
+    assert_eq!(run.stat("migration_attempt"), "3");
+}
+
+/// A probe answered with an error other than 0 (ours) or EINVAL (C flexnbd) is a
+/// destination that fails: the attempt is retried; the destination is not taken for a
+/// legacy one (no data, no DISC on that connection).
+#[actix::test]
+async fn a_probe_answered_with_an_error_is_retried_not_taken_for_legacy() {
+    let mut src = small_source();
+    let expected = src.contents();
+    let size = src.size();
+    let failing = |error: Errno| Serving {
+        probe_error: Some(error.0),
+        ..Serving::new(size, true)
+    };
+    let scripts = vec![
+        Script::Serve(failing(Errno::ENOSPC)),
+        Script::Serve(failing(Errno::EIO)),
+        Script::Serve(Serving::new(size, true)),
+    ];
+    let mut dest = Dest::start(size, scripts).await;
+    let mut run = src.start(dest.port(), MirrorAction::Exit);
+    assert_eq!(run.first().await, Ok(()));
+    assert_eq!(
+        src.outcome(WAIT).await,
+        Outcome::Completed(MirrorAction::Exit)
+    );
+    src.expect_event(ServerEvent::MigrationSent).await;
+    for conn in [0, 1] {
+        dest.wait_for(conn, WAIT, |s| *s == Seen::Eof).await;
+        assert_eq!(
+            dest.conn(conn),
+            [Seen::Connected, Seen::Probe, Seen::Eof],
+            "connection {conn}"
+        );
+    }
+    dest.wait_for(2, WAIT, |s| *s == Seen::Eof).await;
+    let seen = dest.conn(2);
+    assert_eq!(
+        handoffs(&seen),
+        [
+            join(3, JoinPurpose::Copy),
+            HandoffRequest::Prepare { id: ID, size },
+            HandoffRequest::Commit { id: ID }
+        ],
+        "{seen:?}"
+    );
+    assert_tiles(&seen, size);
+    assert_same_image(&dest.image(), &expected);
+    assert_eq!(run.stat("migration_attempt"), "3");
+    let why = run.stat("migration_last_failure");
+    assert!(why.contains("probe"), "{why}");
+}
+
+/// The inactivity limit covers the whole answer to a hand-off message: a destination that
+/// sends the reply header of the Commit and then nothing more fails the connection like
+/// one that answers nothing, and the source (in doubt) reconnects to resend the Commit.
+#[actix::test]
+async fn a_hand_off_answer_cut_short_fails_the_connection() {
+    let mut src = small_source();
+    let size = src.size();
+    let cut = Serving {
+        on_commit: OnCommit::HeaderOnly,
+        ..Serving::new(size, true)
+    };
+    let scripts = vec![Script::Serve(cut), Script::Serve(Serving::new(size, true))];
+    let mut dest = Dest::start(size, scripts).await;
+    let mut run = src.start(dest.port(), MirrorAction::Exit);
+    assert_eq!(run.first().await, Ok(()));
+    // The hand-off limit (5 s), the retry delay (1 s).
+    dest.wait_for(1, 2 * WAIT, |s| *s == Seen::Connected).await;
+    assert_eq!(
+        src.outcome(WAIT).await,
+        Outcome::Completed(MirrorAction::Exit)
+    );
+    assert_eq!(
+        handoffs(&dest.conn(1)),
+        [
+            join(2, JoinPurpose::Commit),
+            HandoffRequest::Commit { id: ID }
+        ]
+    );
+}
+
+/// The value of `key` in a status line.
+fn status_value<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split(' ')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        .1
+}
+
+/// Through the control actor: while the Commit is outstanding `status` says this side has
+/// no control and `break` answers `1: break refused: <why>` and keeps the registration;
+/// `break force-source` stops the migration, and this side has control again.
+#[actix::test]
+async fn control_refuses_break_while_in_doubt_and_reports_no_control() {
+    use crate::actors::control::{Control, ControlConfig, Execute};
+    use crate::protocol::control::ControlRequest;
+
+    let src = small_source();
+    let size = src.size();
+    let stalling = Serving {
+        on_commit: OnCommit::Stall,
+        ..Serving::new(size, true)
+    };
+    let mut dest = Dest::start(size, vec![Script::Serve(stalling)]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket =
+        std::os::unix::net::UnixListener::bind(dir.path().join("ctl")).expect("bind control");
+    let backing = src.export.config.backing.clone();
+    let control = Control::new(
+        socket,
+        ControlConfig {
+            pid: 1,
+            size,
+            default_deny: false,
+            listener: src.listener.clone(),
+            allocation: backing.allocation().clone(),
+            inbound: None,
+        },
+    )
+    .with_migration(backing, Some(src.events_tx.clone()))
+    .start();
+    let exec = |request: ControlRequest| {
+        let control = control.clone();
+        async move {
+            timeout(WAIT, control.send(Execute(request)))
+                .await
+                .expect("Execute not answered within the wait")
+                .expect("the control actor's mailbox is closed")
+        }
+    };
+
+    let status = exec(ControlRequest::Status).await;
+    assert_eq!(status_value(&status, "has_control"), "true", "{status}");
+    let mirror = MirrorRequest {
+        addr: "127.0.0.1".parse().expect("address"),
+        port: dest.port(),
+        action: MirrorAction::Exit,
+        bind: None,
+        max_bps: u64::MAX,
+    };
+    assert_eq!(
+        exec(ControlRequest::Mirror(mirror)).await,
+        "0: Mirror started\n"
+    );
+    dest.wait_for(0, WAIT, |s| {
+        matches!(
+            s,
+            Seen::Handoff {
+                request: HandoffRequest::Commit { .. },
+                ..
+            }
+        )
+    })
+    .await;
+
+    let status = exec(ControlRequest::Status).await;
+    assert_eq!(status_value(&status, "is_mirroring"), "true", "{status}");
+    assert_eq!(status_value(&status, "has_control"), "false", "{status}");
+    assert_eq!(
+        status_value(&status, "handoff_phase"),
+        "in_doubt",
+        "{status}"
+    );
+    let refused = exec(ControlRequest::Break {
+        force_source: false,
+    })
+    .await;
+    assert!(
+        refused.starts_with("1: break refused: the hand-off is in doubt")
+            && refused.ends_with('\n')
+            && refused.lines().count() == 1,
+        "{refused:?}"
+    );
+    let status = exec(ControlRequest::Status).await;
+    assert_eq!(status_value(&status, "is_mirroring"), "true", "{status}");
+    assert_eq!(status_value(&status, "has_control"), "false", "{status}");
+    assert_eq!(
+        status_value(&status, "clients_allowed"),
+        "false",
+        "{status}"
+    );
+
+    assert_eq!(
+        exec(ControlRequest::Break { force_source: true }).await,
+        "0: mirror stopped\n"
+    );
+    let status = exec(ControlRequest::Status).await;
+    assert_eq!(status_value(&status, "is_mirroring"), "false", "{status}");
+    assert_eq!(status_value(&status, "has_control"), "true", "{status}");
+    assert_eq!(status_value(&status, "clients_allowed"), "true", "{status}");
+    expect_admitted(src.addr, &src.export).await;
+}
+
+/// A signal while the Commit is outstanding stops the migration (the process exits), but
+/// the doors stay closed and it is fatal: this side may no longer have control.
+#[actix::test]
+async fn a_signal_while_in_doubt_is_fatal_and_keeps_the_doors_closed() {
+    let mut src = small_source();
+    let size = src.size();
+    let stalling = Serving {
+        on_commit: OnCommit::Stall,
+        ..Serving::new(size, true)
+    };
+    let mut dest = Dest::start(size, vec![Script::Serve(stalling)]).await;
+    let mut run = src.start(dest.port(), MirrorAction::Exit);
+    assert_eq!(run.first().await, Ok(()));
+    dest.wait_for(0, WAIT, |s| {
+        matches!(
+            s,
+            Seen::Handoff {
+                request: HandoffRequest::Commit { .. },
+                ..
+            }
+        )
+    })
+    .await;
+    assert_eq!(run.send(Abandon::Signal).await, AbandonAnswer::Stopped);
+    assert!(
+        matches!(src.outcome(WAIT).await, Outcome::Fatal(_)),
+        "a migration stopped in doubt must not end as merely abandoned"
+    );
+    assert!(matches!(
+        timeout(WAIT, src.events.recv()).await,
+        Ok(Some(ServerEvent::MigrationFatal(_)))
+    ));
+    assert!(!run.stats.has_control());
+    assert!(
+        !src.doors_open().await,
+        "the doors reopened after a signal in doubt"
+    );
+    expect_no_hello(src.addr).await;
+}
+
+/// With `unlink` the source file is gone once the Commit may be on its way: even
+/// `break --force-source` is refused, and a destination that proves it did not take
+/// control leaves nobody serving: fatal, doors closed (the destination's file holds every
+/// acknowledged write).
+#[actix::test]
+async fn after_unlink_nothing_reopens_the_doors() {
+    let mut src = small_source();
+    let size = src.size();
+    let dropping = Serving {
+        on_commit: OnCommit::Drop,
+        ..Serving::new(size, true)
+    };
+    let restarted = Serving {
+        on_commit: OnCommit::NotPrepared,
+        ..Serving::new(size, true)
+    };
+    let scripts = vec![Script::Serve(dropping), Script::Serve(restarted)];
+    let mut dest = Dest::start(size, scripts).await;
+    let mut run = src.start(dest.port(), MirrorAction::Unlink);
+    assert_eq!(run.first().await, Ok(()));
+    dest.wait_for(0, WAIT, |s| *s == Seen::Dropped).await;
+    assert!(!src.path().exists(), "the source file was not removed");
+    // The next connection comes a second later; meanwhile the source is in doubt.
+    match run.force().await {
+        AbandonAnswer::Refused(why) => assert!(why.contains("removed"), "{why}"),
+        other => panic!("break --force-source after unlink: {other:?}"),
+    }
+
+    match src.outcome(WAIT).await {
+        Outcome::Fatal(why) => assert!(why.contains("did not take control"), "{why}"),
+        other => panic!("orphaned migration ended as {other:?}"),
+    }
+    assert!(matches!(
+        timeout(WAIT, src.events.recv()).await,
+        Ok(Some(ServerEvent::MigrationFatal(_)))
+    ));
+    assert_eq!(
+        handoffs(&dest.conn(1)),
+        [
+            join(2, JoinPurpose::Commit),
+            HandoffRequest::Commit { id: ID }
+        ]
+    );
+    assert!(!run.stats.has_control());
+    assert!(!src.doors_open().await);
+    expect_no_hello(src.addr).await;
 }

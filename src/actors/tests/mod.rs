@@ -13,6 +13,7 @@
 
 mod control;
 mod doors;
+mod inbound;
 mod listener;
 mod mirror;
 mod session;
@@ -32,14 +33,20 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
+use crate::protocol::handoff::{
+    HandoffReply, HandoffRequest, JoinPurpose, MigrationId, HANDOFF, PROBE,
+};
 use crate::protocol::handshake::OldstyleHello;
 use crate::protocol::reply::{decode_simple_reply, SimpleReply};
 use crate::protocol::request::{Command, Dialect, ExportRules, HeaderStyle, Request};
 use crate::protocol::{tflags, OLDSTYLE_HELLO_LEN, SIMPLE_REPLY_LEN};
 use crate::storage::Backing;
 
+use super::inbound::{AttachListener, GetTargetStatus, Inbound, TargetStatus, WriteGate};
+use super::listener::Listener;
 use super::session::{SessionConfig, SessionEnded};
 use super::write_queue::WriteQueue;
+use super::ServerEvent;
 
 /// Upper bound of every wait that is expected to succeed.
 const WAIT: Duration = Duration::from_secs(10);
@@ -92,6 +99,17 @@ struct Export {
 
 impl Export {
     fn new(size: u64, limits: Limits) -> Export {
+        Export::build(size, limits, |_| None)
+    }
+
+    /// As [`Export::new`]; `gate` is given the backing and may return the write gate of a
+    /// `listen` server, whose sessions then follow the migration target's rules (the
+    /// hand-off PROBE and HANDOFF, zero ranges) and check the gate before every mutation.
+    fn build(
+        size: u64,
+        limits: Limits,
+        gate: impl FnOnce(&Arc<Backing>) -> Option<Arc<WriteGate>>,
+    ) -> Export {
         let mut file = NamedTempFile::new().expect("temp file");
         file.write_all(&pattern(0, size as usize))
             .expect("fill temp file");
@@ -102,13 +120,14 @@ impl Export {
             size,
             flags: tflags::FLEXNBD_COMPAT,
         };
+        let gate = gate(&backing);
         let config = Arc::new(SessionConfig {
             backing,
             rules: ExportRules {
                 size,
                 dialect: Dialect::Oldstyle,
                 read_only: false,
-                migration_target: false,
+                migration_target: gate.is_some(),
             },
             hello: Bytes::copy_from_slice(&hello.encode()),
             newstyle: None,
@@ -120,6 +139,7 @@ impl Export {
             grace: limits.grace,
             busy_poll: SessionConfig::DEFAULT_BUSY_POLL,
             write_queue: Some(WriteQueue::start().expect("start the write queue")),
+            gate,
         });
         Export { file, config }
     }
@@ -347,12 +367,12 @@ impl Client {
 }
 
 /// A listener on a fresh loopback port serving `config` (sessions on the current arbiter);
-/// with `target`, a `listen` server's listener reporting to that channel.
+/// with `inbound`, a `listen` server's listener, which that actor admits clients for.
 fn spawn_listener(
     config: Arc<SessionConfig>,
-    target: Option<super::Events>,
-) -> (Addr<super::listener::Listener>, SocketAddr) {
-    use super::listener::{Listener, ListenerConfig};
+    inbound: Option<Addr<Inbound>>,
+) -> (Addr<Listener>, SocketAddr) {
+    use super::listener::ListenerConfig;
     let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     socket.set_nonblocking(true).expect("nonblocking");
     let addr = socket.local_addr().expect("local addr");
@@ -365,17 +385,15 @@ fn spawn_listener(
             arbiters: vec![],
         },
     );
-    let listener = match target {
-        Some(events) => listener.migration_target(events),
+    let listener = match inbound {
+        Some(inbound) => listener.migration_target(inbound),
         None => listener,
     };
     (listener.start(), addr)
 }
 
 /// The listener's status, within the wait.
-async fn listener_status(
-    listener: &Addr<super::listener::Listener>,
-) -> super::listener::ListenerStatus {
+async fn listener_status(listener: &Addr<Listener>) -> super::listener::ListenerStatus {
     timeout(WAIT, listener.send(super::listener::GetStatus))
         .await
         .expect("GetStatus not answered within the wait")
@@ -403,4 +421,144 @@ async fn expect_admitted(addr: SocketAddr, export: &Export) -> Client {
     let reply = client.reply().await;
     assert_eq!((reply.cookie, reply.error), (0xf1, 0), "FLUSH not served");
     client
+}
+
+/// A HANDOFF request over the wire: header and encoded message.
+fn handoff_req(cookie: u64, request: &HandoffRequest) -> Vec<u8> {
+    let body = request.encode();
+    let mut out = header(Command::Unknown(HANDOFF), 0, cookie, 0, body.len() as u64);
+    out.extend_from_slice(&body);
+    out
+}
+
+impl Client {
+    /// Reads the answer to a HANDOFF request: simple reply (error 0), 32-bit length,
+    /// message.
+    async fn handoff_answer(&mut self, cookie: u64) -> HandoffReply {
+        let reply = self.reply().await;
+        assert_eq!((reply.cookie, reply.error), (cookie, 0));
+        let len: [u8; 4] = self.read_exact(4).await.try_into().expect("4 bytes");
+        let body = self.read_exact(u32::from_be_bytes(len) as usize).await;
+        HandoffReply::decode(&body).expect("a well-formed hand-off answer")
+    }
+
+    /// Sends a HANDOFF request and reads its answer.
+    async fn handoff(&mut self, cookie: u64, request: &HandoffRequest) -> HandoffReply {
+        self.send(&handoff_req(cookie, request)).await;
+        self.handoff_answer(cookie).await
+    }
+
+    /// Sends the PROBE and checks that it is answered 0 (a server of ours).
+    async fn probe(&mut self, cookie: u64) {
+        self.send(&header(Command::Unknown(PROBE), 0, cookie, 0, 0))
+            .await;
+        let reply = self.reply().await;
+        assert_eq!(
+            (reply.cookie, reply.error),
+            (cookie, 0),
+            "the probe must get 0"
+        );
+    }
+}
+
+/// A `listen` server wired as `cli::serve` wires one: an [`Inbound`] actor that owns the
+/// hand-off and publishes its write gate, sessions that follow the migration target's
+/// rules and check that gate, a listener that asks the inbound actor to admit each
+/// connection (and is attached to it, to close fenced sessions), and the main task's
+/// event channel.
+struct Target {
+    export: Export,
+    inbound: Addr<Inbound>,
+    listener: Addr<Listener>,
+    addr: SocketAddr,
+    events: mpsc::UnboundedReceiver<ServerEvent>,
+}
+
+impl Target {
+    fn start(size: u64) -> Target {
+        let (tx, events) = mpsc::unbounded_channel();
+        let mut inbound = None;
+        let export = Export::build(size, Limits::default(), |backing| {
+            let actor = Inbound::new(backing.clone(), tx);
+            let gate = actor.gate();
+            inbound = Some(actor.start());
+            Some(gate)
+        });
+        let inbound = inbound.expect("the inbound actor was started");
+        let (listener, addr) = spawn_listener(export.config.clone(), Some(inbound.clone()));
+        inbound.do_send(AttachListener(listener.clone()));
+        Target {
+            export,
+            inbound,
+            listener,
+            addr,
+            events,
+        }
+    }
+
+    /// The inbound actor's part of the status, within the wait.
+    async fn status(&self) -> TargetStatus {
+        timeout(WAIT, self.inbound.send(GetTargetStatus))
+            .await
+            .expect("GetTargetStatus not answered within the wait")
+            .expect("the inbound actor's mailbox is closed")
+    }
+
+    /// Waits until everything the listener and the inbound actor were sent before now has
+    /// been handled (a session's end reaches the inbound actor through the listener).
+    async fn settle(&self) {
+        listener_status(&self.listener).await;
+        self.status().await;
+    }
+
+    async fn expect_event(&mut self, expected: ServerEvent) {
+        let got = timeout(WAIT, self.events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {expected:?} within the wait"))
+            .expect("the event channel closed");
+        assert_eq!(got, expected);
+    }
+
+    async fn expect_no_event(&mut self) {
+        if let Ok(event) = timeout(QUIET, self.events.recv()).await {
+            panic!("unexpected event: {event:?}");
+        }
+    }
+
+    /// Polls the status until `has_control` is set (taking control after a legacy DISC is
+    /// asynchronous: the file is synced first).
+    async fn expect_control_taken(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.status().await.has_control {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "has_control not set within the wait"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A connection that got its hello (it was admitted).
+    async fn connect(&self) -> Client {
+        let mut client = Client::connect(self.addr, None).await.expect("connect");
+        client.hello(&self.export).await;
+        client
+    }
+
+    /// A source of ours: connects, probes and joins `id` as `attempt` (to copy).
+    async fn join(&self, id: MigrationId, attempt: u64) -> Client {
+        let mut client = self.connect().await;
+        client.probe(0x9000 + attempt).await;
+        let join = HandoffRequest::Join {
+            id,
+            attempt,
+            purpose: JoinPurpose::Copy,
+        };
+        assert_eq!(
+            client.handoff(0x9100 + attempt, &join).await,
+            HandoffReply::Joined { id, attempt },
+            "attempt {attempt} was not joined"
+        );
+        client
+    }
 }
