@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read, Write};
