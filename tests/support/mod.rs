@@ -9,6 +9,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod promise;
+pub mod relay;
 
 use std::ffi::OsString;
 use std::fs;
