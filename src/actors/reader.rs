@@ -228,6 +228,10 @@ pub(crate) struct Reader {
     stopped: bool,
     /// Set when the client sent NBD_CMD_DISC.
     pub disconnect: Arc<std::sync::atomic::AtomicBool>,
+    /// Set while the reader holds the slot of a request whose header has not started to
+    /// arrive: an idle connection holds it, and the killswitch must not count it as a
+    /// request in flight (flexnbd §11: idle connections are never timed out).
+    pub spare_slot: Arc<std::sync::atomic::AtomicBool>,
     /// Set by the session when it closes.
     pub stop: Arc<ReaderStop>,
     /// New-style negotiation, until transmission starts.
@@ -262,6 +266,7 @@ impl Reader {
             handoff: None,
             stopped: false,
             disconnect: Default::default(),
+            spare_slot: Default::default(),
             stop: Default::default(),
             negotiation,
             replies,
@@ -300,7 +305,10 @@ impl Reader {
                 if self.slot.is_none() {
                     let acquire = self.slots.clone().acquire_owned();
                     tokio::select! {
-                        permit = acquire => self.slot = Some(permit.ok()?),
+                        permit = acquire => {
+                            self.slot = Some(permit.ok()?);
+                            self.spare_slot.store(self.buf.is_empty(), Ordering::Relaxed);
+                        }
                         () = self.stop.wake.notified() => continue,
                     }
                 }
@@ -411,6 +419,9 @@ impl Reader {
     }
 
     async fn on_frame(&mut self, frame: Frame) -> Option<Incoming> {
+        if !matches!(frame, Frame::Payload(_)) {
+            self.spare_slot.store(false, Ordering::Relaxed);
+        }
         let req = match frame {
             Frame::Payload(part) => return self.on_payload(part),
             Frame::BadMagic { magic, cookie } => {

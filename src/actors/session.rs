@@ -148,6 +148,8 @@ pub struct Session {
     slots: Arc<Semaphore>,
     budget: Arc<Semaphore>,
     disconnect: Arc<AtomicBool>,
+    /// The reader holds a slot for a request that has not started (see `Reader`).
+    spare_slot: Arc<AtomicBool>,
     closing: bool,
     writer_done: bool,
     /// When the last reply left (for the killswitch).
@@ -187,6 +189,7 @@ impl Session {
             slots,
             budget,
             disconnect: Default::default(),
+            spare_slot: Default::default(),
             closing: false,
             writer_done: false,
             last_progress: Instant::now(),
@@ -244,6 +247,7 @@ impl Session {
             tx.clone(),
         );
         self.disconnect = reader.disconnect.clone();
+        self.spare_slot = reader.spare_slot.clone();
         self.reader_stop = reader.stop.clone();
         self.reader = Some(ctx.add_stream(reader.into_stream()));
         if let Some(limit) = self.config.killswitch {
@@ -840,8 +844,13 @@ impl Session {
         }
     }
 
+    /// flexnbd §11: a request that makes no progress for `limit` cuts the client off; an
+    /// idle connection (no request started, only the reader's slot for the next one) is
+    /// never timed out.
     fn check_killswitch(&mut self, limit: Duration) {
-        let busy = self.slots.available_permits() < self.config.max_in_flight;
+        let in_use = self.config.max_in_flight - self.slots.available_permits();
+        let spare = usize::from(self.spare_slot.load(Ordering::Relaxed));
+        let busy = in_use > spare;
         if busy && self.last_progress.elapsed() > limit {
             tracing::warn!(
                 "Killswitch: a request of client {} made no progress for {} s; closing it",

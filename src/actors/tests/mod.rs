@@ -77,6 +77,8 @@ struct Limits {
     part_size: usize,
     payload_budget: usize,
     grace: Duration,
+    /// `-k`: cut off a client whose request makes no progress for this long.
+    killswitch: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -86,6 +88,7 @@ impl Default for Limits {
             part_size: 1 << 20,
             payload_budget: 4 << 20,
             grace: WAIT,
+            killswitch: None,
         }
     }
 }
@@ -135,7 +138,7 @@ impl Export {
             max_in_flight: limits.max_in_flight,
             payload_budget: limits.payload_budget,
             part_size: limits.part_size,
-            killswitch: None,
+            killswitch: limits.killswitch,
             grace: limits.grace,
             busy_poll: SessionConfig::DEFAULT_BUSY_POLL,
             write_queue: Some(WriteQueue::start().expect("start the write queue")),

@@ -3,6 +3,8 @@
 use std::collections::HashSet;
 
 use actix::prelude::*;
+use std::time::Duration;
+
 use tokio::time::{sleep, timeout};
 
 use crate::actors::session::{Close, CloseReason, Session};
@@ -416,4 +418,44 @@ async fn a_write_larger_than_a_part_is_written_and_answered_once() {
     assert_eq!(h.export.contents(65536, d1.len()), d1);
     assert_eq!(h.export.contents(131072, d2.len()), d2);
     h.client.expect_quiet().await;
+}
+
+/// flexnbd §11: the killswitch cuts off a request that makes no progress, never an idle
+/// connection — right after the hello, or after a completed request. (The reader holds the
+/// slot of the next request while it waits for its header; that slot is not a request.)
+#[actix::test]
+async fn the_killswitch_never_cuts_off_an_idle_client() {
+    let limits = Limits {
+        killswitch: Some(Duration::from_millis(500)),
+        ..Limits::default()
+    };
+    let export = Export::new(MIB, limits);
+    let mut h = Harness::start(export, None).await;
+    // Idle after the hello for several killswitch periods (checked once a second).
+    sleep(Duration::from_millis(2500)).await;
+    h.client.send(&read_req(1, 0, 4096)).await;
+    let reply = h.client.reply().await;
+    assert_eq!((reply.cookie, reply.error), (1, 0));
+    assert_eq!(h.client.read_exact(4096).await, pattern(0, 4096));
+    // Idle after a completed request.
+    sleep(Duration::from_millis(2500)).await;
+    h.client.send(&read_req(2, 4096, 512)).await;
+    let reply = h.client.reply().await;
+    assert_eq!((reply.cookie, reply.error), (2, 0));
+    assert_eq!(h.client.read_exact(512).await, pattern(4096, 512));
+    h.ends.none_yet().await;
+}
+
+/// ... while a request that stalls half-way (a header cut short) is cut off.
+#[actix::test]
+async fn the_killswitch_cuts_off_a_stalled_request() {
+    let limits = Limits {
+        killswitch: Some(Duration::from_millis(500)),
+        ..Limits::default()
+    };
+    let export = Export::new(MIB, limits);
+    let mut h = Harness::start(export, None).await;
+    let request = read_req(1, 0, 4096);
+    h.client.send(&request[..10]).await;
+    h.expect_end(false).await;
 }
