@@ -252,6 +252,11 @@ impl Reader {
         replies: mpsc::Sender<Outgoing>,
     ) -> Reader {
         let framer = RequestFramer::new(HeaderStyle::Compact, config.write_part);
+        let framer = if config.rules.migration_target {
+            framer.with_handoff()
+        } else {
+            framer
+        };
         let poll = PollWindow::new(config.busy_poll);
         Reader {
             sock,

@@ -117,11 +117,11 @@ impl Request {
     ///
     /// Only WRITE carries data in a compact header; C flexnbd consumes no payload for
     /// unknown types, and neither do we. With extended headers a request that sets
-    /// PAYLOAD_LEN carries `length` bytes too (block status filters).
+    /// PAYLOAD_LEN carries `length` bytes too (block status filters). A migration target
+    /// also reads the payload of a hand-off message ([`RequestFramer::with_handoff`]).
     pub fn payload_len(&self, style: HeaderStyle) -> u64 {
         match (self.command, style) {
             (Command::Write, _) => self.length,
-            (Command::Unknown(super::handoff::HANDOFF), _) => self.length,
             (_, HeaderStyle::Extended) if self.flags & cflags::PAYLOAD_LEN != 0 => self.length,
             _ => 0,
         }
@@ -213,6 +213,10 @@ pub struct RequestFramer {
     style: HeaderStyle,
     part_size: u64,
     state: State,
+    /// A migration target: a HANDOFF request carries its message as payload. Anywhere
+    /// else that type is unknown and consumes nothing (flexnbd §4.4), so a pipelined
+    /// request behind it is never eaten as payload.
+    handoff: bool,
 }
 
 impl RequestFramer {
@@ -223,6 +227,20 @@ impl RequestFramer {
             style,
             part_size: part_size as u64,
             state: State::Header,
+            handoff: false,
+        }
+    }
+
+    /// Reads the payload of HANDOFF requests (a `listen` server).
+    pub fn with_handoff(mut self) -> RequestFramer {
+        self.handoff = true;
+        self
+    }
+
+    fn payload_of(&self, req: &Request) -> u64 {
+        match req.command {
+            Command::Unknown(super::handoff::HANDOFF) if self.handoff => req.length,
+            _ => req.payload_len(self.style),
         }
     }
 
@@ -292,7 +310,7 @@ impl RequestFramer {
                             Frame::BadMagic { magic, cookie }
                         }
                         Header::Request(req) => {
-                            let payload = req.payload_len(self.style);
+                            let payload = self.payload_of(&req);
                             if payload > 0 {
                                 self.state = State::Payload {
                                     at: 0,
@@ -967,9 +985,46 @@ mod tests {
             target.check(&mk(Command::WriteZeroes, 1 << 20, 4096)),
             Verdict::Reject(Errno::ENOSPC)
         );
-        assert_eq!(
-            mk(Command::Unknown(HANDOFF), 0, 40).payload_len(HeaderStyle::Compact),
-            40
+    }
+
+    /// A hand-off message's payload is read only by a migration target; elsewhere the type
+    /// is unknown and the next request follows its header directly (flexnbd §4.4).
+    #[test]
+    fn only_a_migration_target_reads_a_handoff_payload() {
+        use super::super::handoff::HANDOFF;
+        let mut wire = Vec::new();
+        let handoff = Request {
+            flags: 0,
+            command: Command::Unknown(HANDOFF),
+            cookie: 1,
+            offset: 0,
+            length: 28,
+        };
+        handoff.encode(HeaderStyle::Compact, &mut wire).unwrap();
+        let read = Request {
+            command: Command::Read,
+            cookie: 2,
+            length: 512,
+            ..handoff
+        };
+        read.encode(HeaderStyle::Compact, &mut wire).unwrap();
+        let frames = |framer: &mut RequestFramer| {
+            let mut buf = BytesMut::from(&wire[..]);
+            let mut out = Vec::new();
+            while let Some(frame) = framer.next_frame(&mut buf) {
+                out.push(frame);
+            }
+            out
+        };
+        let plain = frames(&mut RequestFramer::new(HeaderStyle::Compact, 4096));
+        assert_eq!(plain.len(), 2, "{plain:?}");
+        assert!(matches!(plain[1], Frame::Request(r) if r.cookie == 2));
+        let target = frames(&mut RequestFramer::new(HeaderStyle::Compact, 4096).with_handoff());
+        assert!(
+            !target
+                .iter()
+                .any(|f| matches!(f, Frame::Request(r) if r.cookie == 2)),
+            "the target takes the next 28 bytes as the message: {target:?}"
         );
     }
 
