@@ -195,6 +195,10 @@ impl ReaderStop {
     }
 }
 
+/// The whole of new-style negotiation must end within this, with or without `-k` (qemu-nbd
+/// allows 10 s too); it includes sending the option replies.
+pub(crate) const NEGOTIATION_LIMIT: Duration = Duration::from_secs(10);
+
 /// Limits and settings of a reader.
 pub(crate) struct ReaderConfig {
     pub rules: ExportRules,
@@ -334,9 +338,25 @@ impl Reader {
         }
     }
 
-    /// Runs new-style negotiation to its end. Returns the `Negotiated` item, or `None` if
-    /// the client aborted, failed or went away.
+    /// Runs new-style negotiation to its end, within [`NEGOTIATION_LIMIT`]. Returns the
+    /// `Negotiated` item, or `None` if the client aborted, failed, went away or took too
+    /// long: a client that stops after the greeting (or in the middle of an option) must
+    /// not hold its client slot for ever.
     async fn negotiate(&mut self) -> Option<Incoming> {
+        match tokio::time::timeout(NEGOTIATION_LIMIT, self.negotiate_steps()).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::warn!(
+                    "Client {} did not finish negotiating within {} s; closing it",
+                    self.config.peer,
+                    NEGOTIATION_LIMIT.as_secs()
+                );
+                None
+            }
+        }
+    }
+
+    async fn negotiate_steps(&mut self) -> Option<Incoming> {
         loop {
             let negotiation = self.negotiation.as_mut()?;
             let mut out = Vec::new();
