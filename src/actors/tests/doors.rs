@@ -191,7 +191,8 @@ async fn close_doors_with_no_session_resolves_at_once() {
 }
 
 /// A `serve` server is no migration target: its sessions answer the PROBE with EINVAL (as C
-/// flexnbd does) and a HANDOFF request with EINVAL, discarding its payload.
+/// flexnbd does) and a HANDOFF request with EINVAL, consuming no payload for it (an unknown
+/// type, flexnbd §4.4): the next request follows its header directly.
 #[actix::test]
 async fn a_serve_server_refuses_hand_off_messages() {
     let export = Export::new(MIB, Limits::default());
@@ -203,11 +204,12 @@ async fn a_serve_server_refuses_hand_off_messages() {
         .await;
     let reply = client.reply().await;
     assert_eq!((reply.cookie, reply.error), (1, Errno::EINVAL.0));
-    let prepare = HandoffRequest::Prepare { id: A, size: MIB };
-    client.send(&handoff_req(2, &prepare)).await;
+    client
+        .send(&header(Command::Unknown(HANDOFF), 0, 2, 0, 40))
+        .await;
     let reply = client.reply().await;
     assert_eq!((reply.cookie, reply.error), (2, Errno::EINVAL.0));
-    // The payload was discarded, not taken for the next request.
+    // No payload was read for it: the next request is answered at once.
     client.send(&header(Command::Flush, 0, 3, 0, 0)).await;
     let reply = client.reply().await;
     assert_eq!((reply.cookie, reply.error), (3, 0));
