@@ -11,6 +11,7 @@ pub mod acl;
 pub mod actors;
 pub mod addr;
 pub mod cli;
+pub mod identity;
 pub mod logging;
 pub mod net;
 pub mod protocol;

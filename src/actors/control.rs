@@ -146,7 +146,7 @@ impl Control {
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         let config = MirrorConfig {
             request,
-            id: MigrationId(random_id()),
+            id: MigrationId(crate::identity::random_id()),
             backing,
             listener: self.config.listener.clone(),
             events,
@@ -381,25 +381,6 @@ impl Handler<StopMirror> for Control {
             }
         })
     }
-}
-
-/// 16 random bytes from the kernel, for migration ids.
-fn random_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    // SAFETY: `id` is a valid, writable 16-byte buffer; getrandom writes at most that many
-    // bytes. A short or failed read leaves zeros or part of the buffer unchanged, which
-    // only makes the id less unique, never unsound; the time mixed in below keeps ids of
-    // one process distinct anyway.
-    unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos()
-        .to_le_bytes();
-    for (b, t) in id.iter_mut().zip(now) {
-        *b ^= t;
-    }
-    id
 }
 
 impl Handler<StopControl> for Control {

@@ -107,6 +107,11 @@ pub(crate) enum Incoming {
         to: ReplyTo,
         permits: Permits,
     },
+    /// A migration source asks who we are (answered with our identity).
+    Identify {
+        to: ReplyTo,
+        permits: Permits,
+    },
     /// A hand-off message (its encoded bytes) from a migration source.
     Handoff {
         to: ReplyTo,
@@ -531,6 +536,10 @@ impl Reader {
                 permits: self.permits(),
             },
             Verdict::Probe => Incoming::Probe {
+                to,
+                permits: self.permits(),
+            },
+            Verdict::Identify => Incoming::Identify {
                 to,
                 permits: self.permits(),
             },

@@ -26,7 +26,7 @@ use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::protocol::handoff::{encode_answer, HandoffReply, HandoffRequest};
+use crate::protocol::handoff::{encode_answer, encode_identity, HandoffReply, HandoffRequest};
 use crate::protocol::newstyle::{NegotiationConfig, ServerNegotiation};
 use crate::protocol::reply::simple_reply;
 use crate::protocol::request::ExportRules;
@@ -408,6 +408,7 @@ impl Session {
                 message,
                 permits,
             } => self.handoff(to, message, permits, ctx),
+            Incoming::Identify { to, permits } => self.identify(to, permits),
             Incoming::Negotiated {
                 style,
                 base_allocation,
@@ -459,6 +460,22 @@ impl Session {
             }
             .into_actor(self),
         );
+    }
+
+    /// Tells a migration source who we are (see `protocol::handoff::IDENTIFY`).
+    fn identify(&mut self, to: ReplyTo, permits: Permits) {
+        let reply = match crate::identity::of(&self.config.backing) {
+            Ok(identity) => Outgoing {
+                header: Header::new(&simple_reply(to.cookie, None)),
+                body: Body::Data(Bytes::from(encode_identity(&identity))),
+                permits,
+            },
+            Err(e) => {
+                tracing::error!("Couldn't identify the export: {e}");
+                Self::reply(self.style, to, Some(Errno::EIO), permits)
+            }
+        };
+        Self::send(&self.replies, reply);
     }
 
     /// Turns the result of a file operation into the reply's error, syncing first for FUA.

@@ -453,6 +453,8 @@ pub enum Verdict {
     Handoff {
         length: u64,
     },
+    /// A migration source asks who we are: answer with our identity.
+    Identify,
     /// Answer with this error; a payload, if any, must be discarded.
     Reject(Errno),
 }
@@ -460,6 +462,9 @@ pub enum Verdict {
 impl ExportRules {
     /// Applies the request rules of the dialect.
     pub fn check(&self, req: &Request) -> Verdict {
+        if req.command == Command::Unknown(super::handoff::IDENTIFY) {
+            return self.check_identify(req);
+        }
         if self.migration_target {
             match req.command {
                 Command::Unknown(super::handoff::PROBE) => return Verdict::Probe,
@@ -476,6 +481,21 @@ impl ExportRules {
         match self.dialect {
             Dialect::Oldstyle => self.check_oldstyle(req),
             Dialect::Modern(modern) => self.check_modern(req, modern),
+        }
+    }
+
+    /// Every server of ours answers IDENTIFY (a `serve` too: mirroring into a server that
+    /// exports the source's own file must be detected), with the answer framed after a
+    /// simple reply: so only where replies are simple, and only as the source sends it.
+    fn check_identify(&self, req: &Request) -> Verdict {
+        let simple = match self.dialect {
+            Dialect::Oldstyle => true,
+            Dialect::Modern(modern) => !modern.structured && !modern.extended,
+        };
+        if simple && req.offset == 0 && req.length == 0 {
+            Verdict::Identify
+        } else {
+            Verdict::Reject(Errno::EINVAL)
         }
     }
 

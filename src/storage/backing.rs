@@ -129,6 +129,13 @@ impl Backing {
         &self.path
     }
 
+    /// Device and inode of the open file (not of whatever the path names now).
+    pub fn file_id(&self) -> io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.file.metadata()?;
+        Ok((meta.dev(), meta.ino()))
+    }
+
     /// The allocation map, shared with its builder (and later the mirror).
     pub fn allocation(&self) -> &Arc<AllocationMap> {
         &self.allocation

@@ -45,6 +45,55 @@ pub mod target;
 pub const PROBE: u16 = 0x4650;
 /// Request type of a hand-off message; its payload is the encoded [`HandoffRequest`].
 pub const HANDOFF: u16 = 0x4648;
+/// Request type asking a server of ours who it is (offset 0, length 0, no payload). Every
+/// server of ours (`serve` and `listen`) answers 0 followed by the encoded [`Identity`]
+/// (as a hand-off answer is framed); C flexnbd, qemu-nbd and nbdkit answer an error. A
+/// migration source asks first, and refuses a destination that is itself or that serves
+/// the same file: mirroring a file into itself overwrites what clients write meanwhile.
+pub const IDENTIFY: u16 = 0x4649;
+
+/// Who a server of ours is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Random per server process.
+    pub server: [u8; 16],
+    /// The host's boot id: device and inode numbers only compare within one boot of one
+    /// host.
+    pub boot: [u8; 16],
+    /// Device and inode of the exported file.
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// Why a destination must not receive this server's migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SameAs {
+    /// The destination is this very server.
+    ThisServer,
+    /// The destination is another server exporting this server's file.
+    ThisFile,
+}
+
+impl Identity {
+    /// Whether `other` (a destination) is this server or serves this server's file.
+    pub fn conflicts_with(&self, other: &Identity) -> Option<SameAs> {
+        if self.server == other.server {
+            Some(SameAs::ThisServer)
+        } else if self.boot == other.boot && self.dev == other.dev && self.ino == other.ino {
+            Some(SameAs::ThisFile)
+        } else {
+            None
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Identity, HandoffError> {
+        decode(bytes)
+    }
+}
 /// Largest encoded message either side accepts.
 pub const MAX_MESSAGE: usize = 4096;
 
@@ -164,7 +213,15 @@ impl HandoffReply {
 /// The answer to a HANDOFF request after its simple reply header: a 32-bit length, then
 /// the encoded answer.
 pub fn encode_answer(reply: &HandoffReply) -> Vec<u8> {
-    let encoded = reply.encode();
+    framed(reply.encode())
+}
+
+/// The answer to an IDENTIFY request after its simple reply header.
+pub fn encode_identity(identity: &Identity) -> Vec<u8> {
+    framed(identity.encode())
+}
+
+fn framed(encoded: Vec<u8>) -> Vec<u8> {
     let mut body = Vec::with_capacity(4 + encoded.len());
     body.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
     body.extend_from_slice(&encoded);
@@ -250,6 +307,32 @@ mod tests {
             3
         );
         assert_eq!(first(HandoffReply::NotPrepared { id: A }.encode()), 4);
+    }
+
+    #[test]
+    fn identities_round_trip_and_conflict_only_with_the_same_server_or_file() {
+        let me = Identity {
+            server: [1; 16],
+            boot: [2; 16],
+            dev: 3,
+            ino: 4,
+        };
+        let framed = encode_identity(&me);
+        let n = answer_length(framed[..4].try_into().unwrap()).unwrap();
+        assert_eq!(Identity::decode(&framed[4..4 + n]), Ok(me));
+        assert_eq!(me.conflicts_with(&me), Some(SameAs::ThisServer));
+        let twin = Identity {
+            server: [9; 16],
+            ..me
+        };
+        assert_eq!(me.conflicts_with(&twin), Some(SameAs::ThisFile));
+        let other_host = Identity {
+            boot: [8; 16],
+            ..twin
+        };
+        assert_eq!(me.conflicts_with(&other_host), None);
+        let other_file = Identity { ino: 5, ..twin };
+        assert_eq!(me.conflicts_with(&other_file), None);
     }
 
     #[test]
