@@ -6,6 +6,7 @@
 //! - [`actors`]: the listener and one session per client (actix).
 //! - [`cli`]: the `flexnbd` command line; [`logging`]: flexnbd's log line format.
 //! - [`acl`], [`addr`], [`net`]: access control, address parsing, socket options.
+//! - [`rate`]: pacing a migration to its bandwidth limit.
 
 pub mod acl;
 pub mod actors;
@@ -15,4 +16,5 @@ pub mod identity;
 pub mod logging;
 pub mod net;
 pub mod protocol;
+pub mod rate;
 pub mod storage;
