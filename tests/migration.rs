@@ -964,9 +964,9 @@ fn a_c_flexnbd_destination_gets_zero_filled_writes_and_a_bare_disc() {
     assert_eq!(report.error, None, "fake destination: {:?}", report.kinds);
     assert_eq!(report.write_zeroes, 0, "WRITE_ZEROES sent to a C flexnbd");
     assert_eq!(
-        report.kinds.first(),
-        Some(&0x4650),
-        "the source probes first: {:?}",
+        report.kinds.get(..2),
+        Some(&[0x4649, 0x4650][..]),
+        "the source asks who the destination is, then probes, before anything else: {:?}",
         report.kinds
     );
     assert!(report.disc, "no DISC: {:?}", report.kinds);
@@ -980,8 +980,8 @@ fn a_c_flexnbd_destination_gets_zero_filled_writes_and_a_bare_disc() {
         .collect();
     assert_eq!(
         unknown,
-        BTreeSet::from([0x4650]),
-        "only the probe is unknown to C"
+        BTreeSet::from([0x4649, 0x4650]),
+        "only the identify request and the probe are unknown to C"
     );
     // Every byte went as a WRITE, the holes as zero-filled ones (the fake image started
     // as 0xee, so equality proves the holes were written).

@@ -50,12 +50,14 @@ use crate::protocol::client::{self, Greeting};
 use crate::protocol::control::{MigrationStatus, MirrorAction, MirrorRequest};
 use crate::protocol::handoff::source::{BreakDecision, Next, SourceHandoff};
 use crate::protocol::handoff::{
-    answer_length, HandoffReply, HandoffRequest, JoinPurpose, MigrationId, HANDOFF, PROBE,
+    answer_length, HandoffReply, HandoffRequest, Identity, JoinPurpose, MigrationId, SameAs,
+    HANDOFF, IDENTIFY, PROBE,
 };
 use crate::protocol::handshake::OldstyleHello;
 use crate::protocol::reply::decode_simple_reply;
 use crate::protocol::request::HeaderStyle;
 use crate::protocol::{tflags, Command, Errno, Request, OLDSTYLE_HELLO_LEN, SIMPLE_REPLY_LEN};
+use crate::rate;
 use crate::storage::Backing;
 
 use super::listener::{CloseDoors, Listener, OpenDoors};
@@ -262,7 +264,8 @@ impl MirrorStats {
             duration_secs: self.elapsed_ms() / 1000,
             seconds_left: bytes_left / (speed + 1),
             bytes_left,
-            speed_limit: (limit != u64::MAX).then_some(limit),
+            // What is enforced: 0 (garbage parses as 0) is no limit, so no key.
+            speed_limit: (!rate::is_unlimited(limit)).then_some(limit),
         }
     }
 
@@ -317,6 +320,10 @@ pub enum FirstFailure {
     NoHello,
     SizeMismatch,
     Abandoned,
+    /// Ours: the destination is this very server.
+    ThisServer,
+    /// Ours: the destination serves this server's file.
+    ThisFile,
 }
 
 impl FirstFailure {
@@ -327,6 +334,10 @@ impl FirstFailure {
             FirstFailure::NoHello => "Remote server failed to respond",
             FirstFailure::SizeMismatch => "Remote size does not match local size",
             FirstFailure::Abandoned => "Mirroring abandoned",
+            FirstFailure::ThisServer => "Mirror was rejected: the destination is this server",
+            FirstFailure::ThisFile => {
+                "Mirror was rejected: the destination serves this server's own file"
+            }
         }
     }
 }
@@ -458,6 +469,7 @@ impl Actor for Mirror {
             first: self.first.take(),
             bulk_limit: bulk_limit(),
             mirror: ctx.address(),
+            bucket: Mutex::new(rate::TokenBucket::new(Instant::now())),
             config,
         };
         let task = actix_rt::spawn(run.run());
@@ -584,6 +596,9 @@ enum AttemptError {
     Fatal(String),
     /// The destination answered NotPrepared to our Commit.
     NotPrepared,
+    /// The destination must never receive this migration (it is this server, or serves
+    /// its file): the migration ends, on any attempt.
+    Refused(FirstFailure, String),
 }
 
 impl From<io::Error> for AttemptError {
@@ -597,6 +612,7 @@ impl AttemptError {
         match self {
             AttemptError::Connect(_, why)
             | AttemptError::Transfer(why)
+            | AttemptError::Refused(_, why)
             | AttemptError::Fatal(why) => why.clone(),
             AttemptError::Abandoned => "abandoned".into(),
             AttemptError::NotPrepared => "the destination is not prepared".into(),
@@ -622,6 +638,8 @@ struct Run {
     bulk_limit: Duration,
     /// The actor that owns the hand-off state machine.
     mirror: Addr<Mirror>,
+    /// Paces data to the bandwidth limit; new for every attempt.
+    bucket: Mutex<rate::TokenBucket>,
 }
 
 impl Run {
@@ -664,6 +682,15 @@ impl Run {
                     self.config.backing.dirty().stop();
                     tracing::error!("Migration to {target} failed: {why}");
                     return Outcome::Fatal(why);
+                }
+                Err(AttemptError::Refused(failure, why)) => {
+                    tracing::error!("Migration to {target} refused: {why}");
+                    self.report_first(Err(failure));
+                    self.config.backing.dirty().stop();
+                    let _ = self.step(Step::Failed(why)).await;
+                    let _ = self.config.listener.send(OpenDoors).await;
+                    self.stats.set_phase(Phase::Abandoned);
+                    return Outcome::FirstAttemptFailed(failure);
                 }
                 Err(e) => e,
             };
@@ -779,7 +806,6 @@ impl Run {
         let destination = self
             .abandonable(Destination::connect(&request, self.config.backing.size()))
             .await??;
-        self.report_first(Ok(()));
         tracing::info!(
             "Connected to {}:{} ({}, flags {:#x})",
             request.addr,
@@ -796,6 +822,8 @@ impl Run {
             JoinPurpose::Commit => HANDOFF_LIMIT,
         };
         let mut engine = Engine::start(destination, self.stats.clone(), self.cancel.clone(), limit);
+        self.check_identity(&mut engine, purpose).await?;
+        self.report_first(Ok(()));
         let ours = self.abandonable(engine.probe()).await??;
         if ours {
             let id = self.config.id;
@@ -819,6 +847,33 @@ impl Run {
         Ok((engine, ours))
     }
 
+    /// Refuses a destination that is this server, or that serves this server's file:
+    /// mirroring a file into itself overwrites what clients write meanwhile.
+    async fn check_identity(
+        &mut self,
+        engine: &mut Engine,
+        purpose: JoinPurpose,
+    ) -> Result<(), AttemptError> {
+        let Some(theirs) = self.abandonable(engine.identify()).await?? else {
+            return Ok(());
+        };
+        let ours = crate::identity::of(&self.config.backing)
+            .map_err(|e| AttemptError::Transfer(format!("identifying the export: {e}")))?;
+        let Some(same) = ours.conflicts_with(&theirs) else {
+            return Ok(());
+        };
+        let failure = match same {
+            SameAs::ThisServer => FirstFailure::ThisServer,
+            SameAs::ThisFile => FirstFailure::ThisFile,
+        };
+        let why = failure.text().to_owned();
+        Err(match purpose {
+            JoinPurpose::Copy => AttemptError::Refused(failure, why),
+            // In doubt, nothing changes: keep resending to the configured destination.
+            JoinPurpose::Commit => AttemptError::Transfer(why),
+        })
+    }
+
     async fn attempt(&mut self, attempt: u64) -> Result<(), AttemptError> {
         let (mut engine, ours) = self.connect(attempt, JoinPurpose::Copy).await?;
         engine.zeroes_as_requests = ours || engine.flags & tflags::SEND_WRITE_ZEROES != 0;
@@ -836,6 +891,9 @@ impl Run {
         let backing = self.config.backing.clone();
         backing.dirty().start();
         self.stats.started_ms.store(process_ms(), Ordering::Relaxed);
+        if let Ok(mut bucket) = self.bucket.lock() {
+            *bucket = rate::TokenBucket::new(Instant::now());
+        }
         self.stats.set_phase(Phase::Sweep);
         self.sweep(&mut engine).await?;
 
@@ -952,7 +1010,6 @@ impl Run {
         engine: &mut Engine,
         batch: Vec<(u64, u64)>,
     ) -> Result<(), AttemptError> {
-        self.throttle().await?;
         let backing = self.config.backing.clone();
         let pieces = tokio::task::spawn_blocking(move || {
             batch
@@ -969,7 +1026,49 @@ impl Run {
         .map_err(|e| AttemptError::Transfer(e.to_string()))?
         .map_err(|e| AttemptError::Transfer(format!("reading the source failed: {e}")))?;
         for (offset, data) in pieces {
-            self.abandonable(engine.write(offset, data)).await??;
+            self.send_data(engine, offset, data).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `data` as WRITEs, each piece paced to the bandwidth limit before it is handed
+    /// to the socket (see `crate::rate`).
+    async fn send_data(
+        &self,
+        engine: &mut Engine,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), AttemptError> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let limit = self.stats.max_bps.load(Ordering::Relaxed);
+            let n = (data.len() - done).min(rate::piece_size(limit, WRITE_SIZE as u64) as usize);
+            self.pace(n as u64, limit).await?;
+            let piece = data.slice(done..done + n);
+            self.abandonable(engine.write(offset + done as u64, piece))
+                .await??;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// A hole: one zero-range request where the destination takes them (they cost no
+    /// bandwidth), zero-filled WRITEs otherwise, paced like data.
+    async fn send_zeroes(
+        &self,
+        engine: &mut Engine,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), AttemptError> {
+        if engine.zeroes_as_requests {
+            return self.abandonable(engine.zeroes(offset, len)).await?;
+        }
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZEROS.len() as u64);
+            let zeros = Bytes::from_static(&ZEROS[..n as usize]);
+            self.send_data(engine, offset + done, zeros).await?;
+            done += n;
         }
         Ok(())
     }
@@ -989,14 +1088,13 @@ impl Run {
         let mut at = offset;
         for extent in extents {
             if extent.hole {
-                self.abandonable(engine.zeroes(at, extent.length)).await??;
+                self.send_zeroes(engine, at, extent.length).await?;
             } else {
                 let mut done = 0;
                 while done < extent.length {
                     let n = (extent.length - done).min(WRITE_SIZE as u64);
-                    self.throttle().await?;
                     let data = self.read(at + done, n as usize).await?;
-                    self.abandonable(engine.write(at + done, data)).await??;
+                    self.send_data(engine, at + done, data).await?;
                     done += n;
                 }
             }
@@ -1018,16 +1116,14 @@ impl Run {
         .map_err(|e| AttemptError::Transfer(format!("reading the source failed: {e}")))
     }
 
-    /// Keeps the attempt's average speed under the limit (flexnbd §10.9).
-    async fn throttle(&self) -> Result<(), AttemptError> {
-        let limit = self.stats.max_bps.load(Ordering::Relaxed);
-        if limit == u64::MAX || limit == 0 {
-            return Ok(());
-        }
-        let allowed = limit as f64 * self.stats.elapsed_ms() as f64 / 1000.0;
-        let sent = self.stats.sent.load(Ordering::Relaxed) as f64;
-        if sent > allowed {
-            let wait = Duration::from_secs_f64(((sent - allowed) / limit as f64).min(1.0));
+    /// Waits until `len` bytes may be sent under `limit` (flexnbd §10.9, held over every
+    /// window of a few seconds: see `crate::rate`).
+    async fn pace(&self, len: u64, limit: u64) -> Result<(), AttemptError> {
+        let wait = match self.bucket.lock() {
+            Ok(mut bucket) => bucket.take(Instant::now(), len, limit),
+            Err(_) => Duration::ZERO,
+        };
+        if !wait.is_zero() {
             self.abandonable(tokio::time::sleep(wait)).await?;
         }
         Ok(())
@@ -1342,6 +1438,9 @@ enum Pending {
     },
     Probe(oneshot::Sender<u32>),
     Handoff(oneshot::Sender<Result<HandoffReply, String>>),
+    /// The answer to IDENTIFY: `None` when the destination answered an error (it is not
+    /// one of ours).
+    Identify(oneshot::Sender<Result<Option<Identity>, String>>),
 }
 
 /// The outbound connection: requests pipelined on the write half, replies matched by
@@ -1506,37 +1605,20 @@ impl Engine {
         let mut done = 0;
         while done < len {
             let slot = self.slot().await?;
-            if self.zeroes_as_requests {
-                let n = (len - done).min(ZERO_SIZE);
-                self.send(
-                    Command::WriteZeroes,
-                    offset + done,
-                    n,
-                    &[],
-                    Pending::Transfer {
-                        len: n,
-                        data: false,
-                        _slot: slot,
-                    },
-                )
-                .await?;
-                done += n;
-            } else {
-                let n = (len - done).min(ZEROS.len() as u64);
-                self.send(
-                    Command::Write,
-                    offset + done,
-                    n,
-                    &ZEROS[..n as usize],
-                    Pending::Transfer {
-                        len: n,
-                        data: true,
-                        _slot: slot,
-                    },
-                )
-                .await?;
-                done += n;
-            }
+            let n = (len - done).min(ZERO_SIZE);
+            self.send(
+                Command::WriteZeroes,
+                offset + done,
+                n,
+                &[],
+                Pending::Transfer {
+                    len: n,
+                    data: false,
+                    _slot: slot,
+                },
+            )
+            .await?;
+            done += n;
         }
         Ok(())
     }
@@ -1572,6 +1654,22 @@ impl Engine {
         )
         .await?;
         self.drain().await
+    }
+
+    /// Asks the destination who it is: `None` unless it is a server of ours.
+    async fn identify(&mut self) -> Result<Option<Identity>, AttemptError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Unknown(IDENTIFY), 0, 0, &[], Pending::Identify(tx))
+            .await?;
+        tokio::select! {
+            biased;
+            answer = rx => match answer {
+                Ok(Ok(identity)) => Ok(identity),
+                Ok(Err(why)) => Err(AttemptError::Transfer(format!("a bad identity: {why}"))),
+                Err(_) => Err(self.failure()),
+            },
+            () = self.failed.cancelled() => Err(self.failure()),
+        }
     }
 
     /// Asks whether the destination is ours (it answers 0); C flexnbd, qemu-nbd and
@@ -1749,16 +1847,7 @@ async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
                     )));
                     continue;
                 }
-                // The answer follows: its length, then the encoded reply.
-                let body = async {
-                    fill(&mut reader, &mut buf, 4, &shared, true).await?;
-                    let n = answer_length(buf[..4].try_into().expect("4 bytes"))
-                        .map_err(|e| e.to_string())?;
-                    fill(&mut reader, &mut buf, 4 + n, &shared, true).await?;
-                    let _ = buf.split_to(4);
-                    Ok::<_, String>(buf.split_to(n))
-                };
-                match body.await {
+                match read_answer(&mut reader, &mut buf, &shared).await {
                     Ok(bytes) => {
                         let _ = tx.send(HandoffReply::decode(&bytes).map_err(|e| e.to_string()));
                     }
@@ -1768,6 +1857,36 @@ async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
                     }
                 }
             }
+            Pending::Identify(tx) => {
+                if reply.error != 0 {
+                    let _ = tx.send(Ok(None));
+                    continue;
+                }
+                match read_answer(&mut reader, &mut buf, &shared).await {
+                    Ok(bytes) => {
+                        let identity = Identity::decode(&bytes).map_err(|e| e.to_string());
+                        let _ = tx.send(identity.map(Some));
+                    }
+                    Err(why) => {
+                        shared.fail(format!("reading the identity failed: {why}"));
+                        return;
+                    }
+                }
+            }
         }
     }
+}
+
+/// The body that follows a successful reply to IDENTIFY or HANDOFF: a bounded 32-bit
+/// length, then that many bytes.
+async fn read_answer(
+    reader: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    shared: &Replies,
+) -> Result<BytesMut, String> {
+    fill(reader, buf, 4, shared, true).await?;
+    let n = answer_length(buf[..4].try_into().expect("4 bytes")).map_err(|e| e.to_string())?;
+    fill(reader, buf, 4 + n, shared, true).await?;
+    let _ = buf.split_to(4);
+    Ok(buf.split_to(n))
 }

@@ -45,6 +45,9 @@ use super::{
 pub const CMD_PROBE: u16 = 0x4650;
 /// Request type of a hand-off message (payload: a bincode-encoded request).
 pub const CMD_HANDOFF: u16 = 0x4648;
+/// A source asks a destination of ours who it is; a successful reply carries a 32-bit
+/// length and the encoded identity, as a hand-off answer does.
+pub const CMD_IDENTIFY: u16 = 0x4649;
 
 /// Every relay thread ends after this long, whatever happens (a test never lasts this long).
 pub const MAX_LIFETIME: Duration = Duration::from_secs(600);
@@ -104,6 +107,8 @@ impl Dir {
 pub enum Msg {
     // Source → destination.
     Probe,
+    /// IDENTIFY (the source asks who the destination is; sent before the probe).
+    Identify,
     Join,
     Prepare,
     Commit,
@@ -622,6 +627,8 @@ enum Pending {
     Read(u32),
     /// A HANDOFF: a successful reply carries a 32-bit length and an answer.
     Handoff,
+    /// An IDENTIFY: a successful reply carries a 32-bit length and the identity.
+    Identify,
 }
 
 impl Cookies {
@@ -829,6 +836,7 @@ impl Parser {
             CMD_TRIM => (Msg::Trim, 0, Effect::None),
             CMD_WRITE_ZEROES => (Msg::WriteZeroes, 0, Effect::None),
             CMD_PROBE => (Msg::Probe, 0, Effect::None),
+            CMD_IDENTIFY => (Msg::Identify, 0, Effect::Expect(cookie, Pending::Identify)),
             other => (Msg::OtherRequest(other), 0, Effect::None),
         };
         Parse::Unit {
@@ -869,6 +877,20 @@ impl Parser {
                 len: REPLY_LEN as u64 + n as u64,
                 effect,
             },
+            Some(Pending::Identify) if error == 0 => {
+                if h.len() < REPLY_LEN + 4 {
+                    return Parse::Need(REPLY_LEN + 4);
+                }
+                let body = be32(&h[16..20]);
+                if body > MAX_HANDOFF_BODY {
+                    return Parse::Bad(format!("identity of {body} bytes"));
+                }
+                Parse::Unit {
+                    msg: Msg::OtherReply,
+                    len: (REPLY_LEN + 4) as u64 + body as u64,
+                    effect,
+                }
+            }
             Some(Pending::Handoff) if error == 0 => {
                 if h.len() < REPLY_LEN + 4 {
                     return Parse::Need(REPLY_LEN + 4);

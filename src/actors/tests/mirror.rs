@@ -26,7 +26,7 @@ use crate::actors::mirror::{
 use crate::actors::ServerEvent;
 use crate::protocol::control::{MirrorAction, MirrorRequest};
 use crate::protocol::handoff::{
-    encode_answer, HandoffReply, HandoffRequest, JoinPurpose, MigrationId, HANDOFF, PROBE,
+    encode_answer, HandoffReply, HandoffRequest, JoinPurpose, MigrationId, HANDOFF, IDENTIFY, PROBE,
 };
 use crate::protocol::reply::simple_reply;
 use crate::protocol::request::{decode_header, Header};
@@ -665,6 +665,9 @@ async fn serve(sock: &mut TcpStream, s: &Serving, image: &Mutex<Vec<u8>>, log: &
             }
             // The mirror flushes before its final pass, as any server would answer it.
             Command::Flush => 0,
+            // Who we are: these fakes answer as a server that is not ours would (C flexnbd
+            // answers EINVAL); the identity check has tests of its own.
+            Command::Unknown(IDENTIFY) => Errno::EINVAL.0,
             Command::Disconnect => {
                 log.note(Seen::Disc {
                     source_exists: s.source_exists(),
