@@ -30,6 +30,72 @@ macro_rules! fatal {
     ($($arg:tt)*) => { ::tracing::error!(fatal = true, $($arg)*) };
 }
 
+/// Logs like `tracing::<level>!`, at most one line per [`Throttle::PERIOD`] from this call
+/// site; the next line that gets through says how many were suppressed meanwhile. For
+/// messages a storm can repeat thousands of times (EMFILE from `accept`, ENOSPC for every
+/// refused write part, a port scan against the ACL).
+#[macro_export]
+macro_rules! throttled {
+    ($level:ident, $($arg:tt)*) => {{
+        static THROTTLE: $crate::logging::Throttle = $crate::logging::Throttle::new();
+        if let Some(suppressed) = THROTTLE.allow() {
+            if suppressed == 0 {
+                ::tracing::$level!($($arg)*);
+            } else {
+                ::tracing::$level!(
+                    "{} ({} similar messages suppressed)",
+                    format_args!($($arg)*),
+                    suppressed
+                );
+            }
+        }
+    }};
+}
+
+/// One call site's rate limit (see [`throttled!`]).
+#[derive(Debug)]
+pub struct Throttle {
+    /// When a line was last let through, and how many were suppressed since.
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::new()
+    }
+}
+
+impl Throttle {
+    /// At most one line per this long from one call site.
+    pub const PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
+    pub const fn new() -> Throttle {
+        Throttle {
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(suppressed)` when a line may be logged now.
+    pub fn allow(&self) -> Option<u64> {
+        self.allow_at(std::time::Instant::now())
+    }
+
+    fn allow_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().ok()?;
+        match state.0 {
+            Some(last) if now.saturating_duration_since(last) < Self::PERIOD => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = std::mem::take(&mut state.1);
+                state.0 = Some(now);
+                Some(suppressed)
+            }
+        }
+    }
+}
+
 /// The threshold `-v` selects: I in release builds, D in debug builds.
 pub fn verbose_threshold() -> u8 {
     if cfg!(debug_assertions) {
@@ -152,6 +218,20 @@ fn thread_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_period_and_counts_the_rest() {
+        let throttle = Throttle::new();
+        let t0 = std::time::Instant::now();
+        assert_eq!(throttle.allow_at(t0), Some(0));
+        for i in 1..=1000u64 {
+            let t = t0 + std::time::Duration::from_millis(i);
+            assert_eq!(throttle.allow_at(t), None);
+        }
+        let later = t0 + Throttle::PERIOD;
+        assert_eq!(throttle.allow_at(later), Some(1000));
+        assert_eq!(throttle.allow_at(later), None);
+    }
 
     #[test]
     fn levels_map_to_the_c_letters() {

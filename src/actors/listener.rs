@@ -160,7 +160,7 @@ impl Listener {
         futures_util::stream::unfold(listener, |listener| async move {
             let result = listener.accept().await;
             if let Err(e) = &result {
-                tracing::error!("accept() failed: {e}; retrying");
+                crate::throttled!(error, "accept() failed: {e}; retrying");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
             Some((Accepted(result), listener))
@@ -180,14 +180,15 @@ impl Listener {
             return;
         }
         if !self.config.acl.allows(&peer.ip()) {
-            tracing::warn!("Rejecting client {peer}: Access control error");
+            crate::throttled!(warn, "Rejecting client {peer}: Access control error");
             return;
         }
         let id = self.next_id;
         self.next_id += 1;
         let Some(inbound) = self.inbound.clone() else {
             if self.sessions.len() >= self.config.max_clients {
-                tracing::warn!(
+                crate::throttled!(
+                    warn,
                     "Rejecting client {peer}: too many clients ({} connected)",
                     self.sessions.len()
                 );

@@ -489,7 +489,7 @@ impl Session {
     ) -> Option<Errno> {
         let result = result.and_then(|()| if fua { backing.sync_data() } else { Ok(()) });
         result.err().map(|e| {
-            tracing::error!("{what} {length} bytes at {offset} failed: {e}");
+            crate::throttled!(error, "{what} {length} bytes at {offset} failed: {e}");
             Errno::from_os_error(e.raw_os_error())
         })
     }
@@ -575,7 +575,7 @@ impl Session {
         e: std::io::Error,
         permits: Permits,
     ) -> Outgoing {
-        tracing::error!("Reading {length} bytes at {} failed: {e}", to.offset);
+        crate::throttled!(error, "Reading {length} bytes at {} failed: {e}", to.offset);
         Self::reply(
             style,
             to,
@@ -763,7 +763,7 @@ impl Session {
         let error = match right.enter() {
             None => Some(Self::refused_write()),
             Some(_ticket) => backing.write_at(&data, offset, durable).err().map(|e| {
-                tracing::error!("Writing {len} bytes at {offset} failed: {e}");
+                crate::throttled!(error, "Writing {len} bytes at {offset} failed: {e}");
                 Errno::from_os_error(e.raw_os_error())
             }),
         };
