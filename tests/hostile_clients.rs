@@ -1551,6 +1551,15 @@ fn newstyle_list_option_flood_stays_bounded() {
 
     let (fds_after, fd_wait) = wait_for_fds(pid, fds_before, FD_DEADLINE);
     let rss = check_rss(&server, &sampler, rss_before, "LIST flood");
+    // Queued negotiation replies hold the connection's payload budget (32 MiB) until
+    // written: with socket buffers and the good client, well under 80 MiB. (Replies were
+    // bounded by a count of messages before, each up to all the replies to one read of
+    // options: about 120 MiB here, 584 MB with a million options.)
+    let peak = sampler.rss_peak().max(server.rss_kib());
+    assert!(
+        peak < rss_before + 80 * 1024,
+        "LIST flood: RSS grew from {rss_before} KiB to {peak} KiB"
+    );
     let good = good.finish("LIST flood", min_ops_for(test_start.elapsed()));
     eprintln!(
         "HOSTILE newstyle_list_flood: options={LIST_FLOOD} sent_before_pushback={} \

@@ -1168,3 +1168,71 @@ fn structured_replies_carry_errors_and_data_chunks() {
     assert_eq!(be64(&chunk.payload), 4096, "data chunk offset");
     assert_same_bytes(&chunk.payload[8..], &data[4096..12288], "data chunk");
 }
+
+/// Options are handed to the negotiation a slice at a time (so that one message of replies
+/// stays small); options that straddle slices, and ones longer than a slice, must be
+/// answered exactly as if they had come alone. 20,000 pipelined LISTs with a 10 KiB
+/// unknown option and an INFO among them, in one write, all answered in order.
+#[test]
+fn pipelined_options_across_slices_are_all_answered_in_order() {
+    const OPT_LIST: u32 = 3;
+    const REP_SERVER: u32 = 2;
+    let img = Image::zeroed(MIB);
+    let server = serve(&img.path, &[]);
+    let mut c = Newstyle::start(server.sockaddr(), CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES);
+    let option = |kind: u32, data: &[u8]| {
+        let mut bytes = IHAVEOPT.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&kind.to_be_bytes());
+        bytes.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    };
+    let mut info = (NAME.len() as u32).to_be_bytes().to_vec();
+    info.extend_from_slice(NAME.as_bytes());
+    info.extend_from_slice(&0u16.to_be_bytes());
+    let mut wire = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..20_000 {
+        match i {
+            7_777 => {
+                wire.extend(option(0x4242, &vec![0xab; 10 * KIB]));
+                expected.push(0x4242);
+            }
+            13_333 => {
+                wire.extend(option(OPT_INFO, &info));
+                expected.push(OPT_INFO);
+            }
+            _ => {
+                wire.extend(option(OPT_LIST, &[]));
+                expected.push(OPT_LIST);
+            }
+        }
+    }
+    let writer = {
+        let mut stream = c.stream.try_clone().unwrap();
+        std::thread::spawn(move || stream.write_all(&wire))
+    };
+    for (i, &kind) in expected.iter().enumerate() {
+        let mut r = c.reply();
+        assert_eq!(r.option, kind, "reply {i} is to the wrong option");
+        match kind {
+            OPT_LIST => {
+                assert_eq!(r.kind, REP_SERVER, "LIST {i}");
+                r = c.reply();
+                assert_eq!((r.option, r.kind), (OPT_LIST, REP_ACK), "LIST {i}");
+            }
+            OPT_INFO => {
+                while r.kind == REP_INFO {
+                    r = c.reply();
+                }
+                assert_eq!(r.kind, REP_ACK, "INFO");
+            }
+            _ => assert_eq!(r.kind, REP_ERR_UNSUP, "the unknown option"),
+        }
+    }
+    writer.join().unwrap().expect("sending the options");
+    assert_eq!(
+        c.info_or_go(OPT_GO, NAME).map(|(size, _)| size),
+        Ok(MIB as u64)
+    );
+}

@@ -203,6 +203,8 @@ impl ReaderStop {
 /// The whole of new-style negotiation must end within this, with or without `-k` (qemu-nbd
 /// allows 10 s too); it includes sending the option replies.
 pub(crate) const NEGOTIATION_LIMIT: Duration = Duration::from_secs(10);
+/// Input fed to the negotiation at once (see `Reader::negotiate_steps`).
+const NEGOTIATION_SLICE: usize = 4096;
 
 /// Limits and settings of a reader.
 pub(crate) struct ReaderConfig {
@@ -227,6 +229,8 @@ pub(crate) struct Reader {
     config: ReaderConfig,
     slots: Arc<Semaphore>,
     budget: Arc<Semaphore>,
+    /// The budget's total: a share larger than this could never be granted.
+    budget_size: usize,
     /// The slot for the next header, acquired before its bytes are read.
     slot: Option<OwnedSemaphorePermit>,
     /// The budget for the next payload part, acquired before its bytes are read.
@@ -273,6 +277,7 @@ impl Reader {
             framer,
             config,
             slots,
+            budget_size: budget.available_permits(),
             budget,
             slot: None,
             part_budget: None,
@@ -362,18 +367,40 @@ impl Reader {
     }
 
     async fn negotiate_steps(&mut self) -> Option<Incoming> {
+        // Options are fed a slice of input at a time, so that one message of replies stays
+        // small (a 16-byte LIST can draw a reply a hundred times its size), and queued
+        // replies hold the payload budget until they are written: a client that sends
+        // options without reading the replies is bounded by the budget, not by the channel's
+        // count of messages.
+        let mut slice = NEGOTIATION_SLICE;
         loop {
             let negotiation = self.negotiation.as_mut()?;
             let mut out = Vec::new();
-            let progress = negotiation.feed(&mut self.buf, &mut out);
+            let take = self.buf.len().min(slice);
+            let offered_all = take == self.buf.len();
+            let mut input = self.buf.split_to(take);
+            let progress = negotiation.feed(&mut input, &mut out);
+            let unused = input.len();
+            input.unsplit(self.buf.split());
+            self.buf = input;
             if !out.is_empty() {
-                self.replies
-                    .send(Outgoing::raw(Bytes::from(out)))
-                    .await
-                    .ok()?;
+                let share = out.len().min(self.budget_size) as u32;
+                let bytes = self.budget.clone().acquire_many_owned(share).await.ok()?;
+                let reply = Outgoing::raw_holding(Bytes::from(out), bytes);
+                self.replies.send(reply).await.ok()?;
             }
             match progress {
+                // More is buffered than was offered: go on without reading, with a larger
+                // slice if this one held no complete option.
+                Ok(Progress::NeedMore) if !offered_all => {
+                    slice = if unused == take {
+                        slice.saturating_mul(2)
+                    } else {
+                        NEGOTIATION_SLICE
+                    };
+                }
                 Ok(Progress::NeedMore) => {
+                    slice = NEGOTIATION_SLICE;
                     if !self.fill().await {
                         return None;
                     }

@@ -95,12 +95,15 @@ pub(crate) struct Outgoing {
 }
 
 impl Outgoing {
-    /// Bytes sent as they are, outside any request (new-style negotiation replies).
-    pub fn raw(bytes: Bytes) -> Outgoing {
+    /// Negotiation replies that hold `share` of the payload budget until written.
+    pub fn raw_holding(bytes: Bytes, share: OwnedSemaphorePermit) -> Outgoing {
         Outgoing {
             header: Header::new(&[]),
             body: Body::Data(bytes),
-            permits: Permits::default(),
+            permits: Permits {
+                slot: None,
+                bytes: Some(share),
+            },
         }
     }
 }
