@@ -1432,6 +1432,9 @@ fn bulk_limit() -> Duration {
 enum Pending {
     /// A write or zero range: counted once acknowledged.
     Transfer {
+        /// Where it writes: no other write to an overlapping range is sent until it is
+        /// acknowledged.
+        at: u64,
         len: u64,
         data: bool,
         _slot: OwnedSemaphorePermit,
@@ -1461,6 +1464,8 @@ struct Engine {
     activity: Arc<AtomicU64>,
     /// The inactivity limit in milliseconds (shorter once the doors are closed).
     limit_ms: Arc<AtomicU64>,
+    /// Signalled by the reply reader after every answered request.
+    completed: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for Engine {
@@ -1477,6 +1482,7 @@ impl Engine {
         limit: Duration,
     ) -> Engine {
         let limit_ms = Arc::new(AtomicU64::new(limit.as_millis() as u64));
+        let completed = Arc::new(tokio::sync::Notify::new());
         let (read_half, writer) = destination.stream.into_split();
         let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
         let failed = cancel.child_token();
@@ -1491,6 +1497,7 @@ impl Engine {
                 failure: failure.clone(),
                 activity: activity.clone(),
                 limit_ms: limit_ms.clone(),
+                completed: completed.clone(),
             },
         ));
         Engine {
@@ -1505,6 +1512,7 @@ impl Engine {
             reader,
             activity,
             limit_ms,
+            completed,
         }
     }
 
@@ -1581,15 +1589,44 @@ impl Engine {
         }
     }
 
+    /// Waits until no request in flight writes to a range overlapping `[offset, offset +
+    /// len)`. NBD gives no order to requests in flight: a server may apply them in any
+    /// order (ours runs small writes inline and long ones on its write thread), so a block
+    /// rewritten by a later pass must not be sent while the earlier write covering it is
+    /// unanswered, or the older data could land last.
+    async fn await_no_overlap(&self, offset: u64, len: u64) -> Result<(), AttemptError> {
+        let end = offset.saturating_add(len);
+        loop {
+            let completed = self.completed.notified();
+            tokio::pin!(completed);
+            completed.as_mut().enable();
+            let overlaps = self.pending.lock().is_ok_and(|pending| {
+                pending.values().any(|p| match p {
+                    Pending::Transfer { at, len, .. } => *len > 0 && *at < end && offset < at + len,
+                    _ => false,
+                })
+            });
+            if !overlaps {
+                return Ok(());
+            }
+            tokio::select! {
+                () = completed => {}
+                () = self.failed.cancelled() => return Err(self.failure()),
+            }
+        }
+    }
+
     async fn write(&mut self, offset: u64, data: Bytes) -> Result<(), AttemptError> {
-        let slot = self.slot().await?;
         let len = data.len() as u64;
+        self.await_no_overlap(offset, len).await?;
+        let slot = self.slot().await?;
         self.send(
             Command::Write,
             offset,
             len,
             &data,
             Pending::Transfer {
+                at: offset,
                 len,
                 data: true,
                 _slot: slot,
@@ -1604,14 +1641,16 @@ impl Engine {
     async fn zeroes(&mut self, offset: u64, len: u64) -> Result<(), AttemptError> {
         let mut done = 0;
         while done < len {
-            let slot = self.slot().await?;
             let n = (len - done).min(ZERO_SIZE);
+            self.await_no_overlap(offset + done, n).await?;
+            let slot = self.slot().await?;
             self.send(
                 Command::WriteZeroes,
                 offset + done,
                 n,
                 &[],
                 Pending::Transfer {
+                    at: offset + done,
                     len: n,
                     data: false,
                     _slot: slot,
@@ -1647,6 +1686,7 @@ impl Engine {
             0,
             &[],
             Pending::Transfer {
+                at: 0,
                 len: 0,
                 data: false,
                 _slot: slot,
@@ -1740,6 +1780,7 @@ struct Replies {
     failure: Arc<Mutex<Option<String>>>,
     activity: Arc<AtomicU64>,
     limit_ms: Arc<AtomicU64>,
+    completed: Arc<tokio::sync::Notify>,
 }
 
 impl Replies {
@@ -1835,6 +1876,8 @@ async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
                     &shared.stats.zeroed
                 };
                 counter.fetch_add(len, Ordering::Relaxed);
+                // It is out of `pending`: writes waiting for its range may go now.
+                shared.completed.notify_waiters();
             }
             Pending::Probe(tx) => {
                 let _ = tx.send(reply.error);
