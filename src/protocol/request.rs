@@ -462,8 +462,8 @@ pub enum Verdict {
 impl ExportRules {
     /// Applies the request rules of the dialect.
     pub fn check(&self, req: &Request) -> Verdict {
-        if req.command == Command::Unknown(super::handoff::IDENTIFY) {
-            return self.check_identify(req);
+        if req.command == Command::Unknown(super::handoff::IDENTIFY) && self.answers_identify(req) {
+            return Verdict::Identify;
         }
         if self.migration_target {
             match req.command {
@@ -486,17 +486,15 @@ impl ExportRules {
 
     /// Every server of ours answers IDENTIFY (a `serve` too: mirroring into a server that
     /// exports the source's own file must be detected), with the answer framed after a
-    /// simple reply: so only where replies are simple, and only as the source sends it.
-    fn check_identify(&self, req: &Request) -> Verdict {
+    /// simple reply: so only where replies are simple, and only as the source sends it
+    /// (offset 0, length 0). Anything else of that type follows the dialect's rules like
+    /// any unknown type (old-style: range first, ENOSPC; then EINVAL).
+    fn answers_identify(&self, req: &Request) -> bool {
         let simple = match self.dialect {
             Dialect::Oldstyle => true,
             Dialect::Modern(modern) => !modern.structured && !modern.extended,
         };
-        if simple && req.offset == 0 && req.length == 0 {
-            Verdict::Identify
-        } else {
-            Verdict::Reject(Errno::EINVAL)
-        }
+        simple && req.offset == 0 && req.length == 0
     }
 
     /// flexnbd §4.4: the range check comes before the type is looked at, with checked
@@ -1005,6 +1003,37 @@ mod tests {
             target.check(&mk(Command::WriteZeroes, 1 << 20, 4096)),
             Verdict::Reject(Errno::ENOSPC)
         );
+    }
+
+    /// IDENTIFY is answered only as a source sends it; any other request of that type is an
+    /// unknown type under the dialect's rules (old-style: range first, ENOSPC).
+    #[test]
+    fn identify_only_as_sent_and_otherwise_the_dialects_rules() {
+        use super::super::handoff::IDENTIFY;
+        let rules = ExportRules {
+            size: 4096,
+            dialect: Dialect::Oldstyle,
+            read_only: false,
+            migration_target: false,
+        };
+        let mk = |offset, length| Request {
+            flags: 0,
+            command: Command::Unknown(IDENTIFY),
+            cookie: 9,
+            offset,
+            length,
+        };
+        assert_eq!(rules.check(&mk(0, 0)), Verdict::Identify);
+        assert_eq!(rules.check(&mk(0, 512)), Verdict::Reject(Errno::EINVAL));
+        assert_eq!(rules.check(&mk(0, 8192)), Verdict::Reject(Errno::ENOSPC));
+        let structured = ExportRules {
+            dialect: Dialect::Modern(Modern {
+                structured: true,
+                ..Modern::default()
+            }),
+            ..rules
+        };
+        assert_eq!(structured.check(&mk(0, 0)), Verdict::Reject(Errno::EINVAL));
     }
 
     /// A hand-off message's payload is read only by a migration target; elsewhere the type
