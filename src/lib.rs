@@ -4,6 +4,7 @@
 //! - [`protocol`]: NBD wire formats, pure (no I/O, no actix).
 //! - [`storage`]: the backing file.
 //! - [`actors`]: the listener and one session per client (actix).
+//! - [`server`]: builds and runs a `serve` or `listen` server from validated options.
 //! - [`cli`]: the `flexnbd` command line; [`logging`]: flexnbd's log line format.
 //! - [`acl`], [`addr`], [`net`]: access control, address parsing, socket options.
 //! - [`rate`]: pacing a migration to its bandwidth limit.
@@ -17,4 +18,5 @@ pub mod logging;
 pub mod net;
 pub mod protocol;
 pub mod rate;
+pub mod server;
 pub mod storage;
