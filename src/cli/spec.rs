@@ -90,7 +90,9 @@ const SERVER_OPTS: &[Opt] = &[
     long_only(
         "max-clients",
         Value("N"),
-        "Serve at most N clients at once (default 16; 1 for listen).",
+        "Serve at most N clients at once (default 16). listen admits whom the migration \
+         allows (one legacy client, or the source's current attempt and a few candidates) \
+         and applies N, at least 16, once it serves after --rebind.",
     ),
     long_only(
         "sync-writes",
