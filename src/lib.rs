@@ -13,6 +13,7 @@ pub mod acl;
 pub mod actors;
 pub mod addr;
 pub mod cli;
+pub mod client;
 pub mod identity;
 pub mod logging;
 pub mod net;

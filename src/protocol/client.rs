@@ -1,12 +1,16 @@
 //! The client side of the handshakes, for our own outbound connections (the mirror):
 //! old-style (C flexnbd, ours) and fixed new-style (qemu-nbd, nbdkit, nbd-server).
 //!
-//! Pure helpers: the mirror reads the first 16 bytes, asks [`classify`] which handshake it
-//! is, and for new-style sends [`go_request`] and decodes the option replies with
-//! [`decode_option_reply`] and [`parse_info_export`].
+//! Pure: [`ClientHandshake`] is the whole handshake as a state machine, fed the server's
+//! bytes; it says what to read and what to send, and ends with the export's size and
+//! transmission flags ([`Negotiated`]) or a [`HandshakeError`]. `crate::client` drives it
+//! over a socket. It is built from the helpers below: [`classify`] tells the handshake
+//! from the first 16 bytes, [`go_request`] is our new-style answer, and
+//! [`decode_option_reply`] and [`parse_info_export`] read the option replies.
 
-use super::consts::{IHAVEOPT, NBD_MAGIC, OLDSTYLE_MAGIC};
-use super::newstyle::{client_flags, hflags, opt, OPTION_REPLY_MAGIC};
+use super::consts::{IHAVEOPT, NBD_MAGIC, OLDSTYLE_HELLO_LEN, OLDSTYLE_MAGIC};
+use super::handshake::{HelloError, OldstyleHello};
+use super::newstyle::{client_flags, hflags, opt, rep, OPTION_REPLY_MAGIC};
 
 /// What the first 16 bytes of a server's greeting say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +105,278 @@ pub fn parse_info_export(payload: &[u8]) -> Result<Option<(u64, u16)>, ClientErr
     Ok(Some((size, flags)))
 }
 
+/// What a server's handshake settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The export's size in bytes.
+    pub size: u64,
+    /// Its transmission flags.
+    pub flags: u16,
+    /// Fixed new-style (NBD_OPT_GO); old-style otherwise.
+    pub newstyle: bool,
+}
+
+/// Why a handshake failed. The texts are those of the mirror's log lines and of
+/// `migration_last_failure`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HandshakeError {
+    /// The first 16 bytes or an old-style hello did not arrive whole: the connection ended
+    /// or failed (the text says how).
+    #[error("reading the hello failed: {0}")]
+    Hello(String),
+    /// The connection ended or failed during new-style negotiation.
+    #[error("{0}")]
+    Connection(String),
+    /// A greeting, flags or option reply we cannot accept.
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    BadHello(#[from] HelloError),
+    /// NBD_OPT_GO was answered with an error reply (its type).
+    #[error("the destination refused the export (reply {0:#x})")]
+    Refused(u32),
+    #[error("no NBD_INFO_EXPORT before the ACK")]
+    NoExportInfo,
+    /// Bytes beyond the end of the handshake were fed.
+    #[error("{0} bytes after the end of the handshake")]
+    Trailing(usize),
+    /// The handshake had already failed.
+    #[error("the handshake already failed")]
+    Spent,
+}
+
+/// What the driver of a [`ClientHandshake`] does next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Read at most this many bytes (never more: what follows the handshake belongs to the
+    /// transmission phase) and [`feed`](ClientHandshake::feed) them.
+    Read(usize),
+    /// Send these bytes whole.
+    Write(Vec<u8>),
+    /// The handshake is complete.
+    Done(Negotiated),
+    /// The handshake failed; `feed` (or `closed`, `read_failed`) returned why.
+    Failed,
+}
+
+#[derive(Debug)]
+enum State {
+    /// The first 16 bytes: NBDMAGIC and the handshake's magic.
+    Greeting,
+    /// A greeting with a wrong magic: the rest of an old-style hello is read whole before
+    /// it is rejected, so that the peer does not see its hello cut off (flexnbd §10.2).
+    Discard(ClientError),
+    /// The rest of an old-style hello (the buffer holds the greeting).
+    Oldstyle,
+    /// The new-style handshake flags.
+    Flags,
+    /// An option reply's header.
+    ReplyHeader,
+    /// An option reply's payload.
+    ReplyPayload {
+        kind: u32,
+        len: usize,
+    },
+    Done(Negotiated),
+    Failed,
+}
+
+/// The client side of a handshake, old-style or fixed new-style with NBD_OPT_GO, as a pure
+/// state machine: feed it the server's bytes as they arrive; [`action`](Self::action) says
+/// what to read or send next.
+///
+/// A driver reads at most what [`Action::Read`] asks for, sends [`Action::Write`] whole,
+/// and reports the end of the connection with [`closed`](Self::closed) and read or write
+/// errors with [`read_failed`](Self::read_failed) / [`write_failed`](Self::write_failed).
+/// [`received`](Self::received) counts the bytes fed, which tells a server that sent
+/// nothing from one whose hello stopped half-way.
+#[derive(Debug)]
+pub struct ClientHandshake {
+    export: String,
+    state: State,
+    /// The current item's bytes so far.
+    buf: Vec<u8>,
+    received: u64,
+    /// New-style: the export's size and flags, from the last NBD_INFO_EXPORT.
+    info: Option<(u64, u16)>,
+    /// Bytes to send, taken by [`action`](Self::action).
+    out: Option<Vec<u8>>,
+}
+
+/// Text of the end of the connection while the hello is awaited (`io::ErrorKind::
+/// UnexpectedEof`, as the mirror has always logged it).
+const HELLO_EOF: &str = "unexpected end of file";
+/// Text of the end of the connection during new-style negotiation (tokio's `read_exact`).
+const NEGOTIATION_EOF: &str = "early eof";
+
+impl ClientHandshake {
+    /// A handshake that asks for `export` if the server is new-style.
+    pub fn new(export: &str) -> ClientHandshake {
+        ClientHandshake {
+            export: export.to_owned(),
+            state: State::Greeting,
+            buf: Vec::with_capacity(OLDSTYLE_HELLO_LEN),
+            received: 0,
+            info: None,
+            out: None,
+        }
+    }
+
+    /// Bytes fed so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// What to do next. A [`Action::Write`] is answered once.
+    pub fn action(&mut self) -> Action {
+        if let Some(out) = self.out.take() {
+            return Action::Write(out);
+        }
+        match &self.state {
+            State::Done(negotiated) => Action::Done(*negotiated),
+            State::Failed => Action::Failed,
+            _ => Action::Read(self.wanted()),
+        }
+    }
+
+    /// Bytes the current item still needs.
+    fn wanted(&self) -> usize {
+        let target = match &self.state {
+            State::Greeting => 16,
+            State::Discard(_) => OLDSTYLE_HELLO_LEN - 16,
+            State::Oldstyle => OLDSTYLE_HELLO_LEN,
+            State::Flags => 2,
+            State::ReplyHeader => 20,
+            State::ReplyPayload { len, .. } => *len,
+            State::Done(_) | State::Failed => return 0,
+        };
+        target - self.buf.len()
+    }
+
+    /// Takes the server's bytes (any split). An error ends the handshake.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), HandshakeError> {
+        if let State::Failed = self.state {
+            return Err(HandshakeError::Spent);
+        }
+        while !bytes.is_empty() {
+            if let State::Done(_) = self.state {
+                return Err(self.fail(HandshakeError::Trailing(bytes.len())));
+            }
+            let n = self.wanted().min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+            self.received += n as u64;
+            bytes = &bytes[n..];
+            self.advance()?;
+        }
+        Ok(())
+    }
+
+    /// Moves on while the current item is complete (an empty payload is complete at once).
+    fn advance(&mut self) -> Result<(), HandshakeError> {
+        while !matches!(self.state, State::Done(_) | State::Failed) && self.wanted() == 0 {
+            if let Err(e) = self.step() {
+                return Err(self.fail(e));
+            }
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, error: HandshakeError) -> HandshakeError {
+        self.state = State::Failed;
+        self.out = None;
+        error
+    }
+
+    /// The current item is complete: decide.
+    fn step(&mut self) -> Result<(), HandshakeError> {
+        let item = std::mem::take(&mut self.buf);
+        self.state = match std::mem::replace(&mut self.state, State::Failed) {
+            State::Greeting => {
+                let first16: [u8; 16] = item[..].try_into().expect("16 bytes");
+                match classify(&first16) {
+                    Ok(Greeting::Oldstyle) => {
+                        self.buf = item;
+                        State::Oldstyle
+                    }
+                    Ok(Greeting::Newstyle) => State::Flags,
+                    Err(e) => State::Discard(e),
+                }
+            }
+            State::Discard(e) => return Err(e.into()),
+            State::Oldstyle => {
+                let hello: [u8; OLDSTYLE_HELLO_LEN] = item[..].try_into().expect("a hello");
+                let hello = OldstyleHello::decode(&hello)?;
+                State::Done(Negotiated {
+                    size: hello.size,
+                    flags: hello.flags,
+                    newstyle: false,
+                })
+            }
+            State::Flags => {
+                self.out = Some(go_request(
+                    u16::from_be_bytes([item[0], item[1]]),
+                    &self.export,
+                )?);
+                State::ReplyHeader
+            }
+            State::ReplyHeader => {
+                let header: [u8; 20] = item[..].try_into().expect("20 bytes");
+                let (_, kind, len) = decode_option_reply(&header)?;
+                State::ReplyPayload {
+                    kind,
+                    len: len as usize,
+                }
+            }
+            State::ReplyPayload { kind, .. } => match kind {
+                rep::INFO => {
+                    if let Some(info) = parse_info_export(&item)? {
+                        self.info = Some(info);
+                    }
+                    State::ReplyHeader
+                }
+                rep::ACK => {
+                    let (size, flags) = self.info.ok_or(HandshakeError::NoExportInfo)?;
+                    State::Done(Negotiated {
+                        size,
+                        flags,
+                        newstyle: true,
+                    })
+                }
+                other => return Err(HandshakeError::Refused(other)),
+            },
+            done @ (State::Done(_) | State::Failed) => done,
+        };
+        Ok(())
+    }
+
+    /// The connection ended before the handshake did: why that fails it.
+    pub fn closed(&mut self) -> HandshakeError {
+        self.connection_lost(None)
+    }
+
+    /// Reading failed (`why`: the error's text): why that fails the handshake.
+    pub fn read_failed(&mut self, why: &str) -> HandshakeError {
+        self.connection_lost(Some(why))
+    }
+
+    /// Sending [`Action::Write`] failed.
+    pub fn write_failed(&mut self, why: &str) -> HandshakeError {
+        self.fail(HandshakeError::Connection(why.to_owned()))
+    }
+
+    fn connection_lost(&mut self, why: Option<&str>) -> HandshakeError {
+        let error = match std::mem::replace(&mut self.state, State::Failed) {
+            // A bad greeting is rejected for what it is, however its rest ends.
+            State::Discard(e) => HandshakeError::Client(e),
+            State::Greeting | State::Oldstyle => {
+                HandshakeError::Hello(why.unwrap_or(HELLO_EOF).to_owned())
+            }
+            _ => HandshakeError::Connection(why.unwrap_or(NEGOTIATION_EOF).to_owned()),
+        };
+        self.fail(error)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,5 +437,332 @@ mod tests {
         assert_eq!(go_request(0, ""), Err(ClientError::NotFixedNewstyle));
         assert_eq!(parse_info_export(&[0, 0, 1]), Err(ClientError::BadInfo));
         assert_eq!(parse_info_export(&[0, 1, 0, 0]), Ok(None));
+    }
+
+    // -----------------------------------------------------------------------------------
+    // The handshake state machine.
+
+    use crate::protocol::handshake::OldstyleHello;
+    use crate::protocol::newstyle::{info, rep};
+
+    const SIZE: u64 = 7 << 20;
+
+    fn oldstyle_hello() -> Vec<u8> {
+        OldstyleHello {
+            size: SIZE,
+            flags: 13,
+        }
+        .encode()
+        .to_vec()
+    }
+
+    fn greeting(flags: u16) -> Vec<u8> {
+        let mut out = NBD_MAGIC.to_be_bytes().to_vec();
+        out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        out
+    }
+
+    fn option_reply(kind: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+        out.extend_from_slice(&opt::GO.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn info_export(size: u64, flags: u16) -> Vec<u8> {
+        let mut out = info::EXPORT.to_be_bytes().to_vec();
+        out.extend_from_slice(&size.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        out
+    }
+
+    const NEW_FLAGS: u16 = hflags::FIXED_NEWSTYLE | hflags::NO_ZEROES;
+
+    /// A new-style server's bytes: greeting, an INFO that is not the export's, the export's
+    /// INFO, then the ACK.
+    fn newstyle_transcript() -> Vec<u8> {
+        let mut out = greeting(NEW_FLAGS);
+        let mut name = info::NAME.to_be_bytes().to_vec();
+        name.extend_from_slice(b"disk");
+        out.extend(option_reply(rep::INFO, &name));
+        out.extend(option_reply(rep::INFO, &info_export(SIZE, 0x4d)));
+        out.extend(option_reply(rep::ACK, &[]));
+        out
+    }
+
+    /// Drives `handshake` with `server`'s bytes in pieces of at most `piece`, as a driver
+    /// would: reads never more than asked. Returns the result and what was sent.
+    fn drive(
+        handshake: &mut ClientHandshake,
+        server: &[u8],
+        piece: usize,
+    ) -> (Result<Negotiated, HandshakeError>, Vec<u8>) {
+        let mut sent = Vec::new();
+        let mut at = 0;
+        loop {
+            match handshake.action() {
+                Action::Read(n) => {
+                    assert!(n > 0, "asked to read nothing");
+                    if at == server.len() {
+                        return (Err(handshake.closed()), sent);
+                    }
+                    let k = n.min(piece).min(server.len() - at);
+                    if let Err(e) = handshake.feed(&server[at..at + k]) {
+                        return (Err(e), sent);
+                    }
+                    at += k;
+                }
+                Action::Write(bytes) => sent.extend(bytes),
+                Action::Done(negotiated) => {
+                    assert_eq!(at, server.len(), "stopped before the end");
+                    return (Ok(negotiated), sent);
+                }
+                Action::Failed => panic!("failed without an error"),
+            }
+        }
+    }
+
+    #[test]
+    fn oldstyle_hello_in_any_pieces() {
+        for piece in [1, 2, 7, 16, 100, 152] {
+            let mut h = ClientHandshake::new("");
+            assert_eq!(h.action(), Action::Read(16));
+            let (result, sent) = drive(&mut h, &oldstyle_hello(), piece);
+            assert_eq!(
+                result,
+                Ok(Negotiated {
+                    size: SIZE,
+                    flags: 13,
+                    newstyle: false
+                })
+            );
+            assert!(sent.is_empty(), "nothing is sent to an old-style server");
+            assert_eq!(h.received(), OLDSTYLE_HELLO_LEN as u64);
+        }
+    }
+
+    #[test]
+    fn newstyle_go_with_info_then_ack() {
+        let server = newstyle_transcript();
+        for piece in [1, 3, 16, 20, 1000] {
+            let mut h = ClientHandshake::new("");
+            let (result, sent) = drive(&mut h, &server, piece);
+            assert_eq!(
+                result,
+                Ok(Negotiated {
+                    size: SIZE,
+                    flags: 0x4d,
+                    newstyle: true
+                })
+            );
+            assert_eq!(sent, go_request(NEW_FLAGS, "").unwrap());
+            assert_eq!(h.received(), server.len() as u64);
+        }
+    }
+
+    #[test]
+    fn the_go_request_is_sent_after_the_flags_and_before_any_reply_is_read() {
+        let mut h = ClientHandshake::new("disk");
+        h.feed(&greeting(hflags::FIXED_NEWSTYLE)).unwrap();
+        assert_eq!(
+            h.action(),
+            Action::Write(go_request(hflags::FIXED_NEWSTYLE, "disk").unwrap())
+        );
+        assert_eq!(h.action(), Action::Read(20));
+    }
+
+    #[test]
+    fn our_server_through_the_state_machine() {
+        let mut server = ServerNegotiation::new(NegotiationConfig {
+            export_name: String::new(),
+            description: None,
+            size: SIZE,
+            read_only: false,
+            block_size: BlockSize::DEFAULT,
+            can_multi_conn: true,
+            shutting_down: false,
+        });
+        let mut h = ClientHandshake::new("");
+        h.feed(&server.greeting()).unwrap();
+        let Action::Write(go) = h.action() else {
+            panic!("no GO")
+        };
+        let mut input = BytesMut::from(&go[..]);
+        let mut replies = Vec::new();
+        assert!(matches!(
+            server.feed(&mut input, &mut replies),
+            Ok(Progress::Done(_))
+        ));
+        h.feed(&replies).unwrap();
+        let Action::Done(negotiated) = h.action() else {
+            panic!("not done")
+        };
+        assert_eq!(negotiated.size, SIZE);
+        assert!(negotiated.newstyle);
+        assert_ne!(
+            negotiated.flags & crate::protocol::tflags::SEND_WRITE_ZEROES,
+            0
+        );
+    }
+
+    #[test]
+    fn a_refused_export() {
+        let mut server = greeting(NEW_FLAGS);
+        server.extend(option_reply(rep::ERR_UNKNOWN, b"no such export"));
+        let mut h = ClientHandshake::new("");
+        let (result, _) = drive(&mut h, &server, 1000);
+        let error = result.unwrap_err();
+        assert_eq!(error, HandshakeError::Refused(rep::ERR_UNKNOWN));
+        assert_eq!(
+            error.to_string(),
+            "the destination refused the export (reply 0x80000006)"
+        );
+        assert_eq!(h.action(), Action::Failed);
+        assert_eq!(h.feed(&[0]), Err(HandshakeError::Spent));
+    }
+
+    #[test]
+    fn an_ack_without_the_export_info() {
+        let mut server = greeting(NEW_FLAGS);
+        server.extend(option_reply(rep::ACK, &[]));
+        let (result, _) = drive(&mut ClientHandshake::new(""), &server, 1000);
+        assert_eq!(result, Err(HandshakeError::NoExportInfo));
+        assert_eq!(
+            HandshakeError::NoExportInfo.to_string(),
+            "no NBD_INFO_EXPORT before the ACK"
+        );
+    }
+
+    #[test]
+    fn bad_option_replies_are_refused() {
+        let mut server = greeting(NEW_FLAGS);
+        let mut bad = option_reply(rep::ACK, &[]);
+        bad[0] ^= 1;
+        server.extend(bad);
+        let (result, _) = drive(&mut ClientHandshake::new(""), &server, 1000);
+        assert!(matches!(
+            result,
+            Err(HandshakeError::Client(ClientError::BadReplyMagic(_)))
+        ));
+
+        let mut server = greeting(NEW_FLAGS);
+        server.extend(option_reply(rep::INFO, &[0, 0, 1]));
+        let (result, _) = drive(&mut ClientHandshake::new(""), &server, 1000);
+        assert_eq!(result, Err(HandshakeError::Client(ClientError::BadInfo)));
+    }
+
+    #[test]
+    fn a_server_that_is_not_fixed_newstyle() {
+        let (result, sent) = drive(&mut ClientHandshake::new(""), &greeting(0), 1000);
+        assert_eq!(
+            result,
+            Err(HandshakeError::Client(ClientError::NotFixedNewstyle))
+        );
+        assert!(sent.is_empty());
+    }
+
+    #[test]
+    fn a_bad_magic_hello_is_read_whole_before_it_is_rejected() {
+        let mut hello = oldstyle_hello();
+        hello[8..16].copy_from_slice(&0x1234u64.to_be_bytes());
+        let mut h = ClientHandshake::new("");
+        h.feed(&hello[..16]).unwrap();
+        // Not rejected yet: the rest of a hello is awaited first.
+        assert_eq!(h.action(), Action::Read(OLDSTYLE_HELLO_LEN - 16));
+        h.feed(&hello[16..100]).unwrap();
+        assert_eq!(h.action(), Action::Read(OLDSTYLE_HELLO_LEN - 100));
+        let error = h.feed(&hello[100..]).unwrap_err();
+        assert_eq!(
+            error,
+            HandshakeError::Client(ClientError::UnknownHandshake(0x1234))
+        );
+        assert_eq!(h.received(), OLDSTYLE_HELLO_LEN as u64);
+
+        // However the rest ends, the rejection is for the magic.
+        for cut in 16..OLDSTYLE_HELLO_LEN {
+            let mut h = ClientHandshake::new("");
+            h.feed(&hello[..cut]).unwrap();
+            assert_eq!(
+                h.closed(),
+                HandshakeError::Client(ClientError::UnknownHandshake(0x1234))
+            );
+            let mut h = ClientHandshake::new("");
+            h.feed(&hello[..cut]).unwrap();
+            assert_eq!(
+                h.read_failed("reset"),
+                HandshakeError::Client(ClientError::UnknownHandshake(0x1234))
+            );
+        }
+
+        // Not NBD at all: the same.
+        let mut h = ClientHandshake::new("");
+        h.feed(&[0u8; 16]).unwrap();
+        assert_eq!(h.action(), Action::Read(OLDSTYLE_HELLO_LEN - 16));
+        assert_eq!(
+            h.feed(&[0u8; OLDSTYLE_HELLO_LEN - 16]),
+            Err(HandshakeError::Client(ClientError::NotNbd))
+        );
+    }
+
+    #[test]
+    fn truncated_input_at_every_length() {
+        let transcripts = [(oldstyle_hello(), false), (newstyle_transcript(), true)];
+        for (server, newstyle) in transcripts {
+            for cut in 0..server.len() {
+                for piece in [1, 5, 1000] {
+                    let mut h = ClientHandshake::new("");
+                    let (result, _) = drive(&mut h, &server[..cut], piece);
+                    // Every byte fed is counted: 0 tells "no hello" from a partial one.
+                    assert_eq!(h.received(), cut as u64, "cut {cut}");
+                    let expected = if cut < 16 || !newstyle {
+                        HandshakeError::Hello("unexpected end of file".into())
+                    } else {
+                        HandshakeError::Connection("early eof".into())
+                    };
+                    assert_eq!(result, Err(expected), "cut {cut}, piece {piece}");
+                }
+                // A read error instead of the end: its text.
+                let mut h = ClientHandshake::new("");
+                h.feed(&server[..cut]).unwrap();
+                let mut action = h.action();
+                if let Action::Write(_) = action {
+                    action = h.action();
+                }
+                assert!(matches!(action, Action::Read(n) if n > 0), "cut {cut}");
+                let error = h.read_failed("Connection reset by peer (os error 104)");
+                let text = error.to_string();
+                if cut < 16 || !newstyle {
+                    assert_eq!(
+                        text,
+                        "reading the hello failed: Connection reset by peer (os error 104)"
+                    );
+                } else {
+                    assert_eq!(text, "Connection reset by peer (os error 104)");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_may_follow_the_handshake() {
+        let mut hello = oldstyle_hello();
+        hello.push(0);
+        let mut h = ClientHandshake::new("");
+        assert_eq!(h.feed(&hello), Err(HandshakeError::Trailing(1)));
+    }
+
+    #[test]
+    fn a_failed_write_fails_the_handshake() {
+        let mut h = ClientHandshake::new("");
+        h.feed(&greeting(NEW_FLAGS)).unwrap();
+        assert!(matches!(h.action(), Action::Write(_)));
+        assert_eq!(
+            h.write_failed("Broken pipe (os error 32)"),
+            HandshakeError::Connection("Broken pipe (os error 32)".into())
+        );
+        assert_eq!(h.action(), Action::Failed);
     }
 }

@@ -1,0 +1,798 @@
+//! The transmission phase of an NBD client: requests pipelined on the write half of the
+//! connection, replies matched by cookie on a reader task.
+//!
+//! - At most [`EngineConfig::in_flight`] transfers are in flight; [`Engine::drain`] waits
+//!   until all are acknowledged.
+//! - NBD gives requests in flight no order, so a write or zero range is never sent while an
+//!   earlier one overlapping it is unanswered ([`Engine::write`], [`Engine::zeroes`]).
+//! - An inactivity limit: while requests are outstanding and no byte has moved either way
+//!   for the limit (changeable with [`Engine::set_limit`]), the connection fails.
+//! - Acknowledged data and zero-range bytes are counted in an [`Acknowledged`] the caller
+//!   shares.
+//! - Any failure (the connection, an error reply to a write, a bad reply) fails the engine:
+//!   every later call returns the first failure's reason.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::handoff::{
+    answer_length, HandoffReply, HandoffRequest, Identity, HANDOFF, IDENTIFY, PROBE,
+};
+use crate::protocol::reply::decode_simple_reply;
+use crate::protocol::request::HeaderStyle;
+use crate::protocol::{Command, Errno, Request, SIMPLE_REPLY_LEN};
+
+/// How often the reader checks the inactivity limit while it waits.
+const TICK: Duration = Duration::from_millis(250);
+
+/// The engine's settings, fixed when it starts (but see [`Engine::set_limit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Transfers (writes, zero ranges, flushes) in flight at most.
+    pub in_flight: usize,
+    /// Largest zero-range request; longer ranges are split.
+    pub zero_size: u64,
+    /// The inactivity limit to start with.
+    pub limit: Duration,
+}
+
+/// Bytes the server acknowledged, shared with whoever reports progress.
+#[derive(Debug, Default)]
+pub struct Acknowledged {
+    data: AtomicU64,
+    zeroed: AtomicU64,
+}
+
+impl Acknowledged {
+    /// Data bytes acknowledged (WRITEs).
+    pub fn data(&self) -> u64 {
+        self.data.load(Ordering::Relaxed)
+    }
+
+    /// Zero-range bytes acknowledged (WRITE_ZEROES).
+    pub fn zeroed(&self) -> u64 {
+        self.zeroed.load(Ordering::Relaxed)
+    }
+
+    /// Starts counting again from 0.
+    pub fn reset(&self) {
+        self.data.store(0, Ordering::Relaxed);
+        self.zeroed.store(0, Ordering::Relaxed);
+    }
+
+    fn add(&self, data: bool, len: u64) {
+        let counter = if data { &self.data } else { &self.zeroed };
+        counter.fetch_add(len, Ordering::Relaxed);
+    }
+}
+
+/// Why a request failed. The texts are those of the mirror's log lines and of
+/// `migration_last_failure`.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The connection failed (the reply reader's reason): every later request fails too.
+    #[error("{0}")]
+    Failed(String),
+    #[error("request too long: {0}")]
+    TooLong(Errno),
+    #[error("sending to the destination failed: {0}")]
+    Send(#[source] io::Error),
+    /// A request could not be written within the inactivity limit.
+    #[error("the destination stopped reading")]
+    StoppedReading,
+    #[error("{0}")]
+    Closed(#[from] tokio::sync::AcquireError),
+    #[error("a bad identity: {0}")]
+    BadIdentity(String),
+    /// The probe was answered with an error other than EINVAL.
+    #[error("the destination answered the probe with error {0}")]
+    Probe(Errno),
+    /// A hand-off message was refused or its answer does not decode.
+    #[error("{0}")]
+    Handoff(String),
+}
+
+fn process_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// What a request in flight is waiting for.
+enum Pending {
+    /// A write or zero range: counted once acknowledged.
+    Transfer {
+        /// Where it writes: no other write to an overlapping range is sent until it is
+        /// acknowledged.
+        at: u64,
+        len: u64,
+        data: bool,
+        _slot: OwnedSemaphorePermit,
+    },
+    Probe(oneshot::Sender<u32>),
+    Handoff(oneshot::Sender<Result<HandoffReply, String>>),
+    /// The answer to IDENTIFY: `None` when the destination answered an error (it is not
+    /// one of ours).
+    Identify(oneshot::Sender<Result<Option<Identity>, String>>),
+}
+
+/// A connection in its transmission phase: requests pipelined on the write half, replies
+/// matched by cookie on a reader task (which ends when the engine is dropped).
+pub struct Engine {
+    writer: OwnedWriteHalf,
+    flags: u16,
+    in_flight: usize,
+    zero_size: u64,
+    slots: Arc<Semaphore>,
+    pending: Arc<Mutex<HashMap<u64, Pending>>>,
+    next_cookie: u64,
+    /// Cancelled when the reader fails; carries the reason in `failure`.
+    failed: CancellationToken,
+    failure: Arc<Mutex<Option<String>>>,
+    reader: tokio::task::JoinHandle<()>,
+    /// When bytes last moved either way (process milliseconds): the inactivity limit
+    /// counts from here while requests are outstanding.
+    activity: Arc<AtomicU64>,
+    /// The inactivity limit in milliseconds (shorter once the doors are closed).
+    limit_ms: Arc<AtomicU64>,
+    /// Signalled by the reply reader after every answered request.
+    completed: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Engine {
+    /// Starts the reply reader on `stream`, a connection past its handshake whose server
+    /// announced transmission `flags`. Cancelling `cancel` fails the engine; acknowledged
+    /// bytes are added to `acked`.
+    pub fn start(
+        stream: TcpStream,
+        flags: u16,
+        acked: Arc<Acknowledged>,
+        cancel: &CancellationToken,
+        config: EngineConfig,
+    ) -> Engine {
+        let limit_ms = Arc::new(AtomicU64::new(config.limit.as_millis() as u64));
+        let completed = Arc::new(tokio::sync::Notify::new());
+        let (read_half, writer) = stream.into_split();
+        let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
+        let failed = cancel.child_token();
+        let failure: Arc<Mutex<Option<String>>> = Arc::default();
+        let activity = Arc::new(AtomicU64::new(process_ms()));
+        let reader = tokio::spawn(read_replies(
+            read_half,
+            Replies {
+                pending: pending.clone(),
+                acked,
+                failed: failed.clone(),
+                failure: failure.clone(),
+                activity: activity.clone(),
+                limit_ms: limit_ms.clone(),
+                completed: completed.clone(),
+            },
+        ));
+        Engine {
+            writer,
+            flags,
+            in_flight: config.in_flight,
+            zero_size: config.zero_size,
+            slots: Arc::new(Semaphore::new(config.in_flight)),
+            pending,
+            next_cookie: 1,
+            failed,
+            failure,
+            reader,
+            activity,
+            limit_ms,
+            completed,
+        }
+    }
+
+    /// The server's transmission flags.
+    pub fn flags(&self) -> u16 {
+        self.flags
+    }
+
+    /// Sets the inactivity limit from now on.
+    pub fn set_limit(&self, limit: Duration) {
+        self.limit_ms
+            .store(limit.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn limit(&self) -> Duration {
+        Duration::from_millis(self.limit_ms.load(Ordering::Relaxed))
+    }
+
+    fn failure(&self) -> EngineError {
+        let why = self
+            .failure
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .unwrap_or_else(|| "the connection to the destination failed".into());
+        EngineError::Failed(why)
+    }
+
+    async fn send(
+        &mut self,
+        command: Command,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        pending: Pending,
+    ) -> Result<(), EngineError> {
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        let request = Request {
+            flags: 0,
+            command,
+            cookie,
+            offset,
+            length,
+        };
+        let mut header = Vec::with_capacity(28);
+        request
+            .encode(HeaderStyle::Compact, &mut header)
+            .map_err(EngineError::TooLong)?;
+        if let Ok(mut map) = self.pending.lock() {
+            map.insert(cookie, pending);
+        }
+        self.activity.store(process_ms(), Ordering::Relaxed);
+        let limit = self.limit();
+        let write = async {
+            self.writer.write_all(&header).await?;
+            if !payload.is_empty() {
+                self.writer.write_all(payload).await?;
+            }
+            io::Result::Ok(())
+        };
+        tokio::select! {
+            result = tokio::time::timeout(limit, write) => match result {
+                Ok(Ok(())) => {
+                    self.activity.store(process_ms(), Ordering::Relaxed);
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(EngineError::Send(e)),
+                Err(_) => Err(EngineError::StoppedReading),
+            },
+            () = self.failed.cancelled() => Err(self.failure()),
+        }
+    }
+
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, EngineError> {
+        tokio::select! {
+            permit = self.slots.clone().acquire_owned() => permit.map_err(EngineError::Closed),
+            () = self.failed.cancelled() => Err(self.failure()),
+        }
+    }
+
+    /// Waits until no request in flight writes to a range overlapping `[offset, offset +
+    /// len)`. NBD gives no order to requests in flight: a server may apply them in any
+    /// order (ours runs small writes inline and long ones on its write thread), so a block
+    /// rewritten by a later pass must not be sent while the earlier write covering it is
+    /// unanswered, or the older data could land last.
+    async fn await_no_overlap(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        let end = offset.saturating_add(len);
+        loop {
+            let completed = self.completed.notified();
+            tokio::pin!(completed);
+            completed.as_mut().enable();
+            let overlaps = self.pending.lock().is_ok_and(|pending| {
+                pending.values().any(|p| match p {
+                    Pending::Transfer { at, len, .. } => *len > 0 && *at < end && offset < at + len,
+                    _ => false,
+                })
+            });
+            if !overlaps {
+                return Ok(());
+            }
+            tokio::select! {
+                () = completed => {}
+                () = self.failed.cancelled() => return Err(self.failure()),
+            }
+        }
+    }
+
+    /// Sends a WRITE of `data` at `offset` once no write in flight overlaps it; returns
+    /// once it is on the wire (its reply is counted in [`Acknowledged`]).
+    pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<(), EngineError> {
+        let len = data.len() as u64;
+        self.await_no_overlap(offset, len).await?;
+        let slot = self.slot().await?;
+        self.send(
+            Command::Write,
+            offset,
+            len,
+            &data,
+            Pending::Transfer {
+                at: offset,
+                len,
+                data: true,
+                _slot: slot,
+            },
+        )
+        .await
+    }
+
+    /// Zeroes `[offset, offset + len)` with WRITE_ZEROES requests of at most
+    /// [`EngineConfig::zero_size`] (for a server that takes them: ours, or a new-style one
+    /// advertising WRITE_ZEROES).
+    pub async fn zeroes(&mut self, offset: u64, len: u64) -> Result<(), EngineError> {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(self.zero_size);
+            self.await_no_overlap(offset + done, n).await?;
+            let slot = self.slot().await?;
+            self.send(
+                Command::WriteZeroes,
+                offset + done,
+                n,
+                &[],
+                Pending::Transfer {
+                    at: offset + done,
+                    len: n,
+                    data: false,
+                    _slot: slot,
+                },
+            )
+            .await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Waits until every request has been acknowledged.
+    pub async fn drain(&mut self) -> Result<(), EngineError> {
+        let all = self.in_flight as u32;
+        tokio::select! {
+            biased;
+            permits = self.slots.acquire_many(all) => {
+                drop(permits);
+                Ok(())
+            }
+            () = self.failed.cancelled() => Err(self.failure()),
+        }
+    }
+
+    /// Waits until every request is acknowledged, then asks the destination to make them
+    /// durable (NBD FLUSH).
+    pub async fn flush(&mut self) -> Result<(), EngineError> {
+        self.drain().await?;
+        let slot = self.slot().await?;
+        self.send(
+            Command::Flush,
+            0,
+            0,
+            &[],
+            Pending::Transfer {
+                at: 0,
+                len: 0,
+                data: false,
+                _slot: slot,
+            },
+        )
+        .await?;
+        self.drain().await
+    }
+
+    /// Asks the destination who it is: `None` unless it is a server of ours.
+    pub async fn identify(&mut self) -> Result<Option<Identity>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Unknown(IDENTIFY), 0, 0, &[], Pending::Identify(tx))
+            .await?;
+        tokio::select! {
+            biased;
+            answer = rx => match answer {
+                Ok(Ok(identity)) => Ok(identity),
+                Ok(Err(why)) => Err(EngineError::BadIdentity(why)),
+                Err(_) => Err(self.failure()),
+            },
+            () = self.failed.cancelled() => Err(self.failure()),
+        }
+    }
+
+    /// Asks whether the destination is ours (it answers 0); C flexnbd, qemu-nbd and
+    /// nbdkit answer EINVAL. Any other error is a destination that fails (flexnbd §10.7):
+    /// the attempt is retried, it is not taken for a legacy peer.
+    pub async fn probe(&mut self) -> Result<bool, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Unknown(PROBE), 0, 0, &[], Pending::Probe(tx))
+            .await?;
+        let error = tokio::select! {
+            answer = rx => answer.map_err(|_| self.failure())?,
+            () = self.failed.cancelled() => return Err(self.failure()),
+        };
+        match Errno(error) {
+            Errno(0) => Ok(true),
+            Errno::EINVAL => Ok(false),
+            other => Err(EngineError::Probe(other)),
+        }
+    }
+
+    pub async fn handoff(&mut self, message: HandoffRequest) -> Result<HandoffReply, EngineError> {
+        let encoded = message.encode();
+        let (tx, rx) = oneshot::channel();
+        self.send(
+            Command::Unknown(HANDOFF),
+            0,
+            encoded.len() as u64,
+            &encoded,
+            Pending::Handoff(tx),
+        )
+        .await?;
+        // Biased, as in `probe`: after Committed the destination closes the connection, and
+        // that must not hide the answer that came first.
+        tokio::select! {
+            biased;
+            answer = rx => match answer {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(why)) => Err(EngineError::Handoff(why)),
+                Err(_) => Err(self.failure()),
+            },
+            () = self.failed.cancelled() => Err(self.failure()),
+        }
+    }
+
+    /// flexnbd's hand-off: a DISC (no reply is awaited), then the socket is closed.
+    pub async fn disconnect(mut self) -> io::Result<()> {
+        let request = Request {
+            flags: 0,
+            command: Command::Disconnect,
+            cookie: u64::from_be_bytes(*b".MIRROR."),
+            offset: 0,
+            length: 0,
+        };
+        let mut header = Vec::with_capacity(28);
+        let _ = request.encode(HeaderStyle::Compact, &mut header);
+        self.writer.write_all(&header).await?;
+        self.writer.shutdown().await
+    }
+}
+
+/// What the reply reader shares with the engine.
+struct Replies {
+    pending: Arc<Mutex<HashMap<u64, Pending>>>,
+    acked: Arc<Acknowledged>,
+    failed: CancellationToken,
+    failure: Arc<Mutex<Option<String>>>,
+    activity: Arc<AtomicU64>,
+    limit_ms: Arc<AtomicU64>,
+    completed: Arc<tokio::sync::Notify>,
+}
+
+impl Replies {
+    fn fail(&self, why: String) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(why);
+        }
+        self.failed.cancel();
+    }
+
+    fn outstanding(&self) -> bool {
+        self.pending.lock().map(|p| !p.is_empty()).unwrap_or(false)
+    }
+}
+
+/// Reads until `buf` holds `n` bytes. Reading is cancel-safe (`read_buf` into a buffer that
+/// outlives each wait), so a tick that checks the inactivity limit loses no bytes. Fails the
+/// engine when requests are outstanding and no byte has moved for the limit (flexnbd
+/// §10.10), whenever the request was sent relative to the start of this wait.
+///
+/// `mid_reply`: the bytes awaited belong to a reply already begun (a hand-off answer after
+/// its header), whose request is no longer counted as outstanding: the limit applies all
+/// the same.
+async fn fill(
+    reader: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    n: usize,
+    shared: &Replies,
+    mid_reply: bool,
+) -> Result<(), String> {
+    while buf.len() < n {
+        tokio::select! {
+            read = reader.read_buf(buf) => match read {
+                Ok(0) => return Err("the connection to the destination ended".into()),
+                Ok(_) => shared.activity.store(process_ms(), Ordering::Relaxed),
+                Err(e) => return Err(format!("reading from the destination failed: {e}")),
+            },
+            () = tokio::time::sleep(TICK) => {
+                let idle = process_ms().saturating_sub(shared.activity.load(Ordering::Relaxed));
+                let limit = shared.limit_ms.load(Ordering::Relaxed);
+                if (mid_reply || shared.outstanding()) && idle > limit {
+                    return Err(format!("the destination answered nothing for {limit} ms"));
+                }
+            }
+            () = shared.failed.cancelled() => return Err("cancelled".into()),
+        }
+    }
+    Ok(())
+}
+
+/// The reader task: matches replies to requests; any error fails the engine. An answer is
+/// always delivered before a failure that follows it is reported.
+async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if let Err(why) = fill(&mut reader, &mut buf, SIMPLE_REPLY_LEN, &shared, false).await {
+            shared.fail(why);
+            return;
+        }
+        let header: [u8; SIMPLE_REPLY_LEN] = buf[..SIMPLE_REPLY_LEN].try_into().expect("16 bytes");
+        let _ = buf.split_to(SIMPLE_REPLY_LEN);
+        let Some(reply) = decode_simple_reply(&header) else {
+            shared.fail("the destination sent a reply with a bad magic number".into());
+            return;
+        };
+        let Some(entry) = shared
+            .pending
+            .lock()
+            .ok()
+            .and_then(|mut p| p.remove(&reply.cookie))
+        else {
+            shared.fail(format!(
+                "the destination answered an unknown request {:#x}",
+                reply.cookie
+            ));
+            return;
+        };
+        match entry {
+            Pending::Transfer { len, data, .. } => {
+                if reply.error != 0 {
+                    shared.fail(format!(
+                        "the destination refused a write with error {}",
+                        crate::protocol::Errno(reply.error)
+                    ));
+                    return;
+                }
+                shared.acked.add(data, len);
+                // It is out of `pending`: writes waiting for its range may go now.
+                shared.completed.notify_waiters();
+            }
+            Pending::Probe(tx) => {
+                let _ = tx.send(reply.error);
+            }
+            Pending::Handoff(tx) => {
+                if reply.error != 0 {
+                    let _ = tx.send(Err(format!(
+                        "the destination refused the hand-off message (error {})",
+                        reply.error
+                    )));
+                    continue;
+                }
+                match read_answer(&mut reader, &mut buf, &shared).await {
+                    Ok(bytes) => {
+                        let _ = tx.send(HandoffReply::decode(&bytes).map_err(|e| e.to_string()));
+                    }
+                    Err(why) => {
+                        shared.fail(format!("reading the hand-off answer failed: {why}"));
+                        return;
+                    }
+                }
+            }
+            Pending::Identify(tx) => {
+                if reply.error != 0 {
+                    let _ = tx.send(Ok(None));
+                    continue;
+                }
+                match read_answer(&mut reader, &mut buf, &shared).await {
+                    Ok(bytes) => {
+                        let identity = Identity::decode(&bytes).map_err(|e| e.to_string());
+                        let _ = tx.send(identity.map(Some));
+                    }
+                    Err(why) => {
+                        shared.fail(format!("reading the identity failed: {why}"));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The body that follows a successful reply to IDENTIFY or HANDOFF: a bounded 32-bit
+/// length, then that many bytes.
+async fn read_answer(
+    reader: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    shared: &Replies,
+) -> Result<BytesMut, String> {
+    fill(reader, buf, 4, shared, true).await?;
+    let n = answer_length(buf[..4].try_into().expect("4 bytes")).map_err(|e| e.to_string())?;
+    fill(reader, buf, 4 + n, shared, true).await?;
+    let _ = buf.split_to(4);
+    Ok(buf.split_to(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::reply::simple_reply;
+    use crate::protocol::request::{decode_header, Header};
+    use crate::protocol::COMPACT_REQUEST_LEN;
+    use tokio::net::TcpListener;
+    use tokio::time::timeout;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// An engine on a loopback connection, and the server's end of it.
+    async fn pair(limit: Duration) -> (Engine, TcpStream, Arc<Acknowledged>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let acked = Arc::new(Acknowledged::default());
+        let engine = Engine::start(
+            client,
+            13,
+            acked.clone(),
+            &CancellationToken::new(),
+            EngineConfig {
+                in_flight: 8,
+                zero_size: 1 << 20,
+                limit,
+            },
+        );
+        (engine, server, acked)
+    }
+
+    /// The next request the server receives, with its payload for a WRITE.
+    async fn request(server: &mut TcpStream) -> (Request, Vec<u8>) {
+        let mut header = [0u8; COMPACT_REQUEST_LEN];
+        server.read_exact(&mut header).await.unwrap();
+        let Header::Request(request) = decode_header(&header, HeaderStyle::Compact) else {
+            panic!("bad magic")
+        };
+        let mut payload = Vec::new();
+        if request.command == Command::Write {
+            payload.resize(request.length as usize, 0);
+            server.read_exact(&mut payload).await.unwrap();
+        }
+        (request, payload)
+    }
+
+    async fn nothing_arrives(server: &mut TcpStream) {
+        let mut byte = [0u8; 1];
+        assert!(
+            timeout(Duration::from_millis(200), server.read(&mut byte))
+                .await
+                .is_err(),
+            "a request was sent"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_overlapping_write_waits_for_the_one_in_flight() {
+        let (mut engine, mut server, acked) = pair(WAIT).await;
+        engine.write(0, Bytes::from(vec![1u8; 4096])).await.unwrap();
+        let (first, data) = request(&mut server).await;
+        assert_eq!(
+            (first.command, first.offset, data.len()),
+            (Command::Write, 0, 4096)
+        );
+
+        // Overlapping the unanswered first write: not sent.
+        let second = timeout(
+            Duration::from_millis(300),
+            engine.write(2048, Bytes::from(vec![2u8; 4096])),
+        )
+        .await;
+        assert!(second.is_err(), "sent over a write in flight");
+        nothing_arrives(&mut server).await;
+        // A write elsewhere goes at once.
+        engine
+            .write(8192, Bytes::from(vec![3u8; 512]))
+            .await
+            .unwrap();
+        let (third, _) = request(&mut server).await;
+        assert_eq!(third.offset, 8192);
+
+        server
+            .write_all(&simple_reply(first.cookie, None))
+            .await
+            .unwrap();
+        timeout(WAIT, engine.write(2048, Bytes::from(vec![2u8; 4096])))
+            .await
+            .unwrap()
+            .unwrap();
+        let (second, data) = request(&mut server).await;
+        assert_eq!((second.offset, data[0]), (2048, 2));
+        server
+            .write_all(&simple_reply(second.cookie, None))
+            .await
+            .unwrap();
+        server
+            .write_all(&simple_reply(third.cookie, None))
+            .await
+            .unwrap();
+        timeout(WAIT, engine.drain()).await.unwrap().unwrap();
+        assert_eq!((acked.data(), acked.zeroed()), (4096 + 4096 + 512, 0));
+    }
+
+    #[tokio::test]
+    async fn zero_ranges_are_split_and_counted() {
+        let (mut engine, mut server, acked) = pair(WAIT).await;
+        engine.zeroes(0, (5 << 20) / 2).await.unwrap();
+        let mut lengths = Vec::new();
+        for _ in 0..3 {
+            let (r, _) = request(&mut server).await;
+            assert_eq!(r.command, Command::WriteZeroes);
+            lengths.push((r.offset, r.length));
+            server
+                .write_all(&simple_reply(r.cookie, None))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            lengths,
+            [(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 1 << 19)]
+        );
+        timeout(WAIT, engine.drain()).await.unwrap().unwrap();
+        assert_eq!((acked.data(), acked.zeroed()), (0, (5 << 20) / 2));
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_fails_the_engine() {
+        let (mut engine, mut server, acked) = pair(WAIT).await;
+        engine.write(0, Bytes::from(vec![1u8; 512])).await.unwrap();
+        let (r, _) = request(&mut server).await;
+        server
+            .write_all(&simple_reply(r.cookie, Some(Errno::ENOSPC)))
+            .await
+            .unwrap();
+        timeout(WAIT, engine.failed.cancelled()).await.unwrap();
+        // A request that awaits an answer fails with the reason.
+        let error = engine.probe().await.unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("the destination refused a write with error"),
+            "{error}"
+        );
+        assert_eq!(acked.data(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_answers_nothing_fails_after_the_limit() {
+        let (mut engine, mut server, _) = pair(Duration::from_millis(300)).await;
+        engine.write(0, Bytes::from(vec![1u8; 512])).await.unwrap();
+        let _ = request(&mut server).await;
+        let started = Instant::now();
+        let error = timeout(WAIT, engine.drain()).await.unwrap().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the destination answered nothing for 300 ms"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn the_probe_tells_ours_from_others() {
+        for (answer, expected) in [(None, Some(true)), (Some(Errno::EINVAL), Some(false))] {
+            let (mut engine, mut server, _) = pair(WAIT).await;
+            let serve = async {
+                let (r, _) = request(&mut server).await;
+                assert_eq!(r.command, Command::Unknown(PROBE));
+                server
+                    .write_all(&simple_reply(r.cookie, answer))
+                    .await
+                    .unwrap();
+            };
+            let (ours, ()) = tokio::join!(engine.probe(), serve);
+            assert_eq!(ours.ok(), expected);
+        }
+    }
+}
