@@ -361,6 +361,11 @@ impl Engine {
             biased;
             permits = self.slots.acquire_many(all) => {
                 drop(permits);
+                // A refused write frees its slot as the reader fails the engine: every
+                // slot back does not mean every request succeeded.
+                if self.failed.is_cancelled() {
+                    return Err(self.failure());
+                }
                 Ok(())
             }
             () = self.failed.cancelled() => Err(self.failure()),
@@ -754,6 +759,15 @@ mod tests {
             .await
             .unwrap();
         timeout(WAIT, engine.failed.cancelled()).await.unwrap();
+        // Its slot is back, but drain must not report success: a legacy hand-off would
+        // remove the source file and send DISC after a refused final write.
+        let error = engine.drain().await.unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("the destination refused a write with error"),
+            "{error}"
+        );
         // A request that awaits an answer fails with the reason.
         let error = engine.probe().await.unwrap_err();
         assert!(
