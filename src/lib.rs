@@ -14,6 +14,8 @@ pub mod actors;
 pub mod addr;
 pub mod cli;
 pub mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod logging;
 pub mod net;
