@@ -12,7 +12,7 @@
 //! counts, the good client's latencies).
 //!
 //! Not covered here: the killswitch (`-k`) with an idle client. Its limit is a constant
-//! (120 s, `src/cli/serve.rs`), so a test would have to wait over two minutes; a
+//! (120 s, `src/server/mod.rs`), so a test would have to wait over two minutes; a
 //! regression test for it needs a configurable limit.
 
 mod support;

@@ -1,7 +1,7 @@
 //! The listener's migration handshakes: close-doors / open-doors with real sessions (the
 //! source's final pass), and the `listen` server's hand-off (the destination), driven both
 //! by [`HandoffMessage`]s sent straight to an [`Inbound`] actor and by raw clients of a
-//! [`Target`] (listener, inbound actor and sessions wired as `cli::serve` wires them).
+//! [`Target`] (listener, inbound actor and sessions wired as `server` wires them).
 
 use std::pin::pin;
 

@@ -1,5 +1,5 @@
 //! The inbound-migration actor of a `listen` server with real sessions: a [`Target`] wires
-//! the actor, its write gate, the listener and the sessions as `cli::serve` does, and raw
+//! the actor, its write gate, the listener and the sessions as `server` does, and raw
 //! loopback clients play the sources (a legacy one, ours, stale or stray connections).
 //! What a client was told is checked against the file itself: a refused write must not be
 //! in it.

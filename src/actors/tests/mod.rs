@@ -94,7 +94,7 @@ impl Default for Limits {
 }
 
 /// A temporary backing file and the session config that serves it, built as
-/// `cli::serve` builds the real one (old-style hello, old-style rules).
+/// `server` builds the real one (old-style hello, old-style rules).
 struct Export {
     file: NamedTempFile,
     config: Arc<SessionConfig>,
@@ -464,7 +464,7 @@ impl Client {
     }
 }
 
-/// A `listen` server wired as `cli::serve` wires one: an [`Inbound`] actor that owns the
+/// A `listen` server wired as `server` wires one: an [`Inbound`] actor that owns the
 /// hand-off and publishes its write gate, sessions that follow the migration target's
 /// rules and check that gate, a listener that asks the inbound actor to admit each
 /// connection (and is attached to it, to close fenced sessions), and the main task's
