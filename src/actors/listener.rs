@@ -270,6 +270,24 @@ impl Listener {
         self.sessions.insert(id, SessionEntry { addr, peer, probe });
     }
 
+    /// Asks every session to close (the one path of shutdown and of a migration's final
+    /// pass); [`Listener::when_empty`] tells when they all have.
+    fn close_everyone(&self, reason: CloseReason) {
+        for entry in self.sessions.values() {
+            entry.addr.do_send(Close(reason));
+        }
+    }
+
+    /// Answers once the registry is empty (at once if it is).
+    fn when_empty(&mut self) -> ResponseFuture<()> {
+        let (tx, rx) = oneshot::channel();
+        self.empty_waiters.push(tx);
+        self.answer_waiters_if_empty();
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+
     fn answer_waiters_if_empty(&mut self) {
         if self.sessions.is_empty() {
             for waiter in self.empty_waiters.drain(..) {
@@ -335,16 +353,9 @@ impl Handler<Shutdown> for Listener {
                 ctx.cancel_future(accept);
             }
             tracing::info!("Closing {} client(s) for shutdown", self.sessions.len());
-            for entry in self.sessions.values() {
-                entry.addr.do_send(Close(CloseReason::Shutdown));
-            }
+            self.close_everyone(CloseReason::Shutdown);
         }
-        let (tx, rx) = oneshot::channel();
-        self.empty_waiters.push(tx);
-        self.answer_waiters_if_empty();
-        Box::pin(async move {
-            let _ = rx.await;
-        })
+        self.when_empty()
     }
 }
 
@@ -385,15 +396,8 @@ impl Handler<CloseDoors> for Listener {
             "Final pass: closing {} client(s) and refusing new ones",
             self.sessions.len()
         );
-        for entry in self.sessions.values() {
-            entry.addr.do_send(Close(CloseReason::Migration));
-        }
-        let (tx, rx) = oneshot::channel();
-        self.empty_waiters.push(tx);
-        self.answer_waiters_if_empty();
-        Box::pin(async move {
-            let _ = rx.await;
-        })
+        self.close_everyone(CloseReason::Migration);
+        self.when_empty()
     }
 }
 
