@@ -11,6 +11,7 @@
 use super::consts::{IHAVEOPT, NBD_MAGIC, OLDSTYLE_HELLO_LEN, OLDSTYLE_MAGIC};
 use super::handshake::{HelloError, OldstyleHello};
 use super::newstyle::{client_flags, hflags, opt, rep, OPTION_REPLY_MAGIC};
+use super::wire::Reader;
 
 /// What the first 16 bytes of a server's greeting say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,11 +44,11 @@ pub enum ClientError {
 pub const MAX_OPTION_REPLY: u32 = 64 * 1024;
 
 pub fn classify(first16: &[u8; 16]) -> Result<Greeting, ClientError> {
-    let passwd = u64::from_be_bytes(first16[0..8].try_into().expect("8 bytes"));
-    if passwd != NBD_MAGIC {
+    let mut r = Reader::new(first16);
+    if r.u64() != Some(NBD_MAGIC) {
         return Err(ClientError::NotNbd);
     }
-    match u64::from_be_bytes(first16[8..16].try_into().expect("8 bytes")) {
+    match r.u64().expect("16 bytes") {
         OLDSTYLE_MAGIC => Ok(Greeting::Oldstyle),
         IHAVEOPT => Ok(Greeting::Newstyle),
         other => Err(ClientError::UnknownHandshake(other)),
@@ -77,32 +78,33 @@ pub fn go_request(server_flags: u16, export: &str) -> Result<Vec<u8>, ClientErro
 
 /// An option reply header: `(option, reply type, payload length)`.
 pub fn decode_option_reply(header: &[u8; 20]) -> Result<(u32, u32, u32), ClientError> {
-    let magic = u64::from_be_bytes(header[0..8].try_into().expect("8 bytes"));
+    let mut r = Reader::new(header);
+    let magic = r.u64().expect("20 bytes");
     if magic != OPTION_REPLY_MAGIC {
         return Err(ClientError::BadReplyMagic(magic));
     }
-    let be32 = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().expect("4 bytes"));
-    let len = be32(16);
+    let (Some(option), Some(kind), Some(len)) = (r.u32(), r.u32(), r.u32()) else {
+        unreachable!("20 bytes");
+    };
     if len > MAX_OPTION_REPLY {
         return Err(ClientError::ReplyTooLong(len));
     }
-    Ok((be32(8), be32(12), len))
+    Ok((option, kind, len))
 }
 
 /// The size and transmission flags of an `NBD_REP_INFO` payload, if it is `NBD_INFO_EXPORT`.
 pub fn parse_info_export(payload: &[u8]) -> Result<Option<(u64, u16)>, ClientError> {
-    if payload.len() < 2 {
+    let mut r = Reader::new(payload);
+    let Some(kind) = r.u16() else {
         return Err(ClientError::BadInfo);
-    }
-    if u16::from_be_bytes([payload[0], payload[1]]) != super::newstyle::info::EXPORT {
+    };
+    if kind != super::newstyle::info::EXPORT {
         return Ok(None);
     }
-    if payload.len() != 12 {
-        return Err(ClientError::BadInfo);
+    match (r.u64(), r.u16(), r.remaining()) {
+        (Some(size), Some(flags), 0) => Ok(Some((size, flags))),
+        _ => Err(ClientError::BadInfo),
     }
-    let size = u64::from_be_bytes(payload[2..10].try_into().expect("8 bytes"));
-    let flags = u16::from_be_bytes([payload[10], payload[11]]);
-    Ok(Some((size, flags)))
 }
 
 /// What a server's handshake settled.

@@ -5,6 +5,7 @@
 //! (`read`, `write`, and the mirror).
 
 use super::consts::{NBD_MAGIC, OLDSTYLE_HELLO_LEN, OLDSTYLE_MAGIC};
+use super::wire::Reader;
 
 /// The export as an old-style hello announces it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,16 +40,18 @@ impl OldstyleHello {
     ///
     /// C flexnbd ignores the high 16 bits of the flags field (global flags); so do we.
     pub fn decode(bytes: &[u8; OLDSTYLE_HELLO_LEN]) -> Result<OldstyleHello, HelloError> {
-        let passwd = u64::from_be_bytes(bytes[0..8].try_into().expect("8 bytes"));
+        let mut r = Reader::new(bytes);
+        let (Some(passwd), Some(magic), Some(size), Some(flags32)) =
+            (r.u64(), r.u64(), r.u64(), r.u32())
+        else {
+            unreachable!("a hello holds {OLDSTYLE_HELLO_LEN} bytes");
+        };
         if passwd != NBD_MAGIC {
             return Err(HelloError::BadPasswd);
         }
-        let magic = u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes"));
         if magic != OLDSTYLE_MAGIC {
             return Err(HelloError::BadMagic(magic));
         }
-        let size = u64::from_be_bytes(bytes[16..24].try_into().expect("8 bytes"));
-        let flags32 = u32::from_be_bytes(bytes[24..28].try_into().expect("4 bytes"));
         Ok(OldstyleHello {
             size,
             flags: (flags32 & 0xffff) as u16,

@@ -7,6 +7,7 @@
 
 use super::consts::{SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC};
 use super::errno::Errno;
+use super::wire::Reader;
 
 /// Encodes a simple reply: magic, error, cookie.
 pub fn simple_reply(cookie: u64, error: Option<Errno>) -> [u8; SIMPLE_REPLY_LEN] {
@@ -26,13 +27,13 @@ pub struct SimpleReply {
 
 /// Decodes a simple reply header; `None` if the magic is wrong.
 pub fn decode_simple_reply(bytes: &[u8; SIMPLE_REPLY_LEN]) -> Option<SimpleReply> {
-    let magic = u32::from_be_bytes(bytes[0..4].try_into().expect("4 bytes"));
-    if magic != SIMPLE_REPLY_MAGIC {
+    let mut r = Reader::new(bytes);
+    if r.u32()? != SIMPLE_REPLY_MAGIC {
         return None;
     }
     Some(SimpleReply {
-        error: u32::from_be_bytes(bytes[4..8].try_into().expect("4 bytes")),
-        cookie: u64::from_be_bytes(bytes[8..16].try_into().expect("8 bytes")),
+        error: r.u32()?,
+        cookie: r.u64()?,
     })
 }
 
