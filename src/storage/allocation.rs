@@ -9,10 +9,9 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use super::backing::seek_from;
 use super::bitmap::BlockBitmap;
 pub use super::bitmap::BLOCK;
 
@@ -134,32 +133,106 @@ impl AllocationMap {
     }
 
     fn walk(&self, file: &File, cancel: &AtomicBool) -> io::Result<()> {
-        let fd = file.as_raw_fd();
         let size = self.size();
-        let mut pos: u64 = 0;
-        while pos < size {
+        let mut walk = DataExtents::new(file, 0, size);
+        while !walk.is_done() {
             if cancel.load(Ordering::Relaxed) {
                 return Err(io::Error::new(
                     io::ErrorKind::Interrupted,
                     "the walk was cancelled",
                 ));
             }
-            let Some(data) = seek_from(fd, pos, libc::SEEK_DATA)? else {
+            let Some((data, hole)) = walk.next_extent().map_err(io::Error::from)? else {
                 break;
             };
-            if data >= size {
-                break;
-            }
-            let hole = seek_from(fd, data, libc::SEEK_HOLE)?
-                .unwrap_or(size)
-                .min(size);
             self.set_range(data, hole.saturating_sub(data).max(1));
             self.walked.store(hole, Ordering::Relaxed);
-            pos = hole.max(data + 1);
         }
         self.walked.store(size, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// The data extents of a file between two offsets, found with SEEK_DATA/SEEK_HOLE: the one
+/// walker behind the map's build and [`super::Backing::extents`].
+pub(super) struct DataExtents {
+    fd: RawFd,
+    pos: u64,
+    end: u64,
+}
+
+/// Why [`DataExtents::next_extent`] failed.
+#[derive(Debug)]
+pub(super) enum WalkError {
+    /// SEEK_DATA itself failed, with this error.
+    SeekData(io::Error),
+    /// SEEK_HOLE failed.
+    SeekHole(io::Error),
+}
+
+impl From<WalkError> for io::Error {
+    fn from(e: WalkError) -> io::Error {
+        match e {
+            WalkError::SeekData(e) | WalkError::SeekHole(e) => e,
+        }
+    }
+}
+
+impl DataExtents {
+    /// Walks `[from, end)` of `file`, which must stay open while the walker is used.
+    pub(super) fn new(file: &File, from: u64, end: u64) -> DataExtents {
+        DataExtents {
+            fd: file.as_raw_fd(),
+            pos: from,
+            end,
+        }
+    }
+
+    /// True once the walk has reached `end`.
+    pub(super) fn is_done(&self) -> bool {
+        self.pos >= self.end
+    }
+
+    /// The next data extent as `(data, hole)`: data starts at `data` (at or after where the
+    /// walk is) and the next hole at `hole`, clipped to `end`. `hole` is above `data` unless
+    /// the file changed underneath; the walk then moves on by one byte. `None` when there is
+    /// no data before `end`.
+    pub(super) fn next_extent(&mut self) -> Result<Option<(u64, u64)>, WalkError> {
+        if self.is_done() {
+            return Ok(None);
+        }
+        let Some(data) =
+            seek_from(self.fd, self.pos, libc::SEEK_DATA).map_err(WalkError::SeekData)?
+        else {
+            self.pos = self.end;
+            return Ok(None);
+        };
+        if data >= self.end {
+            self.pos = self.end;
+            return Ok(None);
+        }
+        let hole = seek_from(self.fd, data, libc::SEEK_HOLE)
+            .map_err(WalkError::SeekHole)?
+            .unwrap_or(self.end)
+            .min(self.end);
+        self.pos = hole.max(data + 1);
+        Ok(Some((data, hole)))
+    }
+}
+
+/// `lseek` with SEEK_DATA or SEEK_HOLE; `None` past the last data (ENXIO).
+fn seek_from(fd: RawFd, from: u64, whence: i32) -> io::Result<Option<u64>> {
+    // SAFETY: lseek only reads its integer arguments; the descriptor is open. The offset it
+    // moves is used by none of our positional I/O.
+    let at = unsafe { libc::lseek(fd, from as libc::off_t, whence) };
+    if at < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    Ok(Some(at as u64))
 }
 
 #[cfg(test)]

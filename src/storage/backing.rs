@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use super::allocation::{AllocationMap, BLOCK};
+use super::allocation::{AllocationMap, DataExtents, WalkError, BLOCK};
 use super::dirty::DirtyMap;
 use super::write_behind::WriteBehind;
 
@@ -417,20 +417,20 @@ impl Backing {
     /// tell, the whole range is reported as data (always a safe answer).
     pub fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<Extent>> {
         let end = offset.saturating_add(len).min(self.size);
-        let fd = self.file.as_raw_fd();
+        let mut walk = DataExtents::new(&self.file, offset, end);
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < max {
-            let data = match seek_from(fd, pos, libc::SEEK_DATA) {
-                Ok(Some(d)) => d.min(end),
-                Ok(None) => end,
-                Err(e) if unsupported(&e) => {
+            let (data, hole) = match walk.next_extent() {
+                Ok(Some(extent)) => extent,
+                Ok(None) => (end, end),
+                Err(WalkError::SeekData(e)) if unsupported(&e) => {
                     return Ok(vec![Extent {
                         length: end - offset,
                         hole: false,
                     }])
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
             if data > pos {
                 out.push(Extent {
@@ -438,14 +438,16 @@ impl Backing {
                     hole: true,
                 });
                 pos = data;
-                continue;
+                if pos >= end || out.len() >= max {
+                    break;
+                }
             }
-            let hole = seek_from(fd, pos, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            let next = hole.max(pos + 1);
             out.push(Extent {
-                length: hole.max(pos + 1).min(end) - pos,
+                length: next - pos,
                 hole: false,
             });
-            pos = hole.max(pos + 1);
+            pos = next;
         }
         Ok(out)
     }
@@ -514,21 +516,6 @@ fn unsupported(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
     )
-}
-
-/// `lseek` with SEEK_DATA or SEEK_HOLE; `None` past the last data (ENXIO).
-pub(super) fn seek_from(fd: i32, from: u64, whence: i32) -> io::Result<Option<u64>> {
-    // SAFETY: lseek only reads its integer arguments; the descriptor is open. The offset it
-    // moves is used by none of our positional I/O.
-    let at = unsafe { libc::lseek(fd, from as libc::off_t, whence) };
-    if at < 0 {
-        let err = io::Error::last_os_error();
-        return match err.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(err),
-        };
-    }
-    Ok(Some(at as u64))
 }
 
 /// True if every byte is zero (compared a word at a time).
