@@ -35,8 +35,8 @@
 
 use serde::{Deserialize, Serialize};
 
-#[cfg(test)]
-mod model;
+#[doc(hidden)]
+pub mod model;
 pub mod source;
 pub mod target;
 

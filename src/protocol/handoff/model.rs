@@ -1,6 +1,7 @@
 //! A model of both halves of the hand-off over a network that loses, delays and reorders
-//! connections, with an operator who breaks and a destination that restarts, checked for
-//! "never two writers" over random schedules.
+//! connections, with an operator who breaks, a signal, a destination that restarts and
+//! `--unlink` that may fail, checked for "never two writers". The property test below
+//! and the `handoff_messages` fuzz target (`crate::fuzzing`) both drive it.
 //!
 //! The source is driven the way the mirror drives its [`SourceHandoff`]: every connection
 //! starts with a Join (with a growing attempt number), the source asks the machine before
@@ -10,55 +11,45 @@
 
 use std::collections::VecDeque;
 
-use proptest::prelude::*;
-
 use super::source::{BreakDecision, Next, SourceHandoff};
-use super::target::{TargetEffect, TargetHandoff};
+use super::target::TargetHandoff;
 use super::{HandoffReply, HandoffRequest, JoinPurpose, MigrationId};
 
-const ID: MigrationId = MigrationId([7; 16]);
-const SIZE: u64 = 4096;
+/// The export size both halves agree on.
+pub const SIZE: u64 = 1 << 20;
 
-/// One connection: requests on their way to the destination, answers on their way back.
+/// One connection of the world: requests on their way to the destination, answers on
+/// their way back.
 #[derive(Default)]
-struct Conn {
+pub struct Conn {
     to_destination: VecDeque<HandoffRequest>,
     to_source: VecDeque<HandoffReply>,
     /// The destination incarnation it belongs to (a restart drops every connection).
     incarnation: u32,
 }
 
-struct World {
+/// Both halves over a network that loses, delays and reorders connections, with an
+/// operator who breaks, a signal, a destination that restarts, and `--unlink` that may
+/// fail. The source is driven as the mirror drives it.
+pub struct World {
     source: SourceHandoff,
-    /// The source's stopped (abandoned): it sends nothing more.
     source_done: bool,
-    /// What the source does on its current connection.
     purpose: JoinPurpose,
     current: Option<usize>,
     attempt: u64,
     target: TargetHandoff,
     incarnation: u32,
-    /// A destination that took control and was then restarted still "has" its file, but
-    /// no process serves it: it is not a writer.
     conns: Vec<Conn>,
+    unlink: bool,
+    /// Bit `i % 8`: the `i`-th unlink fails.
+    unlink_failures: u8,
+    unlinks: u32,
 }
 
-impl World {
-    fn new() -> World {
-        World {
-            source: SourceHandoff::new(),
-            source_done: false,
-            purpose: JoinPurpose::Copy,
-            current: None,
-            attempt: 0,
-            target: TargetHandoff::new(SIZE),
-            incarnation: 0,
-            conns: Vec::new(),
-        }
-    }
+pub const ID: MigrationId = MigrationId([7; 16]);
 
-    /// The source opens a connection for `purpose` and sends its Join.
-    fn connect(&mut self, purpose: JoinPurpose) {
+impl World {
+    pub fn connect(&mut self, purpose: JoinPurpose) {
         self.attempt += 1;
         self.purpose = purpose;
         let mut conn = Conn {
@@ -76,7 +67,7 @@ impl World {
         self.current = Some(index);
     }
 
-    fn follow(&mut self, next: Next) {
+    pub fn follow(&mut self, next: Next) {
         match next {
             Next::Proceed => {}
             Next::Retry => self.connect(JoinPurpose::Copy),
@@ -88,14 +79,13 @@ impl World {
         }
     }
 
-    fn send(&mut self, request: HandoffRequest) {
+    pub fn send(&mut self, request: HandoffRequest) {
         if let Some(index) = self.current {
             self.conns[index].to_destination.push_back(request);
         }
     }
 
-    /// The destination takes the next request of connection `index`.
-    fn deliver_to_destination(&mut self, index: usize) {
+    pub fn deliver_to_destination(&mut self, index: usize) {
         let conn = &mut self.conns[index];
         if conn.incarnation != self.incarnation {
             conn.to_destination.clear();
@@ -104,16 +94,12 @@ impl World {
         let Some(request) = conn.to_destination.pop_front() else {
             return;
         };
-        let (reply, effect) = self.target.on_request(index as u64 + 1, &request);
-        if let TargetEffect::SyncFirst = effect {
-            // The sync succeeds in this model; a failed one only sends Refused.
-        }
+        // The sync of a Prepare succeeds here; a failed one only sends Refused.
+        let (reply, _) = self.target.on_request(index as u64 + 1, &request);
         self.conns[index].to_source.push_back(reply);
     }
 
-    /// The source takes the next answer on connection `index` (only its current one
-    /// matters; answers on abandoned connections are never read).
-    fn deliver_to_source(&mut self, index: usize) {
+    pub fn deliver_to_source(&mut self, index: usize) {
         if self.current != Some(index) || self.source_done {
             return;
         }
@@ -134,11 +120,27 @@ impl World {
             },
             HandoffReply::Prepared { .. } => {
                 let next = self.source.prepared();
-                if next == Next::Proceed {
-                    self.commit();
-                } else {
+                if next != Next::Proceed {
                     self.follow(next);
+                    return;
                 }
+                if self.unlink {
+                    let next = self.source.unlinking();
+                    if next != Next::Proceed {
+                        self.follow(next);
+                        return;
+                    }
+                    let fails = (self.unlink_failures >> (self.unlinks % 8)) & 1 == 1;
+                    self.unlinks += 1;
+                    if fails {
+                        // The mirror stops; the source copy stays authoritative.
+                        self.source.unlink_failed();
+                        self.source_done = true;
+                        self.current = None;
+                        return;
+                    }
+                }
+                self.commit();
             }
             HandoffReply::Committed { .. } => {
                 let next = self.source.committed();
@@ -155,7 +157,7 @@ impl World {
         }
     }
 
-    fn commit(&mut self) {
+    pub fn commit(&mut self) {
         let next = self.source.commit_starting();
         if next == Next::Proceed {
             self.send(HandoffRequest::Commit { id: ID });
@@ -164,9 +166,7 @@ impl World {
         }
     }
 
-    /// The source gives up on its current connection (a timeout, a reset it saw); what
-    /// it sent may still arrive later.
-    fn source_fails(&mut self) {
+    pub fn source_fails(&mut self) {
         if self.source_done || self.current.is_none() {
             return;
         }
@@ -174,7 +174,7 @@ impl World {
         self.follow(next);
     }
 
-    fn operator_breaks(&mut self) {
+    pub fn operator_breaks(&mut self) {
         if self.source_done {
             return;
         }
@@ -184,8 +184,16 @@ impl World {
         }
     }
 
-    /// The destination process is killed and started again, empty-handed.
-    fn restart_destination(&mut self) {
+    pub fn signal(&mut self) {
+        if self.source_done {
+            return;
+        }
+        self.source.on_signal();
+        self.source_done = true;
+        self.current = None;
+    }
+
+    pub fn restart_destination(&mut self) {
         self.incarnation += 1;
         self.target = TargetHandoff::new(SIZE);
         for conn in &mut self.conns {
@@ -194,45 +202,108 @@ impl World {
         }
     }
 
-    fn writers(&self) -> usize {
+    pub fn writers(&self) -> usize {
         usize::from(self.source.has_control()) + usize::from(self.target.has_control())
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
-
-    /// Whatever the schedule: at most one side has control at any moment; and a source
-    /// that never lost control, or a destination that took it, is what the run ends with.
-    #[test]
-    fn never_two_writers(steps in proptest::collection::vec((0..6u8, 0..8usize), 1..120)) {
-        let mut world = World::new();
+impl World {
+    /// A world whose source has just opened its first connection. With `unlink`, the
+    /// source removes its file after Prepared; bit `i % 8` of `unlink_failures` makes the
+    /// `i`-th removal fail.
+    pub fn new(unlink: bool, unlink_failures: u8) -> World {
+        let mut world = World {
+            source: SourceHandoff::new(),
+            source_done: false,
+            purpose: JoinPurpose::Copy,
+            current: None,
+            attempt: 0,
+            target: TargetHandoff::new(SIZE),
+            incarnation: 0,
+            conns: Vec::new(),
+            unlink,
+            unlink_failures,
+            unlinks: 0,
+        };
         world.connect(JoinPurpose::Copy);
-        for (action, which) in steps {
-            let n = world.conns.len();
-            match action {
-                0 | 1 => world.deliver_to_destination(which % n),
-                2 | 3 => world.deliver_to_source(which % n),
-                4 if which == 0 => world.operator_breaks(),
-                4 if which == 1 => world.restart_destination(),
-                4 => {}
-                _ => world.source_fails(),
+        world
+    }
+
+    /// One step of a schedule: `action` picks what happens, `which` to which connection.
+    pub fn step(&mut self, action: u8, which: u8) {
+        let which = usize::from(which);
+        let n = self.conns.len();
+        match action % 7 {
+            0 | 1 => self.deliver_to_destination(which % n),
+            2 | 3 => self.deliver_to_source(which % n),
+            4 => match which % 4 {
+                0 => self.operator_breaks(),
+                1 => self.restart_destination(),
+                2 => self.signal(),
+                _ => {}
+            },
+            // The source's current connection and its last messages, in order: the
+            // common path, so that schedules reach the hand-off quickly.
+            5 => {
+                if let Some(c) = self.current {
+                    self.deliver_to_destination(c);
+                    self.deliver_to_source(c);
+                }
             }
-            prop_assert!(world.writers() <= 1, "two writers: source {:?}, target {:?}",
-                world.source.phase(), world.target.phase());
+            _ => self.source_fails(),
         }
+    }
+
+    pub fn source(&self) -> &SourceHandoff {
+        &self.source
+    }
+
+    pub fn target(&self) -> &TargetHandoff {
+        &self.target
     }
 }
 
-#[test]
-fn the_model_can_complete_a_hand_off() {
-    let mut world = World::new();
-    world.connect(JoinPurpose::Copy);
-    for _ in 0..3 {
-        world.deliver_to_destination(0);
-        world.deliver_to_source(0);
+/// Runs a schedule and panics at the first moment both halves have control.
+pub fn check_schedule(unlink: bool, unlink_failures: u8, steps: &[(u8, u8)]) {
+    let mut world = World::new(unlink, unlink_failures);
+    for &(action, which) in steps {
+        world.step(action, which);
+        assert!(
+            world.writers() <= 1,
+            "two writers: source {:?}, target {:?}",
+            world.source.phase(),
+            world.target.phase()
+        );
     }
-    assert!(world.target.has_control());
-    assert!(!world.source.has_control());
-    assert!(world.source_done);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Whatever the schedule: at most one side has control at any moment.
+        #[test]
+        fn never_two_writers(
+            unlink in any::<bool>(),
+            failures in any::<u8>(),
+            steps in proptest::collection::vec((any::<u8>(), any::<u8>()), 1..160),
+        ) {
+            check_schedule(unlink, failures, &steps);
+        }
+    }
+
+    #[test]
+    fn the_model_can_complete_a_hand_off() {
+        let mut world = World::new(false, 0);
+        for _ in 0..3 {
+            world.deliver_to_destination(0);
+            world.deliver_to_source(0);
+        }
+        assert!(world.target().has_control());
+        assert!(!world.source().has_control());
+    }
 }
