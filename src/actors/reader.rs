@@ -40,15 +40,20 @@ const READ_AHEAD: usize = 64 * 1024;
 /// Payload parts at least this long are read into a buffer of their own size.
 const EXACT_READ_MIN: usize = 64 * 1024;
 
-/// A checked request, ready for the session to execute.
+/// What the reader yields to the session.
 pub(crate) enum Incoming {
-    Read {
+    /// A checked request, ready for the session to execute: the rules' verdict, whom to
+    /// answer and the permits held until the reply is written. Every verdict comes this
+    /// way except DISC (the stream ends instead); a WRITE only when it is zero-length (its
+    /// payload parts come as [`Incoming::Write`]). `Reject` also carries the reader's own
+    /// refusals: EBADMSG for a header with the wrong magic (the stream then ends) and
+    /// ESHUTDOWN for requests buffered while closing.
+    Request {
+        verdict: Verdict,
         to: ReplyTo,
-        offset: u64,
-        length: u64,
-        /// Don't fragment (structured replies): one data chunk, never a hole chunk.
-        df: bool,
         permits: Permits,
+        /// A hand-off message's encoded bytes; empty for every other verdict.
+        payload: Bytes,
     },
     /// One part of a WRITE's payload (the whole payload unless it is larger than a part).
     Write {
@@ -57,66 +62,6 @@ pub(crate) enum Incoming {
         durable: bool,
         completion: WriteCompletion,
         budget: Option<OwnedSemaphorePermit>,
-    },
-    Flush {
-        to: ReplyTo,
-        permits: Permits,
-    },
-    Trim {
-        to: ReplyTo,
-        offset: u64,
-        length: u64,
-        fua: bool,
-        permits: Permits,
-    },
-    WriteZeroes {
-        to: ReplyTo,
-        offset: u64,
-        length: u64,
-        fua: bool,
-        no_hole: bool,
-        fast: bool,
-        permits: Permits,
-    },
-    Cache {
-        to: ReplyTo,
-        offset: u64,
-        length: u64,
-        permits: Permits,
-    },
-    BlockStatus {
-        to: ReplyTo,
-        offset: u64,
-        length: u64,
-        req_one: bool,
-        permits: Permits,
-    },
-    /// Answer at once: an error, or success for a zero-length write.
-    Reply {
-        to: ReplyTo,
-        error: Option<Errno>,
-        permits: Permits,
-    },
-    /// A header with the wrong magic: answer EBADMSG, then the stream ends.
-    BadMagic {
-        to: ReplyTo,
-        permits: Permits,
-    },
-    /// The hand-off probe of a migration source: answer 0 (we are a migration target).
-    Probe {
-        to: ReplyTo,
-        permits: Permits,
-    },
-    /// A migration source asks who we are (answered with our identity).
-    Identify {
-        to: ReplyTo,
-        permits: Permits,
-    },
-    /// A hand-off message (its encoded bytes) from a migration source.
-    Handoff {
-        to: ReplyTo,
-        message: Bytes,
-        permits: Permits,
     },
     /// New-style negotiation ended: every later reply uses `style`.
     Negotiated {
@@ -237,7 +182,7 @@ pub(crate) struct Reader {
     part_budget: Option<OwnedSemaphorePermit>,
     write: Option<PendingWrite>,
     /// A hand-off message whose payload is arriving.
-    handoff: Option<(ReplyTo, Permits)>,
+    handoff: Option<(Verdict, ReplyTo, Permits)>,
     stopped: bool,
     /// Set when the client sent NBD_CMD_DISC.
     pub disconnect: Arc<std::sync::atomic::AtomicBool>,
@@ -458,13 +403,14 @@ impl Reader {
             .slot
             .take()
             .or_else(|| self.slots.clone().try_acquire_owned().ok())?;
-        Some(Incoming::Reply {
+        Some(Incoming::Request {
+            verdict: Verdict::Reject(Errno::ESHUTDOWN),
             to: ReplyTo::from(&req),
-            error: Some(Errno::ESHUTDOWN),
             permits: Permits {
                 slot: Some(slot),
                 bytes: None,
             },
+            payload: Bytes::new(),
         })
     }
 
@@ -479,7 +425,7 @@ impl Reader {
         if !matches!(frame, Frame::Payload(_)) {
             self.spare_slot.store(false, Ordering::Relaxed);
         }
-        let req = match frame {
+        let (verdict, to) = match frame {
             Frame::Payload(part) => return self.on_payload(part),
             Frame::BadMagic { magic, cookie } => {
                 tracing::warn!(
@@ -487,139 +433,57 @@ impl Reader {
                     self.config.peer
                 );
                 self.stopped = true;
-                return Some(Incoming::BadMagic {
-                    to: ReplyTo { cookie, offset: 0 },
-                    permits: self.permits(),
-                });
+                let to = ReplyTo { cookie, offset: 0 };
+                (Verdict::Reject(Errno::EBADMSG), to)
             }
-            Frame::Request(req) => req,
+            Frame::Request(req) => (self.config.rules.check(&req), ReplyTo::from(&req)),
         };
-        let to = ReplyTo::from(&req);
-        let item = match self.config.rules.check(&req) {
-            Verdict::Read { offset, length, df } => {
-                let mut permits = self.permits();
-                let share = length.min(self.config.part_size as u64) as u32;
-                if share > 0 {
-                    permits.bytes = Some(self.budget.clone().acquire_many_owned(share).await.ok()?);
-                }
-                Incoming::Read {
-                    to,
-                    offset,
-                    length,
-                    df,
-                    permits,
-                }
-            }
-            Verdict::Write {
-                offset,
-                length,
-                fua,
-            } => return self.start_write(to, offset, length, fua),
-            Verdict::Flush => Incoming::Flush {
-                to,
-                permits: self.permits(),
-            },
-            Verdict::Trim {
-                offset,
-                length,
-                fua,
-            } => Incoming::Trim {
-                to,
-                offset,
-                length,
-                fua,
-                permits: self.permits(),
-            },
-            Verdict::WriteZeroes {
-                offset,
-                length,
-                fua,
-                no_hole,
-                fast,
-            } => Incoming::WriteZeroes {
-                to,
-                offset,
-                length,
-                fua,
-                no_hole,
-                fast,
-                permits: self.permits(),
-            },
-            Verdict::Cache { offset, length } => Incoming::Cache {
-                to,
-                offset,
-                length,
-                permits: self.permits(),
-            },
-            Verdict::BlockStatus {
-                offset,
-                length,
-                req_one,
-            } => Incoming::BlockStatus {
-                to,
-                offset,
-                length,
-                req_one,
-                permits: self.permits(),
-            },
-            Verdict::Probe => Incoming::Probe {
-                to,
-                permits: self.permits(),
-            },
-            Verdict::Identify => Incoming::Identify {
-                to,
-                permits: self.permits(),
-            },
-            Verdict::Handoff { length } => {
-                let permits = self.permits();
-                if length == 0 {
-                    Incoming::Handoff {
-                        to,
-                        message: Bytes::new(),
-                        permits,
-                    }
-                } else {
-                    self.handoff = Some((to, permits));
-                    return None;
-                }
-            }
+        match verdict {
             Verdict::Disconnect => {
                 tracing::info!("Client {} sent a disconnect request", self.config.peer);
                 self.disconnect.store(true, Ordering::Relaxed);
                 self.stopped = true;
                 return None;
             }
-            Verdict::Reject(errno) => {
-                // The payload of a rejected WRITE is read and thrown away, so the
-                // connection stays usable (flexnbd §4.4).
-                self.framer.discard_payload();
-                Incoming::Reply {
-                    to,
-                    error: Some(errno),
-                    permits: self.permits(),
+            Verdict::Write {
+                offset,
+                length,
+                fua,
+            } if length > 0 => {
+                self.start_write(to, offset, length, fua);
+                return None;
+            }
+            _ => {}
+        }
+        let mut permits = self.permits();
+        match verdict {
+            Verdict::Read { length, .. } => {
+                let share = length.min(self.config.part_size as u64) as u32;
+                if share > 0 {
+                    permits.bytes = Some(self.budget.clone().acquire_many_owned(share).await.ok()?);
                 }
             }
-        };
-        Some(item)
+            Verdict::Handoff { length } if length > 0 => {
+                self.handoff = Some((verdict, to, permits));
+                return None;
+            }
+            // The payload of a rejected WRITE is read and thrown away, so the connection
+            // stays usable (flexnbd §4.4).
+            Verdict::Reject(_) => self.framer.discard_payload(),
+            _ => {}
+        }
+        Some(Incoming::Request {
+            verdict,
+            to,
+            permits,
+            payload: Bytes::new(),
+        })
     }
 
-    /// A WRITE's header arrived: its payload parts follow (a zero-length write is answered
-    /// at once).
-    fn start_write(
-        &mut self,
-        to: ReplyTo,
-        offset: u64,
-        length: u64,
-        fua: bool,
-    ) -> Option<Incoming> {
+    /// A WRITE's header arrived, with a payload: its parts follow. (A zero-length write is
+    /// answered at once, like any other request.)
+    fn start_write(&mut self, to: ReplyTo, offset: u64, length: u64, fua: bool) {
         let durable = fua || self.config.sync_writes;
-        if length == 0 {
-            return Some(Incoming::Reply {
-                to,
-                error: None,
-                permits: self.permits(),
-            });
-        }
         let slot = self.slot.take();
         let (whole, group) = if length <= self.config.write_part as u64 {
             (Some(WriteCompletion::Whole { to, slot }), None)
@@ -638,16 +502,16 @@ impl Reader {
             whole,
             group,
         });
-        None
     }
 
     fn on_payload(&mut self, part: crate::protocol::request::PayloadPart) -> Option<Incoming> {
-        if let Some((to, permits)) = self.handoff.take() {
+        if let Some((verdict, to, permits)) = self.handoff.take() {
             // Hand-off messages are bounded far below a part: they arrive in one piece.
-            return Some(Incoming::Handoff {
+            return Some(Incoming::Request {
+                verdict,
                 to,
-                message: part.data,
                 permits,
+                payload: part.data,
             });
         }
         let pending = self.write.as_mut()?;

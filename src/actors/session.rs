@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use crate::protocol::handoff::{encode_answer, encode_identity, HandoffReply, HandoffRequest};
 use crate::protocol::newstyle::{NegotiationConfig, ServerNegotiation};
 use crate::protocol::reply::simple_reply;
-use crate::protocol::request::ExportRules;
+use crate::protocol::request::{ExportRules, Verdict};
 use crate::protocol::structured::{Extent as StatusExtent, ReplyStyle, ReplyTo};
 use crate::protocol::Errno;
 use crate::storage::allocation::BLOCK;
@@ -128,6 +128,93 @@ struct Write {
     offset: u64,
     data: Bytes,
     durable: bool,
+}
+
+/// How one request is answered: the connection's reply encoding, the request it answers
+/// and the permits it holds until the reply is written. Each method consumes it and builds
+/// the reply; whoever holds it sends that reply: the session inline, or the job that took it
+/// (blocking pool, write thread) through its own sender.
+struct Responder {
+    style: ReplyStyle,
+    to: ReplyTo,
+    permits: Permits,
+}
+
+impl Responder {
+    /// A reply without data: success or an error, in the connection's encoding.
+    fn done(self, error: Option<Errno>) -> Outgoing {
+        let Responder { style, to, permits } = self;
+        let header = match (style, error) {
+            (ReplyStyle::Simple, _) => Header::new(&simple_reply(to.cookie, error)),
+            (_, None) => Header::encode(|out| style.ok(to, out)),
+            (_, Some(errno)) => Header::encode(|out| style.error(to, errno, "", out)),
+        };
+        Outgoing {
+            header,
+            body: Body::None,
+            permits,
+        }
+    }
+
+    /// A successful READ's reply: the header (a simple reply, or an OFFSET_DATA chunk with
+    /// its offset) and the data.
+    fn data(self, length: u64, body: Body) -> Outgoing {
+        let Responder { style, to, permits } = self;
+        let header = match style {
+            ReplyStyle::Simple => Header::new(&simple_reply(to.cookie, None)),
+            _ => Header::encode(|out| {
+                // A compact chunk's length field holds any READ a compact header can ask for.
+                let _ = style.read_data_header(to, length, out);
+            }),
+        };
+        Outgoing {
+            header,
+            body,
+            permits,
+        }
+    }
+
+    /// A READ of a hole, in structured replies: a hole chunk instead of the zeros.
+    fn hole(self, offset: u64, length: u32) -> Outgoing {
+        let Responder { style, to, permits } = self;
+        let header = Header::encode(|out| {
+            let _ = style.hole_chunk(to, offset, length, true, out);
+        });
+        Outgoing {
+            header,
+            body: Body::None,
+            permits,
+        }
+    }
+
+    /// A simple success reply followed by `body`, whatever the connection's encoding (the
+    /// hand-off messages of a migration).
+    fn simple_data(self, body: Bytes) -> Outgoing {
+        Outgoing {
+            header: Header::new(&simple_reply(self.to.cookie, None)),
+            body: Body::Data(body),
+            permits: self.permits,
+        }
+    }
+
+    /// A reply encoded whole by the caller.
+    fn encoded(self, reply: Bytes) -> Outgoing {
+        Outgoing {
+            header: Header::new(&[]),
+            body: Body::Data(reply),
+            permits: self.permits,
+        }
+    }
+
+    /// A failed read of `length` bytes: logged, and answered with its error.
+    fn read_failed(self, length: u64, e: std::io::Error) -> Outgoing {
+        crate::throttled!(
+            error,
+            "Reading {length} bytes at {} failed: {e}",
+            self.to.offset
+        );
+        self.done(Some(Errno::from_os_error(e.raw_os_error())))
+    }
 }
 
 pub struct Session {
@@ -261,84 +348,69 @@ impl Session {
     /// Sends a reply. Every reply holds an in-flight slot and the channel has room for
     /// all slots, so this never waits; if the writer is gone the reply is dropped (and
     /// its permits released).
-    fn send(replies: &Option<mpsc::Sender<Outgoing>>, reply: Outgoing) {
+    fn send_to(replies: &Option<mpsc::Sender<Outgoing>>, reply: Outgoing) {
         if let Some(tx) = replies {
             let _ = tx.try_send(reply);
         }
     }
 
-    /// A reply without data: success or an error, in the connection's encoding.
-    fn reply(style: ReplyStyle, to: ReplyTo, error: Option<Errno>, permits: Permits) -> Outgoing {
-        let header = match (style, error) {
-            (ReplyStyle::Simple, _) => Header::new(&simple_reply(to.cookie, error)),
-            (_, None) => Header::encode(|out| style.ok(to, out)),
-            (_, Some(errno)) => Header::encode(|out| style.error(to, errno, "", out)),
-        };
-        Outgoing {
-            header,
-            body: Body::None,
-            permits,
-        }
-    }
-
-    /// A successful READ's reply: the header (a simple reply, or an OFFSET_DATA chunk with
-    /// its offset) and the data.
-    fn data_reply(
-        style: ReplyStyle,
-        to: ReplyTo,
-        length: u64,
-        body: Body,
-        permits: Permits,
-    ) -> Outgoing {
-        let header = match style {
-            ReplyStyle::Simple => Header::new(&simple_reply(to.cookie, None)),
-            _ => Header::encode(|out| {
-                // A compact chunk's length field holds any READ a compact header can ask for.
-                let _ = style.read_data_header(to, length, out);
-            }),
-        };
-        Outgoing {
-            header,
-            body,
-            permits,
-        }
+    /// Sends a reply built on the session's thread (see [`Session::send_to`]).
+    fn send(&self, reply: Outgoing) {
+        Self::send_to(&self.replies, reply);
     }
 
     fn execute(&mut self, item: Incoming, ctx: &mut Context<Self>) {
-        let style = self.style;
-        match item {
-            Incoming::Read {
+        let (verdict, responder, payload) = match item {
+            Incoming::Request {
+                verdict,
                 to,
-                offset,
-                length,
-                df,
                 permits,
-            } => self.read(to, offset, length, df, permits),
+                payload,
+            } => {
+                let responder = Responder {
+                    style: self.style,
+                    to,
+                    permits,
+                };
+                (verdict, responder, payload)
+            }
             Incoming::Write {
                 offset,
                 data,
                 durable,
                 completion,
                 budget,
-            } => self.write(offset, data, durable, completion, budget),
-            Incoming::Flush { to, permits } => self.on_blocking_pool(move |backing| {
+            } => return self.write(offset, data, durable, completion, budget),
+            Incoming::Negotiated {
+                style,
+                base_allocation,
+            } => {
+                self.style = style;
+                self.base_allocation = base_allocation;
+                return;
+            }
+        };
+        match verdict {
+            Verdict::Read { offset, length, df } => self.read(offset, length, df, responder),
+            // Only a zero-length WRITE comes as a request (answered at once): the payload
+            // parts of the others come as `Incoming::Write`.
+            Verdict::Write { .. } => self.send(responder.done(None)),
+            Verdict::Flush => self.on_blocking_pool(move |backing| {
                 let error = backing.sync_data().err().map(|e| {
                     tracing::error!("Flushing the export failed: {e}");
                     Errno::EIO
                 });
-                Some(Self::reply(style, to, error, permits))
+                responder.done(error)
             }),
-            Incoming::Trim {
-                to,
+            Verdict::Trim {
                 offset,
                 length,
                 fua,
-                permits,
             } => {
                 let right = self.write_right();
                 self.on_blocking_pool(move |backing| {
                     let Some(_ticket) = right.enter() else {
-                        return Some(Self::reply(style, to, Some(Self::refused_write()), permits));
+                        return responder.done(Some(Self::refused_write()));
                     };
                     let result = match backing.punch_hole(offset, length) {
                         // TRIM is a hint: a filesystem that cannot punch simply keeps the data.
@@ -346,22 +418,20 @@ impl Session {
                         other => other,
                     };
                     let error = Self::finish(&backing, result, fua, "Trimming", offset, length);
-                    Some(Self::reply(style, to, error, permits))
+                    responder.done(error)
                 })
             }
-            Incoming::WriteZeroes {
-                to,
+            Verdict::WriteZeroes {
                 offset,
                 length,
                 fua,
                 no_hole,
                 fast,
-                permits,
             } => {
                 let right = self.write_right();
                 self.on_blocking_pool(move |backing| {
                     let Some(_ticket) = right.enter() else {
-                        return Some(Self::reply(style, to, Some(Self::refused_write()), permits));
+                        return responder.done(Some(Self::refused_write()));
                     };
                     let error = match backing.write_zeroes(offset, length, no_hole, fast) {
                         Err(ZeroError::NotFast) => Some(Errno::ENOTSUP),
@@ -370,75 +440,47 @@ impl Session {
                         }
                         Ok(()) => Self::finish(&backing, Ok(()), fua, "Zeroing", offset, length),
                     };
-                    Some(Self::reply(style, to, error, permits))
+                    responder.done(error)
                 })
             }
-            Incoming::Cache {
-                to,
-                offset,
-                length,
-                permits,
-            } => self.on_blocking_pool(move |backing| {
+            Verdict::Cache { offset, length } => self.on_blocking_pool(move |backing| {
                 // A prefetch hint that fails changes nothing for the client.
                 if let Err(e) = backing.prefetch(offset, length) {
                     tracing::debug!("Prefetching {length} bytes at {offset} failed: {e}");
                 }
-                Some(Self::reply(style, to, None, permits))
+                responder.done(None)
             }),
-            Incoming::BlockStatus {
-                to,
+            Verdict::BlockStatus {
                 offset,
                 length,
                 req_one,
-                permits,
-            } => self.block_status(to, offset, length, req_one, permits),
-            Incoming::Reply { to, error, permits } => {
-                Self::send(&self.replies, Self::reply(style, to, error, permits))
-            }
-            Incoming::BadMagic { to, permits } => Self::send(
-                &self.replies,
-                Self::reply(style, to, Some(Errno::EBADMSG), permits),
-            ),
-            Incoming::Probe { to, permits } => {
+            } => self.block_status(offset, length, req_one, responder),
+            Verdict::Probe => {
                 tracing::info!("Client {} probed for the acknowledged hand-off", self.peer);
-                Self::send(&self.replies, Self::reply(style, to, None, permits))
+                self.send(responder.done(None))
             }
-            Incoming::Handoff {
-                to,
-                message,
-                permits,
-            } => self.handoff(to, message, permits, ctx),
-            Incoming::Identify { to, permits } => self.identify(to, permits),
-            Incoming::Negotiated {
-                style,
-                base_allocation,
-            } => {
-                self.style = style;
-                self.base_allocation = base_allocation;
-            }
+            Verdict::Handoff { .. } => self.handoff(payload, responder, ctx),
+            Verdict::Identify => self.identify(responder),
+            Verdict::Reject(errno) => self.send(responder.done(Some(errno))),
+            // The reader ends the stream instead: there is nothing to answer.
+            Verdict::Disconnect => {}
         }
     }
 
     /// Passes a hand-off message to the listener, which owns the migration target's state,
     /// and answers with its reply: a simple reply, then the encoded answer behind a 32-bit
     /// length. A session without a hand-off peer (not a `listen` server) answers EINVAL.
-    fn handoff(&mut self, to: ReplyTo, message: Bytes, permits: Permits, ctx: &mut Context<Self>) {
+    fn handoff(&mut self, message: Bytes, responder: Responder, ctx: &mut Context<Self>) {
         let request = match HandoffRequest::decode(&message) {
             Ok(request) => request,
             Err(e) => {
                 tracing::warn!("Client {} sent a bad hand-off message: {e}", self.peer);
-                Self::send(
-                    &self.replies,
-                    Self::reply(self.style, to, Some(Errno::EINVAL), permits),
-                );
+                self.send(responder.done(Some(Errno::EINVAL)));
                 return;
             }
         };
         let Some(target) = self.handoff_target.clone() else {
-            Self::send(
-                &self.replies,
-                Self::reply(self.style, to, Some(Errno::EINVAL), permits),
-            );
+            self.send(responder.done(Some(Errno::EINVAL)));
             return;
         };
         let replies = self.replies.clone();
@@ -451,31 +493,23 @@ impl Session {
                         reason: "the server is shutting down".into(),
                     },
                 };
-                let reply = Outgoing {
-                    header: Header::new(&simple_reply(to.cookie, None)),
-                    body: Body::Data(Bytes::from(encode_answer(&answer))),
-                    permits,
-                };
-                Self::send(&replies, reply);
+                let reply = responder.simple_data(Bytes::from(encode_answer(&answer)));
+                Self::send_to(&replies, reply);
             }
             .into_actor(self),
         );
     }
 
     /// Tells a migration source who we are (see `protocol::handoff::IDENTIFY`).
-    fn identify(&mut self, to: ReplyTo, permits: Permits) {
+    fn identify(&mut self, responder: Responder) {
         let reply = match crate::identity::of(&self.config.backing) {
-            Ok(identity) => Outgoing {
-                header: Header::new(&simple_reply(to.cookie, None)),
-                body: Body::Data(Bytes::from(encode_identity(&identity))),
-                permits,
-            },
+            Ok(identity) => responder.simple_data(Bytes::from(encode_identity(&identity))),
             Err(e) => {
                 tracing::error!("Couldn't identify the export: {e}");
-                Self::reply(self.style, to, Some(Errno::EIO), permits)
+                responder.done(Some(Errno::EIO))
             }
         };
-        Self::send(&self.replies, reply);
+        self.send(reply);
     }
 
     /// Turns the result of a file operation into the reply's error, syncing first for FUA.
@@ -494,61 +528,39 @@ impl Session {
         })
     }
 
-    fn read(&mut self, to: ReplyTo, offset: u64, length: u64, df: bool, permits: Permits) {
-        let style = self.style;
-        let backing = self.config.backing.clone();
-        if style != ReplyStyle::Simple && !df && Self::is_hole(&backing, offset, length) {
+    fn read(&mut self, offset: u64, length: u64, df: bool, responder: Responder) {
+        let backing = &self.config.backing;
+        if responder.style != ReplyStyle::Simple && !df && Self::is_hole(backing, offset, length) {
             // Structured replies can say "zeros here" instead of sending them.
-            let header = Header::encode(|out| {
-                let _ = style.hole_chunk(to, offset, length as u32, true, out);
-            });
-            let reply = Outgoing {
-                header,
-                body: Body::None,
-                permits,
-            };
-            Self::send(&self.replies, reply);
+            self.send(responder.hole(offset, length as u32));
             return;
         }
         if length > self.config.part_size as u64 {
             let body = Body::File {
-                backing,
+                backing: backing.clone(),
                 offset,
                 length,
                 part: self.config.part_size,
             };
-            Self::send(
-                &self.replies,
-                Self::data_reply(style, to, length, body, permits),
-            );
+            self.send(responder.data(length, body));
             return;
         }
         let len = length as usize;
         let mut buf = BytesMut::with_capacity(len);
         let reply = match backing.read_nowait(&mut buf, offset, len) {
-            Ok(NowaitRead::Done) => {
-                Self::data_reply(style, to, length, Body::Data(buf.freeze()), permits)
-            }
+            Ok(NowaitRead::Done) => responder.data(length, Body::Data(buf.freeze())),
             Ok(NowaitRead::Partial(n)) => {
                 self.on_blocking_pool(move |backing| {
-                    Some(
-                        match backing.read_into(&mut buf, offset + n as u64, len - n) {
-                            Ok(()) => Self::data_reply(
-                                style,
-                                to,
-                                length,
-                                Body::Data(buf.freeze()),
-                                permits,
-                            ),
-                            Err(e) => Self::read_failed(style, to, length, e, permits),
-                        },
-                    )
+                    match backing.read_into(&mut buf, offset + n as u64, len - n) {
+                        Ok(()) => responder.data(length, Body::Data(buf.freeze())),
+                        Err(e) => responder.read_failed(length, e),
+                    }
                 });
                 return;
             }
-            Err(e) => Self::read_failed(style, to, length, e, permits),
+            Err(e) => responder.read_failed(length, e),
         };
-        Self::send(&self.replies, reply);
+        self.send(reply);
     }
 
     /// True when the allocation map (once built) says the whole range is unallocated. A
@@ -568,43 +580,16 @@ impl Session {
         true
     }
 
-    fn read_failed(
-        style: ReplyStyle,
-        to: ReplyTo,
-        length: u64,
-        e: std::io::Error,
-        permits: Permits,
-    ) -> Outgoing {
-        crate::throttled!(error, "Reading {length} bytes at {} failed: {e}", to.offset);
-        Self::reply(
-            style,
-            to,
-            Some(Errno::from_os_error(e.raw_os_error())),
-            permits,
-        )
-    }
-
-    fn block_status(
-        &mut self,
-        to: ReplyTo,
-        offset: u64,
-        length: u64,
-        req_one: bool,
-        permits: Permits,
-    ) {
-        let style = self.style;
+    fn block_status(&mut self, offset: u64, length: u64, req_one: bool, responder: Responder) {
         let Some(context) = self.base_allocation else {
-            Self::send(
-                &self.replies,
-                Self::reply(style, to, Some(Errno::EINVAL), permits),
-            );
+            self.send(responder.done(Some(Errno::EINVAL)));
             return;
         };
         self.on_blocking_pool(move |backing| {
             let max = if req_one { 1 } else { MAX_EXTENTS };
             let extents = match backing.extents(offset, length, max) {
                 Ok(extents) => extents,
-                Err(e) => return Some(Self::read_failed(style, to, length, e, permits)),
+                Err(e) => return responder.read_failed(length, e),
             };
             let descriptors: Vec<StatusExtent> = extents
                 .iter()
@@ -614,15 +599,12 @@ impl Session {
                 })
                 .collect();
             let mut out = Vec::with_capacity(64 + 16 * descriptors.len());
+            let (style, to) = (responder.style, responder.to);
             match style.block_status(to, context, &descriptors, req_one, true, &mut out) {
-                Ok(_) => Some(Outgoing {
-                    header: Header::new(&[]),
-                    body: Body::Data(Bytes::from(out)),
-                    permits,
-                }),
+                Ok(_) => responder.encoded(Bytes::from(out)),
                 Err(e) => {
                     tracing::error!("Encoding a block status reply failed: {e}");
-                    Some(Self::reply(style, to, Some(Errno::EIO), permits))
+                    responder.done(Some(Errno::EIO))
                 }
             }
         });
@@ -707,7 +689,7 @@ impl Session {
             self.inline_writes_from = Some(Instant::now() + INLINE_WRITE_BACKOFF);
         }
         if let Some(reply) = reply {
-            Self::send(&self.replies, reply);
+            self.send(reply);
         }
     }
 
@@ -732,7 +714,7 @@ impl Session {
             };
             let reply = Self::write_now(&backing, &right, style, write, completion, budget);
             if let Some(reply) = reply {
-                Self::send(&replies, reply);
+                Self::send_to(&replies, reply);
             }
             // Write-behind: a long write is usually part of a stream (a copy, a migration)
             // that ends with a FLUSH; writing it back now, while the rest arrives, leaves
@@ -775,7 +757,7 @@ impl Session {
             WriteCompletion::Part(group) => group.part_done(len, error)?,
         };
         let permits = Permits { slot, bytes: None };
-        Some(Self::reply(style, to, error, permits))
+        Some(Responder { style, to, permits }.done(error))
     }
 
     /// This session's right to mutate the file (see [`SessionConfig::gate`]).
@@ -796,15 +778,16 @@ impl Session {
     ///
     /// If the job panicked its permits would be released without a reply; jobs are plain
     /// file calls that report failures as values, so that does not happen in practice.
-    fn on_blocking_pool<F>(&self, job: F)
+    fn on_blocking_pool<F, R>(&self, job: F)
     where
-        F: FnOnce(Arc<Backing>) -> Option<Outgoing> + Send + 'static,
+        F: FnOnce(Arc<Backing>) -> R + Send + 'static,
+        R: Into<Option<Outgoing>>,
     {
         let replies = self.replies.clone();
         let backing = self.config.backing.clone();
         tokio::task::spawn_blocking(move || {
-            if let Some(reply) = job(backing) {
-                Self::send(&replies, reply);
+            if let Some(reply) = job(backing).into() {
+                Self::send_to(&replies, reply);
             }
         });
     }
