@@ -58,6 +58,13 @@ pub fn classify(first16: &[u8; 16]) -> Result<Greeting, ClientError> {
 /// Our answer to the server's handshake flags: the client flags (4 bytes), then NBD_OPT_GO
 /// for `export` with no information requests.
 pub fn go_request(server_flags: u16, export: &str) -> Result<Vec<u8>, ClientError> {
+    let mut out = client_flags_for(server_flags)?;
+    out.extend(go_option(export));
+    Ok(out)
+}
+
+/// The client flags (4 bytes) answering the server's handshake flags.
+fn client_flags_for(server_flags: u16) -> Result<Vec<u8>, ClientError> {
     if server_flags & hflags::FIXED_NEWSTYLE == 0 {
         return Err(ClientError::NotFixedNewstyle);
     }
@@ -65,15 +72,28 @@ pub fn go_request(server_flags: u16, export: &str) -> Result<Vec<u8>, ClientErro
     if server_flags & hflags::NO_ZEROES != 0 {
         flags |= client_flags::NO_ZEROES;
     }
-    let mut out = Vec::with_capacity(32 + export.len());
-    out.extend_from_slice(&flags.to_be_bytes());
+    Ok(flags.to_be_bytes().to_vec())
+}
+
+/// NBD_OPT_GO for `export` with no information requests.
+fn go_option(export: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(28 + export.len());
     out.extend_from_slice(&IHAVEOPT.to_be_bytes());
     out.extend_from_slice(&opt::GO.to_be_bytes());
     out.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
     out.extend_from_slice(&(export.len() as u32).to_be_bytes());
     out.extend_from_slice(export.as_bytes());
     out.extend_from_slice(&0u16.to_be_bytes());
-    Ok(out)
+    out
+}
+
+/// An option without data (NBD_OPT_STRUCTURED_REPLY, NBD_OPT_EXTENDED_HEADERS).
+fn empty_option(option: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16);
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out
 }
 
 /// An option reply header: `(option, reply type, payload length)`.
@@ -116,6 +136,12 @@ pub struct Negotiated {
     pub flags: u16,
     /// Fixed new-style (NBD_OPT_GO); old-style otherwise.
     pub newstyle: bool,
+    /// The server acknowledged NBD_OPT_STRUCTURED_REPLY or NBD_OPT_EXTENDED_HEADERS:
+    /// replies to reads are structured. Only ever set if asked for.
+    pub structured: bool,
+    /// The server acknowledged NBD_OPT_EXTENDED_HEADERS: 32-byte headers both ways
+    /// (implies `structured`). Only ever set if asked for.
+    pub extended: bool,
 }
 
 /// Why a handshake failed. The texts are those of the mirror's log lines and of
@@ -139,6 +165,18 @@ pub enum HandshakeError {
     Refused(u32),
     #[error("no NBD_INFO_EXPORT before the ACK")]
     NoExportInfo,
+    /// A reply we cannot accept to NBD_OPT_EXTENDED_HEADERS or NBD_OPT_STRUCTURED_REPLY:
+    /// an error other than NBD_REP_ERR_UNSUP, another reply type, an ACK with data, or a
+    /// reply to another option.
+    #[error(
+        "option {asked} got an unexpected reply {kind:#x} of {len} bytes (for option {option})"
+    )]
+    UnexpectedReply {
+        asked: u32,
+        option: u32,
+        kind: u32,
+        len: u32,
+    },
     /// Bytes beyond the end of the handshake were fed.
     #[error("{0} bytes after the end of the handshake")]
     Trailing(usize),
@@ -179,6 +217,17 @@ enum State {
         kind: u32,
         len: usize,
     },
+    /// The header of the reply to NBD_OPT_EXTENDED_HEADERS or NBD_OPT_STRUCTURED_REPLY
+    /// (`asked`).
+    OptionReplyHeader {
+        asked: u32,
+    },
+    /// Its payload (an error's message, read and dropped).
+    OptionReplyPayload {
+        asked: u32,
+        kind: u32,
+        len: usize,
+    },
     Done(Negotiated),
     Failed,
 }
@@ -203,6 +252,14 @@ pub struct ClientHandshake {
     info: Option<(u64, u16)>,
     /// Bytes to send, taken by [`action`](Self::action).
     out: Option<Vec<u8>>,
+    /// Ask a new-style server for extended headers first (falling back to structured
+    /// replies on NBD_REP_ERR_UNSUP).
+    want_extended: bool,
+    /// Ask a new-style server for structured replies (if extended headers are not in force).
+    want_structured: bool,
+    /// What the server acknowledged.
+    structured: bool,
+    extended: bool,
 }
 
 /// Text of the end of the connection while the hello is awaited (`io::ErrorKind::
@@ -221,7 +278,29 @@ impl ClientHandshake {
             received: 0,
             info: None,
             out: None,
+            want_extended: false,
+            want_structured: false,
+            structured: false,
+            extended: false,
         }
+    }
+
+    /// Also asks a new-style server, before NBD_OPT_GO, for extended headers
+    /// (NBD_OPT_EXTENDED_HEADERS); if it answers NBD_REP_ERR_UNSUP, for structured replies
+    /// (NBD_OPT_STRUCTURED_REPLY) instead, as QEMU does. Old-style servers negotiate
+    /// nothing. [`Negotiated`] says what was granted.
+    pub fn with_extended_headers(mut self) -> ClientHandshake {
+        self.want_extended = true;
+        self.want_structured = true;
+        self
+    }
+
+    /// Also asks a new-style server, before NBD_OPT_GO, for structured replies
+    /// (NBD_OPT_STRUCTURED_REPLY); NBD_REP_ERR_UNSUP leaves them off. Old-style servers
+    /// negotiate nothing.
+    pub fn with_structured_replies(mut self) -> ClientHandshake {
+        self.want_structured = true;
+        self
     }
 
     /// Bytes fed so far.
@@ -250,6 +329,8 @@ impl ClientHandshake {
             State::Flags => 2,
             State::ReplyHeader => 20,
             State::ReplyPayload { len, .. } => *len,
+            State::OptionReplyHeader { .. } => 20,
+            State::OptionReplyPayload { len, .. } => *len,
             State::Done(_) | State::Failed => return 0,
         };
         target - self.buf.len()
@@ -312,14 +393,77 @@ impl ClientHandshake {
                     size: hello.size,
                     flags: hello.flags,
                     newstyle: false,
+                    structured: false,
+                    extended: false,
                 })
             }
             State::Flags => {
-                self.out = Some(go_request(
-                    u16::from_be_bytes([item[0], item[1]]),
-                    &self.export,
-                )?);
-                State::ReplyHeader
+                let server_flags = u16::from_be_bytes([item[0], item[1]]);
+                let asked = if self.want_extended {
+                    Some(opt::EXTENDED_HEADERS)
+                } else if self.want_structured {
+                    Some(opt::STRUCTURED_REPLY)
+                } else {
+                    None
+                };
+                match asked {
+                    // The default: exactly the bytes we have always sent.
+                    None => {
+                        self.out = Some(go_request(server_flags, &self.export)?);
+                        State::ReplyHeader
+                    }
+                    Some(asked) => {
+                        let mut out = client_flags_for(server_flags)?;
+                        out.extend(empty_option(asked));
+                        self.out = Some(out);
+                        State::OptionReplyHeader { asked }
+                    }
+                }
+            }
+            State::OptionReplyHeader { asked } => {
+                let header: [u8; 20] = item[..].try_into().expect("20 bytes");
+                // The length is bounded by MAX_OPTION_REPLY here.
+                let (option, kind, len) = decode_option_reply(&header)?;
+                let unexpected = HandshakeError::UnexpectedReply {
+                    asked,
+                    option,
+                    kind,
+                    len,
+                };
+                // One reply only: an ACK without data, or NBD_REP_ERR_UNSUP (its message is
+                // read and dropped). Any other error ends the handshake, as in QEMU.
+                let acceptable = option == asked
+                    && match kind {
+                        rep::ACK => len == 0,
+                        rep::ERR_UNSUP => true,
+                        _ => false,
+                    };
+                if !acceptable {
+                    return Err(unexpected);
+                }
+                State::OptionReplyPayload {
+                    asked,
+                    kind,
+                    len: len as usize,
+                }
+            }
+            State::OptionReplyPayload { asked, kind, .. } => {
+                let granted = kind == rep::ACK;
+                if asked == opt::EXTENDED_HEADERS && granted {
+                    self.extended = true;
+                    self.structured = true;
+                } else if asked == opt::STRUCTURED_REPLY && granted {
+                    self.structured = true;
+                }
+                if asked == opt::EXTENDED_HEADERS && !granted && self.want_structured {
+                    self.out = Some(empty_option(opt::STRUCTURED_REPLY));
+                    State::OptionReplyHeader {
+                        asked: opt::STRUCTURED_REPLY,
+                    }
+                } else {
+                    self.out = Some(go_option(&self.export));
+                    State::ReplyHeader
+                }
             }
             State::ReplyHeader => {
                 let header: [u8; 20] = item[..].try_into().expect("20 bytes");
@@ -342,6 +486,8 @@ impl ClientHandshake {
                         size,
                         flags,
                         newstyle: true,
+                        structured: self.structured,
+                        extended: self.extended,
                     })
                 }
                 other => return Err(HandshakeError::Refused(other)),
@@ -538,7 +684,9 @@ mod tests {
                 Ok(Negotiated {
                     size: SIZE,
                     flags: 13,
-                    newstyle: false
+                    newstyle: false,
+                    structured: false,
+                    extended: false,
                 })
             );
             assert!(sent.is_empty(), "nothing is sent to an old-style server");
@@ -557,7 +705,9 @@ mod tests {
                 Ok(Negotiated {
                     size: SIZE,
                     flags: 0x4d,
-                    newstyle: true
+                    newstyle: true,
+                    structured: false,
+                    extended: false,
                 })
             );
             assert_eq!(sent, go_request(NEW_FLAGS, "").unwrap());
@@ -766,5 +916,385 @@ mod tests {
             HandshakeError::Connection("Broken pipe (os error 32)".into())
         );
         assert_eq!(h.action(), Action::Failed);
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Asking for extended headers and structured replies before GO.
+
+    fn our_server(export: &str) -> ServerNegotiation {
+        ServerNegotiation::new(NegotiationConfig {
+            export_name: export.into(),
+            description: None,
+            size: SIZE,
+            read_only: false,
+            block_size: BlockSize::DEFAULT,
+            can_multi_conn: true,
+            shutting_down: false,
+        })
+    }
+
+    /// Runs `h` against our own server, a write at a time. Returns what each side settled
+    /// and what the client sent.
+    fn converse(
+        h: &mut ClientHandshake,
+        server: &mut ServerNegotiation,
+    ) -> (
+        Negotiated,
+        crate::protocol::newstyle::Negotiated,
+        Vec<Vec<u8>>,
+    ) {
+        h.feed(&server.greeting()).unwrap();
+        let mut input = BytesMut::new();
+        let mut writes = Vec::new();
+        let mut server_done = None;
+        loop {
+            match h.action() {
+                Action::Write(bytes) => {
+                    assert!(server_done.is_none(), "a write after GO");
+                    input.extend_from_slice(&bytes);
+                    writes.push(bytes);
+                    let mut replies = Vec::new();
+                    match server.feed(&mut input, &mut replies).unwrap() {
+                        Progress::Done(n) => server_done = Some(n),
+                        Progress::NeedMore => {}
+                        Progress::Aborted => panic!("aborted"),
+                    }
+                    assert!(input.is_empty(), "the server took every byte");
+                    h.feed(&replies).unwrap();
+                }
+                Action::Done(n) => return (n, server_done.expect("server done"), writes),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    fn option_for(option: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = IHAVEOPT.to_be_bytes().to_vec();
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn go_payload(export: &str) -> Vec<u8> {
+        let mut out = (export.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(export.as_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out
+    }
+
+    fn reply_for(option: u32, kind: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = option_reply(kind, payload);
+        out[8..12].copy_from_slice(&option.to_be_bytes());
+        out
+    }
+
+    /// A server that answers EXTENDED_HEADERS with ERR_UNSUP, acknowledges
+    /// STRUCTURED_REPLY, then GO as in [`newstyle_transcript`].
+    fn fallback_transcript() -> Vec<u8> {
+        let mut out = greeting(NEW_FLAGS);
+        out.extend(reply_for(
+            opt::EXTENDED_HEADERS,
+            rep::ERR_UNSUP,
+            b"option not supported",
+        ));
+        out.extend(reply_for(opt::STRUCTURED_REPLY, rep::ACK, &[]));
+        out.extend_from_slice(&newstyle_transcript()[18..]);
+        out
+    }
+
+    /// Extended headers acknowledged, then GO.
+    fn extended_transcript() -> Vec<u8> {
+        let mut out = greeting(NEW_FLAGS);
+        out.extend(reply_for(opt::EXTENDED_HEADERS, rep::ACK, &[]));
+        out.extend_from_slice(&newstyle_transcript()[18..]);
+        out
+    }
+
+    /// Structured replies acknowledged, then GO.
+    fn structured_transcript() -> Vec<u8> {
+        let mut out = greeting(NEW_FLAGS);
+        out.extend(reply_for(opt::STRUCTURED_REPLY, rep::ACK, &[]));
+        out.extend_from_slice(&newstyle_transcript()[18..]);
+        out
+    }
+
+    #[test]
+    fn extended_headers_with_our_server() {
+        let mut server = our_server("disk");
+        let mut h = ClientHandshake::new("disk").with_extended_headers();
+        let (ours, theirs, writes) = converse(&mut h, &mut server);
+        assert!(ours.newstyle && ours.extended && ours.structured);
+        assert_eq!(ours.size, SIZE);
+        assert!(theirs.extended_headers && theirs.structured_replies);
+        assert_eq!(ours.flags, theirs.transmission_flags);
+        // Client flags with the first option, then GO alone: nothing more.
+        let mut first = 3u32.to_be_bytes().to_vec();
+        first.extend(option_for(opt::EXTENDED_HEADERS, &[]));
+        assert_eq!(
+            writes,
+            vec![first, option_for(opt::GO, &go_payload("disk"))]
+        );
+    }
+
+    #[test]
+    fn structured_replies_with_our_server() {
+        let mut server = our_server("");
+        let mut h = ClientHandshake::new("").with_structured_replies();
+        let (ours, theirs, writes) = converse(&mut h, &mut server);
+        assert!(ours.newstyle && ours.structured && !ours.extended);
+        assert!(theirs.structured_replies && !theirs.extended_headers);
+        assert_eq!(ours.flags, theirs.transmission_flags);
+        assert_ne!(ours.flags & crate::protocol::tflags::SEND_DF, 0);
+        let mut first = 3u32.to_be_bytes().to_vec();
+        first.extend(option_for(opt::STRUCTURED_REPLY, &[]));
+        assert_eq!(writes, vec![first, option_for(opt::GO, &go_payload(""))]);
+    }
+
+    #[test]
+    fn both_builders_ask_for_extended_headers_first() {
+        let mut server = our_server("");
+        let mut h = ClientHandshake::new("")
+            .with_structured_replies()
+            .with_extended_headers();
+        let (ours, theirs, writes) = converse(&mut h, &mut server);
+        assert!(ours.extended && ours.structured && theirs.extended_headers);
+        assert_eq!(writes.len(), 2);
+    }
+
+    #[test]
+    fn the_default_asks_for_nothing_with_our_server() {
+        let mut server = our_server("disk");
+        let mut h = ClientHandshake::new("disk");
+        let (ours, theirs, writes) = converse(&mut h, &mut server);
+        assert!(ours.newstyle && !ours.structured && !ours.extended);
+        assert!(!theirs.structured_replies && !theirs.extended_headers);
+        assert_eq!(writes.len(), 1);
+    }
+
+    #[test]
+    fn err_unsup_to_extended_headers_falls_back_to_structured_replies() {
+        let server = fallback_transcript();
+        for piece in [1, 3, 20, 1000] {
+            let mut h = ClientHandshake::new("").with_extended_headers();
+            let (result, sent) = drive(&mut h, &server, piece);
+            assert_eq!(
+                result,
+                Ok(Negotiated {
+                    size: SIZE,
+                    flags: 0x4d,
+                    newstyle: true,
+                    structured: true,
+                    extended: false,
+                })
+            );
+            let mut expected = 3u32.to_be_bytes().to_vec();
+            expected.extend(option_for(opt::EXTENDED_HEADERS, &[]));
+            expected.extend(option_for(opt::STRUCTURED_REPLY, &[]));
+            expected.extend(option_for(opt::GO, &go_payload("")));
+            assert_eq!(sent, expected, "piece {piece}");
+            assert_eq!(h.received(), server.len() as u64);
+        }
+
+        // Neither: GO without them.
+        let mut server = greeting(hflags::FIXED_NEWSTYLE);
+        server.extend(reply_for(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]));
+        server.extend(reply_for(opt::STRUCTURED_REPLY, rep::ERR_UNSUP, b"no"));
+        server.extend_from_slice(&newstyle_transcript()[18..]);
+        let mut h = ClientHandshake::new("d").with_extended_headers();
+        let (result, sent) = drive(&mut h, &server, 7);
+        let negotiated = result.unwrap();
+        assert!(negotiated.newstyle && !negotiated.structured && !negotiated.extended);
+        let mut expected = 1u32.to_be_bytes().to_vec();
+        expected.extend(option_for(opt::EXTENDED_HEADERS, &[]));
+        expected.extend(option_for(opt::STRUCTURED_REPLY, &[]));
+        expected.extend(option_for(opt::GO, &go_payload("d")));
+        assert_eq!(sent, expected);
+
+        // Structured replies only, refused: GO without them.
+        let mut server = greeting(NEW_FLAGS);
+        server.extend(reply_for(opt::STRUCTURED_REPLY, rep::ERR_UNSUP, &[]));
+        server.extend_from_slice(&newstyle_transcript()[18..]);
+        let mut h = ClientHandshake::new("").with_structured_replies();
+        let (result, _) = drive(&mut h, &server, 1000);
+        assert!(!result.unwrap().structured);
+    }
+
+    #[test]
+    fn extended_and_structured_transcripts() {
+        for (server, extended) in [
+            (extended_transcript(), true),
+            (structured_transcript(), false),
+        ] {
+            let mut h = if extended {
+                ClientHandshake::new("").with_extended_headers()
+            } else {
+                ClientHandshake::new("").with_structured_replies()
+            };
+            let (result, _) = drive(&mut h, &server, 5);
+            let negotiated = result.unwrap();
+            assert!(negotiated.structured);
+            assert_eq!(negotiated.extended, extended);
+        }
+    }
+
+    #[test]
+    fn unacceptable_replies_to_the_new_options() {
+        let bad = [
+            // Another error than UNSUP.
+            reply_for(opt::EXTENDED_HEADERS, rep::ERR_POLICY, b"no"),
+            // A reply for another option.
+            reply_for(opt::GO, rep::ACK, &[]),
+            // An ACK with data.
+            reply_for(opt::EXTENDED_HEADERS, rep::ACK, &[0]),
+            // Not an ACK.
+            reply_for(opt::EXTENDED_HEADERS, rep::INFO, &info_export(SIZE, 1)),
+        ];
+        for reply in bad {
+            let mut server = greeting(NEW_FLAGS);
+            server.extend(&reply);
+            let mut h = ClientHandshake::new("").with_extended_headers();
+            let (result, _) = drive(&mut h, &server, 1000);
+            assert!(
+                matches!(result, Err(HandshakeError::UnexpectedReply { .. })),
+                "{result:?}"
+            );
+            assert_eq!(h.action(), Action::Failed);
+        }
+        // Lengths are bounded before anything is read.
+        let mut server = greeting(NEW_FLAGS);
+        let mut reply = reply_for(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]);
+        reply[16..20].copy_from_slice(&(MAX_OPTION_REPLY + 1).to_be_bytes());
+        server.extend(reply);
+        let mut h = ClientHandshake::new("").with_extended_headers();
+        let (result, _) = drive(&mut h, &server, 1000);
+        assert_eq!(
+            result,
+            Err(HandshakeError::Client(ClientError::ReplyTooLong(
+                MAX_OPTION_REPLY + 1
+            )))
+        );
+        // Bad magic.
+        let mut server = greeting(NEW_FLAGS);
+        let mut reply = reply_for(opt::STRUCTURED_REPLY, rep::ACK, &[]);
+        reply[0] ^= 1;
+        server.extend(reply);
+        let mut h = ClientHandshake::new("").with_structured_replies();
+        let (result, _) = drive(&mut h, &server, 1000);
+        assert!(matches!(
+            result,
+            Err(HandshakeError::Client(ClientError::BadReplyMagic(_)))
+        ));
+        // Not fixed new-style: nothing sent.
+        let mut h = ClientHandshake::new("").with_extended_headers();
+        let (result, sent) = drive(&mut h, &greeting(0), 1000);
+        assert_eq!(
+            result,
+            Err(HandshakeError::Client(ClientError::NotFixedNewstyle))
+        );
+        assert!(sent.is_empty());
+    }
+
+    #[test]
+    fn the_default_sends_exactly_the_same_bytes() {
+        // Written out by hand: client flags, IHAVEOPT, GO (7), length 10, name length 4,
+        // "disk", no information requests.
+        let expected: Vec<u8> = [
+            &[0, 0, 0, 3][..],
+            b"IHAVEOPT",
+            &[0, 0, 0, 7],
+            &[0, 0, 0, 10],
+            &[0, 0, 0, 4],
+            b"disk",
+            &[0, 0],
+        ]
+        .concat();
+        let mut server = greeting(NEW_FLAGS);
+        server.extend_from_slice(&newstyle_transcript()[18..]);
+        let mut h = ClientHandshake::new("disk");
+        let (result, sent) = drive(&mut h, &server, 1000);
+        assert_eq!(sent, expected);
+        assert_eq!(sent, go_request(NEW_FLAGS, "disk").unwrap());
+        let negotiated = result.unwrap();
+        assert!(!negotiated.structured && !negotiated.extended);
+
+        // Without NO_ZEROES, with the empty name.
+        let expected: Vec<u8> = [
+            &[0, 0, 0, 1][..],
+            b"IHAVEOPT",
+            &[0, 0, 0, 7],
+            &[0, 0, 0, 6],
+            &[0, 0, 0, 0],
+            &[0, 0],
+        ]
+        .concat();
+        let mut h = ClientHandshake::new("");
+        h.feed(&greeting(hflags::FIXED_NEWSTYLE)).unwrap();
+        assert_eq!(h.action(), Action::Write(expected));
+        assert_eq!(h.action(), Action::Read(20));
+    }
+
+    #[test]
+    fn oldstyle_servers_negotiate_nothing() {
+        for mut h in [
+            ClientHandshake::new("").with_extended_headers(),
+            ClientHandshake::new("").with_structured_replies(),
+        ] {
+            let (result, sent) = drive(&mut h, &oldstyle_hello(), 1000);
+            assert_eq!(
+                result,
+                Ok(Negotiated {
+                    size: SIZE,
+                    flags: 13,
+                    newstyle: false,
+                    structured: false,
+                    extended: false,
+                })
+            );
+            assert!(sent.is_empty());
+        }
+    }
+
+    #[test]
+    fn truncated_negotiation_at_every_length() {
+        type Make = fn() -> ClientHandshake;
+        let cases: [(Vec<u8>, Make); 3] = [
+            (extended_transcript(), || {
+                ClientHandshake::new("").with_extended_headers()
+            }),
+            (fallback_transcript(), || {
+                ClientHandshake::new("").with_extended_headers()
+            }),
+            (structured_transcript(), || {
+                ClientHandshake::new("").with_structured_replies()
+            }),
+        ];
+        for (server, make) in cases {
+            // The whole transcript succeeds...
+            let (result, _) = drive(&mut make(), &server, 1000);
+            assert!(result.is_ok());
+            // ...and no prefix of it does, nor panics.
+            for cut in 0..server.len() {
+                for piece in [1, 5, 1000] {
+                    let mut h = make();
+                    let (result, _) = drive(&mut h, &server[..cut], piece);
+                    assert_eq!(h.received(), cut as u64, "cut {cut}");
+                    let expected = if cut < 16 {
+                        HandshakeError::Hello("unexpected end of file".into())
+                    } else {
+                        HandshakeError::Connection("early eof".into())
+                    };
+                    assert_eq!(result, Err(expected), "cut {cut}, piece {piece}");
+                }
+                let mut h = make();
+                h.feed(&server[..cut]).unwrap();
+                while let Action::Write(_) = h.action() {}
+                let error = h.read_failed("reset");
+                assert!(matches!(
+                    error,
+                    HandshakeError::Hello(_) | HandshakeError::Connection(_)
+                ));
+            }
+        }
     }
 }
