@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::ffi::OsString;
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -30,48 +29,9 @@ const SOON: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-/// `flexnbd listen -l 127.0.0.1 -p 0 -f FILE -v`, once it reports its port (as
-/// tests/migration.rs starts it).
+/// `flexnbd listen -l 127.0.0.1 -p 0 -f FILE -v`, once it reports its port.
 fn start_listen(file: &Path) -> Server {
-    let args: Vec<OsString> = vec![
-        "listen".into(),
-        "-l".into(),
-        "127.0.0.1".into(),
-        "-p".into(),
-        "0".into(),
-        "-f".into(),
-        file.into(),
-        "-v".into(),
-    ];
-    let mut server = Server::spawn_unready(LOOPBACK, 0, &args);
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Some((size, port)) = parse_listening(&server.stderr()) {
-            server.port = port;
-            server.size = size;
-            return server;
-        }
-        if let Some(status) = server.try_status() {
-            panic!("flexnbd listen exited with {status}:\n{}", server.stderr());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "flexnbd listen did not report its port:\n{}",
-            server.stderr()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn parse_listening(log: &str) -> Option<(u64, u16)> {
-    const MARK: &str = "Listening for a migration into ";
-    let line = log.lines().find(|l| l.contains(MARK))?;
-    let rest = &line[line.find(MARK)? + MARK.len()..];
-    let open = rest.rfind(" (")?;
-    let size = rest[open + 2..].split(' ').next()?.parse().ok()?;
-    let on = rest.rfind(" on ")?;
-    let port = rest[on + 4..].rsplit(':').next()?.trim().parse().ok()?;
-    Some((size, port))
+    support::cluster::start_listen(file, None, 0, &[])
 }
 
 /// A 152-byte old-style hello for an export of `size` bytes.

@@ -3,7 +3,6 @@
 //! comparing what arrived. Every process is in a guard (killed and reaped on drop), every
 //! wait has a deadline.
 
-use std::ffi::OsString;
 use std::fs;
 use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -157,39 +156,7 @@ pub fn start_source(file: &Path, sock: &Path) -> Server {
 /// `Listening for a migration into FILE (N bytes) on ADDR:PORT` line; `port` 0 lets the
 /// kernel choose (read back from that line).
 pub fn start_listen(file: &Path, sock: Option<&Path>, port: u16, extra: &[&str]) -> Server {
-    let mut args: Vec<OsString> = vec![
-        "listen".into(),
-        "-l".into(),
-        LOCALHOST.into(),
-        "-p".into(),
-        port.to_string().into(),
-        "-f".into(),
-        file.into(),
-    ];
-    if let Some(sock) = sock {
-        args.push("--sock".into());
-        args.push(sock.into());
-    }
-    args.extend(extra.iter().map(OsString::from));
-    args.push("-v".into());
-    let mut server = Server::spawn_unready(LOOPBACK, port, &args);
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Some((size, port)) = parse_listening(&server.stderr()) {
-            server.port = port;
-            server.size = size;
-            return server;
-        }
-        if let Some(status) = server.try_status() {
-            panic!("flexnbd listen exited with {status}:\n{}", server.stderr());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "flexnbd listen did not report its port:\n{}",
-            server.stderr()
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    start_listen_with(file, sock, port, extra, |_| {})
 }
 
 pub fn parse_listening(log: &str) -> Option<(u64, u16)> {
