@@ -85,6 +85,41 @@ pub struct MirrorRequest {
     pub bind: Option<IpAddr>,
     /// Bytes per second; `u64::MAX` means unlimited.
     pub max_bps: u64,
+    /// How the mirror copies (ours: the optional sixth argument; C flexnbd never sends it).
+    pub mode: CopyMode,
+}
+
+/// How a migration copies (`mirror`'s sixth argument, `flexnbd mirror --mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CopyMode {
+    /// flexnbd's passes only: clients' writes mark blocks dirty, the mirror sends them
+    /// later. Converges only if clients write slower than the copy goes.
+    Background,
+    /// Write-blocking from the start: a write to a range already copied reaches the
+    /// destination before the client gets its answer.
+    Active,
+    /// Background while each pass leaves less behind than the one before, then active.
+    #[default]
+    Auto,
+}
+
+impl CopyMode {
+    pub fn parse(text: &str) -> Option<CopyMode> {
+        match text {
+            "background" => Some(CopyMode::Background),
+            "active" => Some(CopyMode::Active),
+            "auto" => Some(CopyMode::Auto),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CopyMode::Background => "background",
+            CopyMode::Active => "active",
+            CopyMode::Auto => "auto",
+        }
+    }
 }
 
 /// What the source does once the migration has converged.
@@ -157,15 +192,24 @@ fn parse_mirror(args: &[String]) -> Result<MirrorRequest, &'static str> {
         Some("nothing") => MirrorAction::Nothing,
         Some(_) => return Err("action must be 'exit' or 'nothing'"),
     };
+    // An unspecified address (`0.0.0.0`, `::`) binds to nothing in particular: what a
+    // client sends to reach the sixth argument without choosing a source address.
     let bind = match args.get(3) {
         None => None,
         Some(text) => Some(parse_ip(text).ok_or("bad bind address")?),
-    };
+    }
+    .filter(|ip| !ip.is_unspecified());
     let max_bps = match args.get(4) {
         None => u64::MAX,
         Some(text) => parse_max_bps(text)?,
     };
-    if args.len() > 5 {
+    let mode = match args.get(5) {
+        None => CopyMode::default(),
+        Some(text) => {
+            CopyMode::parse(text).ok_or("mode must be 'background', 'active' or 'auto'")?
+        }
+    };
+    if args.len() > 6 {
         return Err("unrecognised parameters to mirror");
     }
     Ok(MirrorRequest {
@@ -174,6 +218,7 @@ fn parse_mirror(args: &[String]) -> Result<MirrorRequest, &'static str> {
         action,
         bind,
         max_bps,
+        mode,
     })
 }
 
@@ -382,9 +427,28 @@ mod tests {
             "max_bps out of range"
         );
         assert_eq!(
-            refused(&["mirror", "127.0.0.1", "1", "exit", "0", "5", "extra"]),
+            refused(&["mirror", "127.0.0.1", "1", "exit", "0", "5", "fast"]),
+            "mode must be 'background', 'active' or 'auto'"
+        );
+        assert_eq!(
+            refused(&["mirror", "127.0.0.1", "1", "exit", "0", "5", "auto", "x"]),
             "unrecognised parameters to mirror"
         );
+        match ControlRequest::parse(&strings(&[
+            "mirror",
+            "127.0.0.1",
+            "1",
+            "exit",
+            "0.0.0.0",
+            "0",
+            "active",
+        ])) {
+            ControlRequest::Mirror(m) => {
+                assert_eq!(m.bind, None, "an unspecified bind address binds nothing");
+                assert_eq!(m.mode, CopyMode::Active);
+            }
+            other => panic!("{other:?}"),
+        }
         let ok = ControlRequest::parse(&strings(&[
             "mirror", "::1", "4777", "unlink", "::1", "1000",
         ]));
@@ -396,6 +460,7 @@ mod tests {
                 action: MirrorAction::Unlink,
                 bind: Some("::1".parse().unwrap()),
                 max_bps: 1000,
+                mode: CopyMode::Auto,
             })
         );
         match ControlRequest::parse(&strings(&["mirror", "127.0.0.1", "1"])) {

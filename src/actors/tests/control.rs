@@ -215,6 +215,7 @@ async fn every_command_gets_its_exact_response_line() {
         action: MirrorAction::Nothing,
         bind: None,
         max_bps: u64::MAX,
+        mode: crate::protocol::control::CopyMode::Background,
     };
     assert_eq!(
         ctl.exec(ControlRequest::Mirror(mirror)).await,

@@ -120,6 +120,7 @@ impl Source {
                     action,
                     bind: None,
                     max_bps: u64::MAX,
+                    mode: crate::protocol::control::CopyMode::Background,
                 },
                 id: ID,
                 backing: self.export.config.backing.clone(),
@@ -1748,6 +1749,7 @@ async fn control_refuses_break_while_in_doubt_and_reports_no_control() {
         action: MirrorAction::Exit,
         bind: None,
         max_bps: u64::MAX,
+        mode: crate::protocol::control::CopyMode::Background,
     };
     assert_eq!(
         exec(ControlRequest::Mirror(mirror)).await,
