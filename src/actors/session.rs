@@ -217,6 +217,48 @@ impl Responder {
     }
 }
 
+/// Where the reply to a change of the file goes once it may be sent: at once, or — while a
+/// migration is active and the range has been copied — once the destination holds the
+/// range too (see `storage::dirty`). A forwarded write keeps its in-flight slot until
+/// then, so a session whose writes wait for the destination stops reading new requests
+/// at its in-flight limit: the backpressure reaches the client.
+#[derive(Clone)]
+struct ReplyPath {
+    replies: Option<mpsc::Sender<Outgoing>>,
+    runtime: Option<tokio::runtime::Handle>,
+    backing: Arc<Backing>,
+}
+
+impl ReplyPath {
+    /// `[offset, offset + len)` changed in the file (`failed`: it did not, and the reply
+    /// goes at once); `reply` builds the answer (`None` while other parts of a long write
+    /// are outstanding).
+    fn after_change<F>(&self, offset: u64, len: u64, failed: bool, reply: F)
+    where
+        F: FnOnce() -> Option<Outgoing> + Send + 'static,
+    {
+        let forwarded = !failed && self.backing.dirty().forwarding(offset, len);
+        let runtime = match (&self.runtime, forwarded) {
+            (Some(runtime), true) => runtime,
+            _ => {
+                if let Some(reply) = reply() {
+                    Session::send_to(&self.replies, reply);
+                }
+                return;
+            }
+        };
+        let path = self.clone();
+        runtime.spawn(async move {
+            if let Some(forward) = path.backing.dirty().forward(offset, len) {
+                forward.await;
+            }
+            if let Some(reply) = reply() {
+                Session::send_to(&path.replies, reply);
+            }
+        });
+    }
+}
+
 pub struct Session {
     id: ClientId,
     peer: std::net::SocketAddr,
@@ -250,6 +292,9 @@ pub struct Session {
     /// While set and in the future, small writes go to the blocking pool: an inline write
     /// was slow (see `Session::write`).
     inline_writes_from: Option<Instant>,
+    /// The runtime of this session's thread, where a forwarded write waits for the
+    /// destination (see [`ReplyPath`]).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Session {
@@ -284,6 +329,7 @@ impl Session {
             base_allocation: None,
             handoff_target: None,
             inline_writes_from: None,
+            runtime: None,
         }
     }
 
@@ -302,6 +348,7 @@ impl Session {
 
         let (tx, rx) = mpsc::channel(self.config.max_in_flight + 1);
         self.replies = Some(tx.clone());
+        self.runtime = Some(tokio::runtime::Handle::current());
         let writer = actix_rt::spawn(writer::run(write_half, self.config.hello.clone(), rx));
         ctx.spawn(writer.into_actor(self).map(|result, act, ctx| {
             act.writer_done = true;
@@ -408,9 +455,10 @@ impl Session {
                 fua,
             } => {
                 let right = self.write_right();
+                let path = self.reply_path();
                 self.on_blocking_pool(move |backing| {
-                    let Some(_ticket) = right.enter() else {
-                        return responder.done(Some(Self::refused_write()));
+                    let Some(ticket) = right.enter() else {
+                        return Some(responder.done(Some(Self::refused_write())));
                     };
                     let result = match backing.punch_hole(offset, length) {
                         // TRIM is a hint: a filesystem that cannot punch simply keeps the data.
@@ -418,7 +466,11 @@ impl Session {
                         other => other,
                     };
                     let error = Self::finish(&backing, result, fua, "Trimming", offset, length);
-                    responder.done(error)
+                    drop(ticket);
+                    path.after_change(offset, length, error.is_some(), move || {
+                        Some(responder.done(error))
+                    });
+                    None
                 })
             }
             Verdict::WriteZeroes {
@@ -429,9 +481,10 @@ impl Session {
                 fast,
             } => {
                 let right = self.write_right();
+                let path = self.reply_path();
                 self.on_blocking_pool(move |backing| {
-                    let Some(_ticket) = right.enter() else {
-                        return responder.done(Some(Self::refused_write()));
+                    let Some(ticket) = right.enter() else {
+                        return Some(responder.done(Some(Self::refused_write())));
                     };
                     let error = match backing.write_zeroes(offset, length, no_hole, fast) {
                         Err(ZeroError::NotFast) => Some(Errno::ENOTSUP),
@@ -440,7 +493,11 @@ impl Session {
                         }
                         Ok(()) => Self::finish(&backing, Ok(()), fua, "Zeroing", offset, length),
                     };
-                    responder.done(error)
+                    drop(ticket);
+                    path.after_change(offset, length, error.is_some(), move || {
+                        Some(responder.done(error))
+                    });
+                    None
                 })
             }
             Verdict::Cache { offset, length } => self.on_blocking_pool(move |backing| {
@@ -647,13 +704,15 @@ impl Session {
             }
         } else {
             let right = self.write_right();
+            let path = self.reply_path();
             self.on_blocking_pool(move |backing| {
                 let write = Write {
                     offset,
                     data,
                     durable,
                 };
-                Self::write_now(&backing, &right, style, write, completion, budget)
+                Self::write_now(&backing, &right, &path, style, write, completion, budget);
+                None
             });
         }
     }
@@ -672,9 +731,10 @@ impl Session {
             data,
             durable: false,
         };
-        let reply = Self::write_now(
+        Self::write_now(
             &self.config.backing,
             &self.write_right(),
+            &self.reply_path(),
             self.style,
             write,
             completion,
@@ -688,9 +748,6 @@ impl Session {
             );
             self.inline_writes_from = Some(Instant::now() + INLINE_WRITE_BACKOFF);
         }
-        if let Some(reply) = reply {
-            self.send(reply);
-        }
     }
 
     /// The job that does a longer, non-durable write on the export's write queue.
@@ -701,10 +758,10 @@ impl Session {
         completion: WriteCompletion,
         budget: Option<OwnedSemaphorePermit>,
     ) -> WriteJob {
-        let replies = self.replies.clone();
         let backing = self.config.backing.clone();
         let style = self.style;
         let right = self.write_right();
+        let path = self.reply_path();
         Box::new(move || {
             let len = data.len() as u64;
             let write = Write {
@@ -712,10 +769,7 @@ impl Session {
                 data,
                 durable: false,
             };
-            let reply = Self::write_now(&backing, &right, style, write, completion, budget);
-            if let Some(reply) = reply {
-                Self::send_to(&replies, reply);
-            }
+            Self::write_now(&backing, &right, &path, style, write, completion, budget);
             // Write-behind: a long write is usually part of a stream (a copy, a migration)
             // that ends with a FLUSH; writing it back now, while the rest arrives, leaves
             // that FLUSH little to do. Once per range and flush: a range rewritten before
@@ -726,16 +780,17 @@ impl Session {
         })
     }
 
-    /// Writes one payload (part) into the file and builds the reply once the whole request
-    /// is done (`None` while other parts of it are outstanding).
+    /// Writes one payload (part) into the file and, once the whole request is done (and
+    /// forwarded, in active mode), sends the reply along `path`.
     fn write_now(
         backing: &Backing,
         right: &WriteRight,
+        path: &ReplyPath,
         style: ReplyStyle,
         write: Write,
         completion: WriteCompletion,
         budget: Option<OwnedSemaphorePermit>,
-    ) -> Option<Outgoing> {
+    ) {
         let Write {
             offset,
             data,
@@ -752,12 +807,23 @@ impl Session {
         // The payload is in the file (or failed): its budget is free again.
         drop(data);
         drop(budget);
-        let (to, error, slot) = match completion {
-            WriteCompletion::Whole { to, slot } => (to, error, slot),
-            WriteCompletion::Part(group) => group.part_done(len, error)?,
-        };
-        let permits = Permits { slot, bytes: None };
-        Some(Responder { style, to, permits }.done(error))
+        path.after_change(offset, len, error.is_some(), move || {
+            let (to, error, slot) = match completion {
+                WriteCompletion::Whole { to, slot } => (to, error, slot),
+                WriteCompletion::Part(group) => group.part_done(len, error)?,
+            };
+            let permits = Permits { slot, bytes: None };
+            Some(Responder { style, to, permits }.done(error))
+        });
+    }
+
+    /// Where replies to changes of the file go (see [`ReplyPath`]).
+    fn reply_path(&self) -> ReplyPath {
+        ReplyPath {
+            replies: self.replies.clone(),
+            runtime: self.runtime.clone(),
+            backing: self.config.backing.clone(),
+        }
     }
 
     /// This session's right to mutate the file (see [`SessionConfig::gate`]).

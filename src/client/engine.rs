@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,74 @@ fn process_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
+/// Tells whoever asked for a range to be sent whether the destination acknowledged every
+/// request that carried it (active mirroring: a client's write is answered only then).
+///
+/// Each request takes an [`AckToken`]; the caller [`seal`](Ack::seal)s the `Ack` once the
+/// last request of the range is queued. The answer goes out when the `Ack` and every token
+/// are gone: `true` only if it was sealed and every token was acknowledged. A token dropped
+/// unacknowledged (an error reply, a failed connection, an engine dropped with requests in
+/// flight) and an `Ack` dropped unsealed (the range was not all sent) answer `false`.
+pub struct Ack(Arc<AckState>);
+
+struct AckState {
+    sealed: AtomicBool,
+    failed: AtomicBool,
+    done: Mutex<Option<oneshot::Sender<bool>>>,
+}
+
+impl Drop for AckState {
+    fn drop(&mut self) {
+        let ok = *self.sealed.get_mut() && !*self.failed.get_mut();
+        if let Some(done) = self.done.get_mut().ok().and_then(Option::take) {
+            let _ = done.send(ok);
+        }
+    }
+}
+
+impl Ack {
+    /// `done` receives the answer.
+    pub fn new(done: oneshot::Sender<bool>) -> Ack {
+        Ack(Arc::new(AckState {
+            sealed: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            done: Mutex::new(Some(done)),
+        }))
+    }
+
+    /// Every request of the range has been queued.
+    pub fn seal(self) {
+        self.0.sealed.store(true, Ordering::SeqCst);
+    }
+
+    fn token(&self) -> AckToken {
+        AckToken {
+            state: self.0.clone(),
+            acknowledged: false,
+        }
+    }
+}
+
+/// One request's share of an [`Ack`].
+struct AckToken {
+    state: Arc<AckState>,
+    acknowledged: bool,
+}
+
+impl AckToken {
+    fn acknowledged(mut self) {
+        self.acknowledged = true;
+    }
+}
+
+impl Drop for AckToken {
+    fn drop(&mut self) {
+        if !self.acknowledged {
+            self.state.failed.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 /// What a request in flight is waiting for.
 enum Pending {
     /// A write or zero range: counted once acknowledged.
@@ -117,6 +185,8 @@ enum Pending {
         len: u64,
         data: bool,
         _slot: OwnedSemaphorePermit,
+        /// Whoever waits for this range to reach the destination.
+        ack: Option<AckToken>,
     },
     Probe(oneshot::Sender<u32>),
     Handoff(oneshot::Sender<Result<HandoffReply, String>>),
@@ -307,8 +377,13 @@ impl Engine {
     }
 
     /// Sends a WRITE of `data` at `offset` once no write in flight overlaps it; returns
-    /// once it is on the wire (its reply is counted in [`Acknowledged`]).
-    pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<(), EngineError> {
+    /// once it is on the wire (its reply is counted in [`Acknowledged`], and answers `ack`).
+    pub async fn write(
+        &mut self,
+        offset: u64,
+        data: Bytes,
+        ack: Option<&Ack>,
+    ) -> Result<(), EngineError> {
         let len = data.len() as u64;
         self.await_no_overlap(offset, len).await?;
         let slot = self.slot().await?;
@@ -322,6 +397,7 @@ impl Engine {
                 len,
                 data: true,
                 _slot: slot,
+                ack: ack.map(Ack::token),
             },
         )
         .await
@@ -329,8 +405,13 @@ impl Engine {
 
     /// Zeroes `[offset, offset + len)` with WRITE_ZEROES requests of at most
     /// [`EngineConfig::zero_size`] (for a server that takes them: ours, or a new-style one
-    /// advertising WRITE_ZEROES).
-    pub async fn zeroes(&mut self, offset: u64, len: u64) -> Result<(), EngineError> {
+    /// advertising WRITE_ZEROES). Each request answers `ack`.
+    pub async fn zeroes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        ack: Option<&Ack>,
+    ) -> Result<(), EngineError> {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(self.zero_size);
@@ -346,6 +427,7 @@ impl Engine {
                     len: n,
                     data: false,
                     _slot: slot,
+                    ack: ack.map(Ack::token),
                 },
             )
             .await?;
@@ -387,6 +469,7 @@ impl Engine {
                 len: 0,
                 data: false,
                 _slot: slot,
+                ack: None,
             },
         )
         .await?;
@@ -479,11 +562,16 @@ struct Replies {
 }
 
 impl Replies {
+    /// Fails the engine. The requests in flight are forgotten at once: their slots come
+    /// back, and whoever waits for one of them (an [`Ack`], a hand-off answer) is answered
+    /// now rather than when the engine is dropped.
     fn fail(&self, why: String) {
         if let Ok(mut f) = self.failure.lock() {
             f.get_or_insert(why);
         }
         self.failed.cancel();
+        let forgotten = self.pending.lock().map(|mut p| std::mem::take(&mut *p));
+        drop(forgotten);
     }
 
     fn outstanding(&self) -> bool {
@@ -554,7 +642,7 @@ async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
             return;
         };
         match entry {
-            Pending::Transfer { len, data, .. } => {
+            Pending::Transfer { len, data, ack, .. } => {
                 if reply.error != 0 {
                     shared.fail(format!(
                         "the destination refused a write with error {}",
@@ -563,6 +651,9 @@ async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
                     return;
                 }
                 shared.acked.add(data, len);
+                if let Some(ack) = ack {
+                    ack.acknowledged();
+                }
                 // It is out of `pending`: writes waiting for its range may go now.
                 shared.completed.notify_waiters();
             }
@@ -682,7 +773,10 @@ mod tests {
     #[tokio::test]
     async fn an_overlapping_write_waits_for_the_one_in_flight() {
         let (mut engine, mut server, acked) = pair(WAIT).await;
-        engine.write(0, Bytes::from(vec![1u8; 4096])).await.unwrap();
+        engine
+            .write(0, Bytes::from(vec![1u8; 4096]), None)
+            .await
+            .unwrap();
         let (first, data) = request(&mut server).await;
         assert_eq!(
             (first.command, first.offset, data.len()),
@@ -692,14 +786,14 @@ mod tests {
         // Overlapping the unanswered first write: not sent.
         let second = timeout(
             Duration::from_millis(300),
-            engine.write(2048, Bytes::from(vec![2u8; 4096])),
+            engine.write(2048, Bytes::from(vec![2u8; 4096]), None),
         )
         .await;
         assert!(second.is_err(), "sent over a write in flight");
         nothing_arrives(&mut server).await;
         // A write elsewhere goes at once.
         engine
-            .write(8192, Bytes::from(vec![3u8; 512]))
+            .write(8192, Bytes::from(vec![3u8; 512]), None)
             .await
             .unwrap();
         let (third, _) = request(&mut server).await;
@@ -709,7 +803,7 @@ mod tests {
             .write_all(&simple_reply(first.cookie, None))
             .await
             .unwrap();
-        timeout(WAIT, engine.write(2048, Bytes::from(vec![2u8; 4096])))
+        timeout(WAIT, engine.write(2048, Bytes::from(vec![2u8; 4096]), None))
             .await
             .unwrap()
             .unwrap();
@@ -730,7 +824,7 @@ mod tests {
     #[tokio::test]
     async fn zero_ranges_are_split_and_counted() {
         let (mut engine, mut server, acked) = pair(WAIT).await;
-        engine.zeroes(0, (5 << 20) / 2).await.unwrap();
+        engine.zeroes(0, (5 << 20) / 2, None).await.unwrap();
         let mut lengths = Vec::new();
         for _ in 0..3 {
             let (r, _) = request(&mut server).await;
@@ -752,7 +846,10 @@ mod tests {
     #[tokio::test]
     async fn a_refused_write_fails_the_engine() {
         let (mut engine, mut server, acked) = pair(WAIT).await;
-        engine.write(0, Bytes::from(vec![1u8; 512])).await.unwrap();
+        engine
+            .write(0, Bytes::from(vec![1u8; 512]), None)
+            .await
+            .unwrap();
         let (r, _) = request(&mut server).await;
         server
             .write_all(&simple_reply(r.cookie, Some(Errno::ENOSPC)))
@@ -782,7 +879,10 @@ mod tests {
     #[tokio::test]
     async fn a_server_that_answers_nothing_fails_after_the_limit() {
         let (mut engine, mut server, _) = pair(Duration::from_millis(300)).await;
-        engine.write(0, Bytes::from(vec![1u8; 512])).await.unwrap();
+        engine
+            .write(0, Bytes::from(vec![1u8; 512]), None)
+            .await
+            .unwrap();
         let _ = request(&mut server).await;
         let started = Instant::now();
         let error = timeout(WAIT, engine.drain()).await.unwrap().unwrap_err();

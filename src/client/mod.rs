@@ -15,4 +15,4 @@ pub mod connect;
 pub mod engine;
 
 pub use connect::{connect, ConnectError, ConnectOptions, Connection, LinkOptions};
-pub use engine::{Acknowledged, Engine, EngineConfig, EngineError};
+pub use engine::{Ack, Acknowledged, Engine, EngineConfig, EngineError};

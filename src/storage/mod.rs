@@ -13,4 +13,4 @@ mod write_behind;
 
 pub use allocation::{AllocationMap, MapState};
 pub use backing::{Backing, Extent, NowaitRead, StorageError, ZeroError};
-pub use dirty::DirtyMap;
+pub use dirty::{DirtyMap, ForwardRequest};

@@ -48,7 +48,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::control::{MirrorAction, MirrorRequest};
+use crate::protocol::control::{CopyMode, MirrorAction, MirrorRequest};
 use crate::protocol::handoff::source::{BreakDecision, Next, SourceHandoff};
 use crate::protocol::handoff::MigrationId;
 use crate::rate;
@@ -63,6 +63,11 @@ pub mod stats;
 
 use run::Run;
 pub use stats::{MirrorStats, Phase};
+
+/// Forwarded writes queued for the migration's task at most (active mode). A session whose
+/// forward finds the queue full waits (and with it, its client): this bounds the requests,
+/// not the memory, which forwards do not hold (the task reads the data from the file).
+const FORWARD_QUEUE: usize = 256;
 
 /// Why the first attempt failed, with flexnbd's exact response texts (§6.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,6 +220,15 @@ impl Actor for Mirror {
         };
         let owner = config.owner.clone();
         let events = config.events.clone();
+        // Sessions reach the migration through the export's dirty map: in active mode
+        // their writes to copied ranges come here (see `storage::dirty`).
+        let (forward_tx, forwards) = tokio::sync::mpsc::channel(FORWARD_QUEUE);
+        let backing = config.backing.clone();
+        backing.dirty().set_forwarder(Some(forward_tx));
+        let mode = config.request.mode;
+        if mode == CopyMode::Active {
+            self.stats.set_active();
+        }
         let run = Run {
             stats: self.stats.clone(),
             cancel: self.cancel.clone(),
@@ -227,10 +241,13 @@ impl Actor for Mirror {
             mirror: ctx.address(),
             bucket: Mutex::new(rate::TokenBucket::new(Instant::now())),
             zeroes_as_requests: false,
+            forwards: tokio::sync::Mutex::new(forwards),
+            auto: Mutex::new((mode == CopyMode::Auto).then(policy::AutoSwitch::new)),
             config,
         };
         let task = actix_rt::spawn(run.run());
         ctx.spawn(task.into_actor(self).map(move |result, act, ctx| {
+            backing.dirty().set_forwarder(None);
             let outcome =
                 result.unwrap_or_else(|e| Outcome::Fatal(format!("the mirror failed: {e}")));
             tracing::info!("Migration ended: {outcome:?}");

@@ -27,6 +27,75 @@ pub const HANDOFF_LIMIT: Duration = Duration::from_secs(5);
 /// longer than a request.
 pub const PREPARE_LIMIT: Duration = Duration::from_secs(10);
 
+/// In `auto` mode, how long the estimate may go without improving before the mirror turns
+/// active.
+pub const STALL: Duration = Duration::from_secs(5);
+
+/// `auto` mode's decision to turn active (write-blocking). Background copying converges
+/// only while clients dirty the export slower than the mirror copies it; once that is
+/// visibly not the case, waiting longer only makes the final pass bigger. Two signs, either
+/// of which switches (for the rest of the migration):
+/// - a pass did not shrink the dirty set (what was dirty when it started is still dirty,
+///   or more);
+/// - the bytes left (not yet swept, plus dirty) have not reached a new low for [`STALL`]:
+///   clients dirty as fast as the mirror sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AutoSwitch {
+    /// The lowest bytes-left seen, and when.
+    best: Option<(u64, Duration)>,
+    /// The dirty bytes when the last pass started.
+    pass_start: Option<u64>,
+}
+
+/// Why `auto` mode turned active.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwitchReason {
+    /// A pass left at least as much dirty as it started with.
+    PassDidNotShrink { before: u64, after: u64 },
+    /// The bytes left have not improved for [`STALL`].
+    Stalled { bytes_left: u64 },
+}
+
+impl Default for AutoSwitch {
+    fn default() -> AutoSwitch {
+        AutoSwitch::new()
+    }
+}
+
+impl AutoSwitch {
+    pub fn new() -> AutoSwitch {
+        AutoSwitch {
+            best: None,
+            pass_start: None,
+        }
+    }
+
+    /// The bytes left at time `now` (time since the attempt started): whether they have
+    /// stalled.
+    pub fn observe(&mut self, bytes_left: u64, now: Duration) -> Option<SwitchReason> {
+        match self.best {
+            Some((best, _)) if bytes_left >= best => {}
+            _ => {
+                self.best = Some((bytes_left, now));
+                return None;
+            }
+        }
+        let (_, since) = self.best?;
+        (bytes_left > 0 && now.saturating_sub(since) >= STALL)
+            .then_some(SwitchReason::Stalled { bytes_left })
+    }
+
+    /// A pass is about to start with `dirty` bytes: whether the previous pass shrank the
+    /// dirty set.
+    pub fn pass_starting(&mut self, dirty: u64) -> Option<SwitchReason> {
+        let before = self.pass_start.replace(dirty)?;
+        (dirty > 0 && dirty >= before).then_some(SwitchReason::PassDidNotShrink {
+            before,
+            after: dirty,
+        })
+    }
+}
+
 /// flexnbd's speed: bytes acknowledged / (whole seconds elapsed + 1).
 pub fn speed(acknowledged: u64, elapsed: Duration) -> u64 {
     acknowledged / (elapsed.as_secs() + 1)
@@ -142,6 +211,51 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn auto_switches_when_a_pass_does_not_shrink() {
+        let mut auto = AutoSwitch::new();
+        assert_eq!(auto.pass_starting(100 * MIB), None, "the first pass");
+        assert_eq!(auto.pass_starting(60 * MIB), None);
+        assert_eq!(auto.pass_starting(30 * MIB), None);
+        assert_eq!(
+            auto.pass_starting(30 * MIB),
+            Some(SwitchReason::PassDidNotShrink {
+                before: 30 * MIB,
+                after: 30 * MIB
+            })
+        );
+        let mut auto = AutoSwitch::new();
+        auto.pass_starting(0);
+        assert_eq!(
+            auto.pass_starting(0),
+            None,
+            "nothing dirty is not a failure"
+        );
+    }
+
+    #[test]
+    fn auto_switches_when_the_estimate_stalls() {
+        let s = Duration::from_secs;
+        let mut auto = AutoSwitch::new();
+        assert_eq!(auto.observe(100, s(0)), None);
+        assert_eq!(auto.observe(90, s(3)), None, "a new low");
+        assert_eq!(auto.observe(95, s(7)), None, "4 s without a new low");
+        assert_eq!(
+            auto.observe(90, s(8)),
+            Some(SwitchReason::Stalled { bytes_left: 90 }),
+            "5 s: equal is no improvement"
+        );
+        let mut auto = AutoSwitch::new();
+        for (i, left) in (0..20).rev().enumerate() {
+            assert_eq!(auto.observe(left, s(i as u64)), None, "steady progress");
+        }
+        assert_eq!(
+            auto.observe(0, s(100)),
+            None,
+            "nothing left: nothing to switch for"
+        );
+    }
 
     #[test]
     fn speed_is_flexnbds() {

@@ -15,16 +15,17 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{
-    self, ConnectError, ConnectOptions, Engine, EngineConfig, EngineError, LinkOptions,
+    self, Ack, ConnectError, ConnectOptions, Engine, EngineConfig, EngineError, LinkOptions,
 };
 use crate::protocol::control::MirrorAction;
 use crate::protocol::handoff::source::Next;
 use crate::protocol::handoff::{HandoffReply, HandoffRequest, JoinPurpose, SameAs};
 use crate::rate;
+use crate::storage::ForwardRequest;
 
 use super::super::listener::{CloseDoors, OpenDoors};
-use super::policy::{self, CatchUp, Stage};
-use super::stats::{process_ms, MirrorStats, Phase};
+use super::policy::{self, AutoSwitch, CatchUp, Stage, SwitchReason};
+use super::stats::{MirrorStats, Phase};
 use super::{FirstFailure, Mirror, MirrorConfig, Outcome, Step};
 
 /// TCP connect timeout (flexnbd §10.10).
@@ -43,6 +44,11 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 const SMALL_RUN: u64 = 1 << 20;
 /// Largest WRITE the mirror sends, and requests in flight on the outbound connection.
 const WRITE_SIZE: usize = 4 << 20;
+/// In active mode the copy reads and queues this much at a time, so that a client's
+/// forwarded write waits behind at most this much of the background copy.
+const ACTIVE_STEP: usize = 1 << 20;
+/// Forwarded writes served in one go (one blocking read for the small ones).
+const FORWARD_BATCH: usize = 64;
 const IN_FLIGHT: usize = 8;
 /// Largest zero-range request (WRITE_ZEROES) the mirror sends.
 const ZERO_SIZE: u64 = 256 << 20;
@@ -129,6 +135,10 @@ pub(super) struct Run {
     pub(super) bucket: Mutex<rate::TokenBucket>,
     /// This attempt sends holes as zero-range requests (else as zero-filled WRITEs).
     pub(super) zeroes_as_requests: bool,
+    /// Client writes to forward (active mode), from the sessions through the dirty map.
+    pub(super) forwards: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<ForwardRequest>>,
+    /// `auto` mode's watch; `None` once the mode is settled (background, or active).
+    pub(super) auto: Mutex<Option<AutoSwitch>>,
 }
 
 impl Run {
@@ -153,8 +163,9 @@ impl Run {
                 Err(outcome) => return outcome,
             };
             // The pause before the next attempt; `break` or a signal ends it at once.
+            // Forwards still queued from the failed attempt mark their ranges dirty.
             tokio::select! {
-                () = tokio::time::sleep(RETRY_DELAY) => {}
+                () = self.refusing_forwards(tokio::time::sleep(RETRY_DELAY)) => {}
                 () = self.cancel.cancelled() => {
                     if let Next::Stop { reopen } = self.step(Step::Failed("abandoned".into())).await {
                         return self.stopped(reopen).await;
@@ -333,7 +344,9 @@ impl Run {
     ) -> Result<(Engine, bool), AttemptError> {
         let request = self.config.request.clone();
         let destination = self
-            .abandonable(connect_destination(&request, self.config.backing.size()))
+            .abandonable(
+                self.refusing_forwards(connect_destination(&request, self.config.backing.size())),
+            )
             .await??;
         let export = destination.export;
         tracing::info!(
@@ -429,8 +442,18 @@ impl Run {
 
         // Tracking starts before the sweep, so nothing written during it is missed.
         let backing = self.config.backing.clone();
+        self.refuse_forwards();
         backing.dirty().start();
-        self.stats.started_ms.store(process_ms(), Ordering::Relaxed);
+        self.stats.transfer_started();
+        if let Ok(mut auto) = self.auto.lock() {
+            if auto.is_some() {
+                *auto = Some(AutoSwitch::new());
+            }
+        }
+        if self.stats.is_active() {
+            // Active from the start (`--mode active`, or an earlier attempt switched).
+            backing.dirty().set_active(true);
+        }
         if let Ok(mut bucket) = self.bucket.lock() {
             *bucket = rate::TokenBucket::new(Instant::now());
         }
@@ -439,14 +462,23 @@ impl Run {
 
         self.stats.set_phase(Phase::Copying);
         loop {
+            self.serve_forwards(&mut engine).await?;
             let pending = backing.dirty().pending_bytes();
             self.stats.dirty.store(pending, Ordering::Relaxed);
             if !policy::another_pass(pending, self.stats.speed()) {
                 break;
             }
+            let pass_start = self
+                .auto
+                .lock()
+                .ok()
+                .and_then(|mut auto| auto.as_mut().and_then(|a| a.pass_starting(pending)));
+            if let Some(reason) = pass_start {
+                self.turn_active(reason);
+            }
             self.stats.passes.fetch_add(1, Ordering::Relaxed);
             let runs = backing.dirty().take(u64::MAX);
-            self.send_runs(&mut engine, &runs).await?;
+            self.send_pass(&mut engine, &runs).await?;
         }
 
         // Converged by flexnbd's rule. Send what is dirty now in catch-up passes while
@@ -457,7 +489,7 @@ impl Run {
         while catch_up.another(|| backing.dirty().pending_bytes()) {
             self.stats.passes.fetch_add(1, Ordering::Relaxed);
             let runs = backing.dirty().take(u64::MAX);
-            self.send_runs(&mut engine, &runs).await?;
+            self.send_pass(&mut engine, &runs).await?;
         }
 
         // Make the bulk durable on the destination while clients still run, so that the
@@ -476,15 +508,13 @@ impl Run {
             Stage::DoorsClosed,
             self.bulk_limit,
         ));
-        self.abandonable(self.config.listener.send(CloseDoors))
-            .await?
-            .map_err(|e| AttemptError::Transfer(format!("the listener is gone: {e}")))?;
+        self.close_doors(&mut engine).await?;
         loop {
             let runs = backing.dirty().take(u64::MAX);
             if runs.is_empty() {
                 break;
             }
-            self.send_runs(&mut engine, &runs).await?;
+            self.send_pass(&mut engine, &runs).await?;
         }
         self.stats.dirty.store(0, Ordering::Relaxed);
         self.abandonable(engine.drain()).await??;
@@ -502,18 +532,190 @@ impl Run {
         let size = self.config.backing.size();
         let mut pos = 0u64;
         while pos < size {
+            self.between_steps(engine).await?;
             let len = SWEEP_CHUNK.min(size - pos);
-            let covered = self.send_range(engine, pos, len).await?;
+            let covered = self.send_range(engine, pos, len, None).await?;
             pos += covered;
             self.stats.swept.store(pos, Ordering::Relaxed);
+            // Queued: from now on a forward of a write here goes out after it.
+            self.config.backing.dirty().set_copied(pos);
         }
         Ok(())
+    }
+
+    /// One pass over `runs` (dirty ranges just taken), counted for `migration_progress`.
+    async fn send_pass(
+        &self,
+        engine: &mut Engine,
+        runs: &[(u64, u64)],
+    ) -> Result<(), AttemptError> {
+        self.stats
+            .pass_started(runs.iter().map(|&(_, len)| len).sum());
+        self.send_runs(engine, runs).await
+    }
+
+    /// The amount the copy reads and queues in one step (see [`ACTIVE_STEP`]).
+    fn step_size(&self) -> usize {
+        if self.config.backing.dirty().is_active() {
+            ACTIVE_STEP
+        } else {
+            WRITE_SIZE
+        }
+    }
+
+    /// Between two steps of the copy: `auto` mode looks at the progress, then the
+    /// forwarded writes waiting are sent. Never called between reading a range and
+    /// queueing it (see [`Run::serve_forwards`]).
+    async fn between_steps(&self, engine: &mut Engine) -> Result<(), AttemptError> {
+        self.stats
+            .refresh_dirty(|| self.config.backing.dirty().pending_bytes());
+        let stalled = self.auto.lock().ok().and_then(|mut auto| {
+            auto.as_mut()
+                .and_then(|a| a.observe(self.stats.bytes_left_now(), self.stats.elapsed()))
+        });
+        if let Some(reason) = stalled {
+            self.turn_active(reason);
+        }
+        self.serve_forwards(engine).await
+    }
+
+    /// `auto` mode turns active, for the rest of the migration.
+    fn turn_active(&self, reason: SwitchReason) {
+        if let Ok(mut auto) = self.auto.lock() {
+            *auto = None;
+        }
+        tracing::info!(
+            "Migration {}: clients outrun the copy ({reason:?}); turning active: writes to copied ranges now reach the destination before they are answered",
+            self.config.id
+        );
+        self.stats.set_active();
+        self.config.backing.dirty().set_active(true);
+    }
+
+    /// Sends the forwarded writes waiting (at most [`FORWARD_BATCH`]), each read from the
+    /// file now and queued at once, and each answering its session through an [`Ack`].
+    ///
+    /// Why reading here is right whatever the order forwards arrive in: the session wrote
+    /// the file before it asked, so the data read here is at least as new as its write;
+    /// and between this read and the queueing no other write to the destination is queued
+    /// (this task is the only one that queues, and it does not serve forwards in the middle
+    /// of a copy step). The engine never sends a write over an unanswered overlapping one,
+    /// so the destination applies writes to a range in the order they were queued, and the
+    /// last one queued holds the newest data.
+    async fn serve_forwards(&self, engine: &mut Engine) -> Result<(), AttemptError> {
+        let batch = {
+            let mut forwards = self.forwards.lock().await;
+            let mut batch = Vec::new();
+            while batch.len() < FORWARD_BATCH {
+                match forwards.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (small, large): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| r.len < SMALL_RUN);
+        let ranges: Vec<(u64, u64)> = small.iter().map(|r| (r.offset, r.len)).collect();
+        let pieces = self.read_ranges(ranges).await?;
+        for (request, (offset, data)) in small.into_iter().zip(pieces) {
+            self.count_forward(request.len);
+            let ack = Ack::new(request.done);
+            self.send_data(engine, offset, data, Some(&ack)).await?;
+            ack.seal();
+        }
+        for request in large {
+            self.forward_range(engine, request).await?;
+        }
+        Ok(())
+    }
+
+    /// Forwards waiting now are refused: their sessions mark the ranges dirty.
+    fn refuse_forwards(&self) {
+        if let Ok(mut forwards) = self.forwards.try_lock() {
+            while let Ok(request) = forwards.try_recv() {
+                let _ = request.done.send(false);
+            }
+        }
+    }
+
+    /// Runs `future` while refusing every forward that arrives (no destination to send
+    /// it to: between attempts, while connecting).
+    async fn refusing_forwards<T>(&self, future: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(future);
+        let mut forwards = self.forwards.lock().await;
+        loop {
+            tokio::select! {
+                value = &mut future => return value,
+                Some(request) = forwards.recv() => {
+                    let _ = request.done.send(false);
+                }
+            }
+        }
+    }
+
+    /// Closes the doors and waits until every session has ended, serving forwards
+    /// meanwhile: a session ends only once its requests are answered, and a forwarded
+    /// write is answered only once it has reached the destination.
+    async fn close_doors(&self, engine: &mut Engine) -> Result<(), AttemptError> {
+        enum Woken {
+            Closed(Result<(), MailboxError>),
+            Forward(ForwardRequest),
+        }
+        let close = self.config.listener.send(CloseDoors);
+        tokio::pin!(close);
+        loop {
+            let woken = {
+                let mut forwards = self.forwards.lock().await;
+                tokio::select! {
+                    closed = &mut close => Woken::Closed(closed),
+                    Some(request) = forwards.recv() => Woken::Forward(request),
+                    () = self.cancel.cancelled() => return Err(AttemptError::Abandoned),
+                }
+            };
+            match woken {
+                Woken::Closed(closed) => {
+                    return closed
+                        .map_err(|e| AttemptError::Transfer(format!("the listener is gone: {e}")))
+                }
+                Woken::Forward(request) => {
+                    self.forward_range(engine, request).await?;
+                    self.serve_forwards(engine).await?;
+                }
+            }
+        }
+    }
+
+    /// Sends one forwarded range as the copy sends any range (holes as zero ranges), and
+    /// answers its session through an [`Ack`] (see [`Run::serve_forwards`]).
+    async fn forward_range(
+        &self,
+        engine: &mut Engine,
+        request: ForwardRequest,
+    ) -> Result<(), AttemptError> {
+        self.count_forward(request.len);
+        let ack = Ack::new(request.done);
+        let mut done = 0;
+        while done < request.len {
+            let (at, left) = (request.offset + done, request.len - done);
+            done += self.send_range(engine, at, left, Some(&ack)).await?;
+        }
+        ack.seal();
+        Ok(())
+    }
+
+    fn count_forward(&self, len: u64) {
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        self.stats.forwarded_bytes.fetch_add(len, Ordering::Relaxed);
     }
 
     /// Sends dirty runs. Large runs go through [`Run::send_range`] (holes as zero ranges);
     /// small ones — typically scattered 4 KiB client writes — are read in batches, one
     /// blocking job per batch, without asking for extents: per-run overhead, not bandwidth,
-    /// is what made a final pass of thousands of small runs slow.
+    /// is what made a final pass of thousands of small runs slow. Between two steps, `auto`
+    /// mode looks at the progress and forwarded writes go out.
     async fn send_runs(
         &self,
         engine: &mut Engine,
@@ -525,18 +727,25 @@ impl Run {
             if len >= SMALL_RUN {
                 let mut done = 0;
                 while done < len {
-                    done += self.send_range(engine, offset + done, len - done).await?;
+                    self.between_steps(engine).await?;
+                    let covered = self
+                        .send_range(engine, offset + done, len - done, None)
+                        .await?;
+                    self.stats.pass_sent.fetch_add(covered, Ordering::Relaxed);
+                    done += covered;
                 }
                 continue;
             }
             batch.push((offset, len));
             batched += len;
-            if batched >= WRITE_SIZE as u64 {
+            if batched >= self.step_size() as u64 {
+                self.between_steps(engine).await?;
                 self.send_batch(engine, std::mem::take(&mut batch)).await?;
                 batched = 0;
             }
         }
         if !batch.is_empty() {
+            self.between_steps(engine).await?;
             self.send_batch(engine, batch).await?;
         }
         Ok(())
@@ -547,9 +756,25 @@ impl Run {
         engine: &mut Engine,
         batch: Vec<(u64, u64)>,
     ) -> Result<(), AttemptError> {
+        for (offset, data) in self.read_ranges(batch).await? {
+            let len = data.len() as u64;
+            self.send_data(engine, offset, data, None).await?;
+            self.stats.pass_sent.fetch_add(len, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Reads `ranges` from the file in one blocking job.
+    async fn read_ranges(
+        &self,
+        ranges: Vec<(u64, u64)>,
+    ) -> Result<Vec<(u64, Bytes)>, AttemptError> {
+        if ranges.is_empty() {
+            return Ok(Vec::new());
+        }
         let backing = self.config.backing.clone();
-        let pieces = tokio::task::spawn_blocking(move || {
-            batch
+        tokio::task::spawn_blocking(move || {
+            ranges
                 .into_iter()
                 .map(|(offset, len)| {
                     let mut buf = BytesMut::with_capacity(len as usize);
@@ -561,20 +786,17 @@ impl Run {
         })
         .await
         .map_err(|e| AttemptError::Transfer(e.to_string()))?
-        .map_err(|e| AttemptError::Transfer(format!("reading the source failed: {e}")))?;
-        for (offset, data) in pieces {
-            self.send_data(engine, offset, data).await?;
-        }
-        Ok(())
+        .map_err(|e| AttemptError::Transfer(format!("reading the source failed: {e}")))
     }
 
     /// Sends `data` as WRITEs, each piece paced to the bandwidth limit before it is handed
-    /// to the socket (see `crate::rate`).
+    /// to the socket (see `crate::rate`); each piece answers `ack`.
     async fn send_data(
         &self,
         engine: &mut Engine,
         offset: u64,
         data: Bytes,
+        ack: Option<&Ack>,
     ) -> Result<(), AttemptError> {
         let mut done = 0usize;
         while done < data.len() {
@@ -582,7 +804,7 @@ impl Run {
             let n = (data.len() - done).min(rate::piece_size(limit, WRITE_SIZE as u64) as usize);
             self.pace(n as u64, limit).await?;
             let piece = data.slice(done..done + n);
-            self.abandonable(engine.write(offset + done as u64, piece))
+            self.abandonable(engine.write(offset + done as u64, piece, ack))
                 .await??;
             done += n;
         }
@@ -596,46 +818,50 @@ impl Run {
         engine: &mut Engine,
         offset: u64,
         len: u64,
+        ack: Option<&Ack>,
     ) -> Result<(), AttemptError> {
         if self.zeroes_as_requests {
-            return Ok(self.abandonable(engine.zeroes(offset, len)).await??);
+            return Ok(self.abandonable(engine.zeroes(offset, len, ack)).await??);
         }
         let mut done = 0;
         while done < len {
             let n = (len - done).min(ZEROS.len() as u64);
             let zeros = Bytes::from_static(&ZEROS[..n as usize]);
-            self.send_data(engine, offset + done, zeros).await?;
+            self.send_data(engine, offset + done, zeros, ack).await?;
             done += n;
         }
         Ok(())
     }
 
     /// Sends `[offset, offset + len)` (or a first part of it): holes as zero ranges, data
-    /// as writes read from the file now. Returns how much was covered.
+    /// as writes read from the file now, one step (see [`Run::step_size`]) at most.
+    /// Returns how much was covered.
     async fn send_range(
         &self,
         engine: &mut Engine,
         offset: u64,
         len: u64,
+        ack: Option<&Ack>,
     ) -> Result<u64, AttemptError> {
         let backing = self.config.backing.clone();
         let extents = tokio::task::spawn_blocking(move || backing.extents(offset, len, 1024))
             .await
             .map_err(|e| AttemptError::Transfer(e.to_string()))??;
+        let step = self.step_size() as u64;
         let mut at = offset;
         for extent in extents {
             if extent.hole {
-                self.send_zeroes(engine, at, extent.length).await?;
-            } else {
-                let mut done = 0;
-                while done < extent.length {
-                    let n = (extent.length - done).min(WRITE_SIZE as u64);
-                    let data = self.read(at + done, n as usize).await?;
-                    self.send_data(engine, at + done, data).await?;
-                    done += n;
-                }
+                self.send_zeroes(engine, at, extent.length, ack).await?;
+                at += extent.length;
+                continue;
             }
-            at += extent.length;
+            let n = extent.length.min(step);
+            let data = self.read(at, n as usize).await?;
+            self.send_data(engine, at, data, ack).await?;
+            at += n;
+            if n < extent.length {
+                break;
+            }
         }
         Ok((at - offset).max(1).min(len))
     }

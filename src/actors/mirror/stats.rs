@@ -89,7 +89,23 @@ pub struct MirrorStats {
     handoff_phase: Mutex<&'static str>,
     /// Why the last attempt failed (for example the destination's ENOSPC).
     last_failure: Mutex<Option<String>>,
+    /// When the migration (its first attempt) started (process milliseconds; 0: not yet).
+    migration_started_ms: AtomicU64,
+    /// When the mirror turned active (process milliseconds; 0: background). Kept across
+    /// attempts: once clients have shown they outrun the copy, later attempts start active.
+    active_since_ms: AtomicU64,
+    /// Dirty bytes the current pass took, and how many of them have been queued.
+    pub(super) pass_total: AtomicU64,
+    pub(super) pass_sent: AtomicU64,
+    /// Client writes forwarded to the destination (active mode), and their bytes.
+    pub(super) forwarded: AtomicU64,
+    pub(super) forwarded_bytes: AtomicU64,
+    /// When `dirty` was last refreshed during a pass (process milliseconds).
+    dirty_refreshed_ms: AtomicU64,
 }
+
+/// How often the dirty bytes shown are recomputed during a pass (a scan of the map).
+const DIRTY_REFRESH: Duration = Duration::from_millis(250);
 
 impl MirrorStats {
     pub(super) fn new(size: u64, max_bps: u64) -> MirrorStats {
@@ -106,6 +122,95 @@ impl MirrorStats {
             has_control: AtomicBool::new(true),
             handoff_phase: Mutex::new("serving"),
             last_failure: Mutex::new(None),
+            migration_started_ms: AtomicU64::new(0),
+            active_since_ms: AtomicU64::new(0),
+            pass_total: AtomicU64::new(0),
+            pass_sent: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            forwarded_bytes: AtomicU64::new(0),
+            dirty_refreshed_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The transfer of an attempt starts now.
+    pub(super) fn transfer_started(&self) {
+        let now = process_ms();
+        self.started_ms.store(now, Ordering::Relaxed);
+        let _ = self.migration_started_ms.compare_exchange(
+            0,
+            now,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The mirror turned active (write-blocking); the first call counts.
+    pub(super) fn set_active(&self) {
+        let _ = self.active_since_ms.compare_exchange(
+            0,
+            process_ms(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active_since_ms.load(Ordering::Relaxed) != 0
+    }
+
+    /// Updates the dirty bytes shown while a pass runs: what the pass has still to send
+    /// plus what clients dirtied since it started (`pending`, which scans the map: at most
+    /// every [`DIRTY_REFRESH`]).
+    pub(super) fn refresh_dirty(&self, pending: impl FnOnce() -> u64) {
+        let now = process_ms();
+        let last = self.dirty_refreshed_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < DIRTY_REFRESH.as_millis() as u64 {
+            return;
+        }
+        self.dirty_refreshed_ms.store(now, Ordering::Relaxed);
+        let left_in_pass = self
+            .pass_total
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.pass_sent.load(Ordering::Relaxed));
+        self.dirty
+            .store(left_in_pass + pending(), Ordering::Relaxed);
+    }
+
+    /// A pass starts with `dirty` bytes to send.
+    pub(super) fn pass_started(&self, dirty: u64) {
+        self.pass_total.store(dirty, Ordering::Relaxed);
+        self.pass_sent.store(0, Ordering::Relaxed);
+    }
+
+    /// Seconds since the transfer of the current attempt started.
+    pub(super) fn elapsed(&self) -> Duration {
+        Duration::from_millis(self.elapsed_ms())
+    }
+
+    /// Bytes not yet swept plus dirty bytes as of the last look: what `auto` mode watches.
+    pub(super) fn bytes_left_now(&self) -> u64 {
+        self.bytes_left()
+    }
+
+    /// `migration_progress`: during the sweep the percent of the export copied at least
+    /// once, afterwards the percent of the current pass's dirty data sent.
+    pub fn progress_percent(&self) -> u64 {
+        let percent = |part: u64, whole: u64| {
+            if whole == 0 {
+                100
+            } else {
+                (u128::from(part.min(whole)) * 100 / u128::from(whole)) as u64
+            }
+        };
+        match self.phase() {
+            Phase::Connecting | Phase::Retrying => 0,
+            Phase::Sweep => percent(self.swept.load(Ordering::Relaxed), self.size),
+            Phase::Copying | Phase::FinalPass => percent(
+                self.pass_sent.load(Ordering::Relaxed),
+                self.pass_total.load(Ordering::Relaxed),
+            ),
+            Phase::HandingOff | Phase::InDoubt | Phase::Completed => 100,
+            Phase::Abandoned => percent(self.swept.load(Ordering::Relaxed), self.size),
         }
     }
 
@@ -144,6 +249,8 @@ impl MirrorStats {
         self.acked.reset();
         self.passes.store(0, Ordering::Relaxed);
         self.dirty.store(0, Ordering::Relaxed);
+        self.pass_total.store(0, Ordering::Relaxed);
+        self.pass_sent.store(0, Ordering::Relaxed);
     }
 
     fn elapsed_ms(&self) -> u64 {
@@ -210,6 +317,32 @@ impl MirrorStats {
                 self.attempt.load(Ordering::Relaxed).to_string(),
             ),
         ];
+        let mode = if self.is_active() {
+            "active"
+        } else {
+            "background"
+        };
+        keys.push(("migration_mode", mode.to_owned()));
+        keys.push(("migration_progress", self.progress_percent().to_string()));
+        let (started, active) = (
+            self.migration_started_ms.load(Ordering::Relaxed),
+            self.active_since_ms.load(Ordering::Relaxed),
+        );
+        if active != 0 {
+            let since = match started {
+                0 => 0,
+                started => active.saturating_sub(started) / 1000,
+            };
+            keys.push(("migration_active_since", since.to_string()));
+        }
+        keys.push((
+            "migration_forwarded_writes",
+            self.forwarded.load(Ordering::Relaxed).to_string(),
+        ));
+        keys.push((
+            "migration_forwarded_bytes",
+            self.forwarded_bytes.load(Ordering::Relaxed).to_string(),
+        ));
         if let Some(why) = self.last_failure.lock().ok().and_then(|f| f.clone()) {
             keys.push(("migration_last_failure", status_word(&why)));
         }
