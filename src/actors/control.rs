@@ -10,15 +10,23 @@
 //!   the control actor is gone the task answers `1: shutting down` itself.
 //! - Status: control → listener [`GetStatus`], answered at once.
 //! - `acl`: control → listener [`ReplaceAcl`], answered once the list is in force.
-//! - [`StopControl`] (main → control, at shutdown): stops accepting; answered when the
-//!   socket is closed, so that main can unlink its path before the NBD port closes.
+//! - [`StopControl`] (main → control, at shutdown): stops accepting, answers the
+//!   `mirror_wait` requests still waiting with `1: shutting down`; answered when the socket
+//!   is closed and every `mirror_wait` answer has been written (at most
+//!   [`ANSWER_WRITE_GRACE`]), so that main can unlink its path before the NBD port closes
+//!   and a caller waiting for an `exit` migration learns its outcome before the process
+//!   exits.
 //! - `mirror`: control starts a [`Mirror`] and answers once its first connection attempt
 //!   has a result; `break` sends it [`Abandon`]; `mirror_max_bps` sends [`SetMaxBps`]. The
 //!   mirror reports its own end with [`MirrorEnded`], which ends the registration when
 //!   flexnbd §6.4 says it must (first attempt failed, a `nothing` migration completed).
+//! - `mirror_wait` (ours): control keeps a oneshot sender per request with the registered
+//!   migration and answers it when the migration ends: from [`MirrorEnded`], or when a
+//!   `break`, a failed first attempt or [`StopMirror`] ends the registration first.
 //! - [`StopMirror`] (main → control, on a signal): refuse new migrations, abandon a running
 //!   one, answer whether one was registered (the exit status depends on it).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,11 +34,12 @@ use actix::prelude::*;
 use futures_util::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use tokio::sync::{oneshot, Notify};
 
 use crate::acl::Acl;
 use crate::protocol::control::{
-    parse_mirror_max_bps, response, ControlRequest, MirrorRequest, RequestReader, Status, FAILED,
-    MISSING_COMMAND, OK, UNKNOWN_COMMAND,
+    parse_mirror_max_bps, response, ControlRequest, MirrorAction, MirrorRequest, RequestReader,
+    Status, FAILED, MISSING_COMMAND, OK, UNKNOWN_COMMAND,
 };
 use crate::protocol::handoff::MigrationId;
 use crate::storage::{AllocationMap, Backing};
@@ -44,6 +53,9 @@ use super::Events;
 
 /// A control connection that sends nothing for this long is closed without an answer.
 pub const IDLE_LIMIT: Duration = Duration::from_secs(60);
+/// How long [`StopControl`] waits for `mirror_wait` answers to be written: long enough for
+/// a local socket, short enough not to hold up a shutdown for a client that stopped reading.
+pub const ANSWER_WRITE_GRACE: Duration = Duration::from_secs(2);
 
 /// What the control actor needs to answer.
 pub struct ControlConfig {
@@ -69,6 +81,10 @@ pub struct Control {
     shutting_down: bool,
     /// `listen --rebind-*`: where rebinding is.
     rebind: Option<String>,
+    /// [`StopControl`] arrived: `mirror_wait` is answered at once.
+    stopping: bool,
+    /// `mirror_wait` answers not yet written by their connections.
+    pending: PendingAnswers,
 }
 
 /// Rebinder → control: the listener now serving the export.
@@ -84,8 +100,84 @@ pub struct RebindState(pub String);
 
 /// A registered migration.
 struct Registered {
+    id: MigrationId,
     addr: Addr<Mirror>,
     stats: Arc<MirrorStats>,
+    /// `mirror_wait` requests waiting for this migration's end.
+    waiters: Vec<oneshot::Sender<String>>,
+    /// The `mirror_wait` answer once the migration has ended while it stays registered (a
+    /// completed `exit`/`unlink` hand-off, until the process exits).
+    ended: Option<String>,
+}
+
+impl Registered {
+    fn new(id: MigrationId, addr: Addr<Mirror>, stats: Arc<MirrorStats>) -> Registered {
+        Registered {
+            id,
+            addr,
+            stats,
+            waiters: Vec::new(),
+            ended: None,
+        }
+    }
+
+    fn answer_waiters(&mut self, answer: &str) {
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(answer.to_owned());
+        }
+    }
+}
+
+/// The `mirror_wait` answer for how a migration ended (one line, whatever the reason says).
+fn wait_answer(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Completed(_) => response(OK, "migration completed"),
+        Outcome::Abandoned => response(FAILED, "mirror stopped"),
+        Outcome::FirstAttemptFailed(failure) => response(FAILED, failure.text()),
+        Outcome::Fatal(why) => response(FAILED, &why.replace(['\r', '\n'], " ")),
+    }
+}
+
+/// Counts the `mirror_wait` answers not yet written by their connections. With action
+/// `exit` the process ends right after the hand-off; [`StopControl`] waits on this so that
+/// the answer reaches the client first.
+#[derive(Clone, Default)]
+struct PendingAnswers(Arc<PendingInner>);
+
+#[derive(Default)]
+struct PendingInner {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// One `mirror_wait` connection's answer, pending until dropped.
+struct PendingAnswer(PendingAnswers);
+
+impl PendingAnswers {
+    fn enter(&self) -> PendingAnswer {
+        self.0.count.fetch_add(1, Ordering::SeqCst);
+        PendingAnswer(self.clone())
+    }
+
+    /// Resolves once no answer is pending.
+    async fn idle(&self) {
+        loop {
+            // Created before the check: `notify_waiters` reaches it even if not yet polled.
+            let notified = self.0.idle.notified();
+            if self.0.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for PendingAnswer {
+    fn drop(&mut self) {
+        if (self.0).0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            (self.0).0.idle.notify_waiters();
+        }
+    }
 }
 
 /// Main → control, on a signal: abandon the migration, if one is registered, and refuse
@@ -99,7 +191,8 @@ pub struct StopMirror;
 #[rtype(result = "String")]
 pub struct Execute(pub ControlRequest);
 
-/// Main → control: stop accepting and close the socket.
+/// Main → control: stop accepting and close the socket; answered once the `mirror_wait`
+/// answers are written (see [`ANSWER_WRITE_GRACE`]).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct StopControl;
@@ -117,6 +210,8 @@ impl Control {
             mirror: None,
             shutting_down: false,
             rebind: None,
+            stopping: false,
+            pending: PendingAnswers::default(),
         }
     }
 
@@ -144,9 +239,10 @@ impl Control {
             return ready(response(FAILED, "this server cannot start a migration"));
         };
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        let id = MigrationId(crate::identity::random_id());
         let config = MirrorConfig {
             request,
-            id: MigrationId(crate::identity::random_id()),
+            id,
             backing,
             listener: self.config.listener.clone(),
             events,
@@ -155,19 +251,14 @@ impl Control {
         let mirror = Mirror::new(config, first_tx);
         let stats = mirror.stats();
         let addr = mirror.start();
-        self.mirror = Some(Registered {
-            addr: addr.clone(),
-            stats,
-        });
+        self.mirror = Some(Registered::new(id, addr.clone(), stats));
         Box::pin(
             first_rx
                 .into_actor(self)
                 .map(move |first, act, _| match first {
                     Ok(Ok(())) => response(OK, "Mirror started"),
                     Ok(Err(failure)) => {
-                        if act.mirror.as_ref().is_some_and(|m| m.addr == addr) {
-                            act.mirror = None;
-                        }
+                        act.unregister(&addr, &response(FAILED, failure.text()));
                         response(FAILED, failure.text())
                     }
                     Err(_) => response(FAILED, "Mirror failed to initialise"),
@@ -188,10 +279,8 @@ impl Control {
                 .into_actor(self)
                 .map(move |answer, act, _| {
                     let answer = answer.unwrap_or(AbandonAnswer::Stopped);
-                    if answer == AbandonAnswer::Stopped
-                        && act.mirror.as_ref().is_some_and(|m| m.addr == addr)
-                    {
-                        act.mirror = None;
+                    if answer == AbandonAnswer::Stopped {
+                        act.unregister(&addr, &response(FAILED, "mirror stopped"));
                     }
                     match answer {
                         AbandonAnswer::Completed => response(FAILED, "mirror completed"),
@@ -202,6 +291,36 @@ impl Control {
                     }
                 }),
         )
+    }
+
+    /// Ends the registration of the migration at `addr`, if it is still the registered
+    /// one, and gives its `mirror_wait` requests `answer`.
+    fn unregister(&mut self, addr: &Addr<Mirror>, answer: &str) {
+        if let Some(mut registered) = self.mirror.take_if(|m| m.addr == *addr) {
+            registered.answer_waiters(answer);
+        }
+    }
+
+    /// `mirror_wait`: the answer comes when the registered migration ends.
+    fn wait_for_mirror(&mut self) -> ResponseFuture<String> {
+        let now = |text: String| -> ResponseFuture<String> { Box::pin(async move { text }) };
+        // A hand-off that completed stays registered until the process exits, stopping
+        // included: its outcome is known, whatever comes next.
+        if let Some(answer) = self.mirror.as_ref().and_then(|m| m.ended.clone()) {
+            return now(answer);
+        }
+        if self.stopping {
+            return now(response(FAILED, "shutting down"));
+        }
+        let Some(registered) = &mut self.mirror else {
+            return now(response(FAILED, "not mirroring"));
+        };
+        let (tx, rx) = oneshot::channel();
+        registered.waiters.push(tx);
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| response(FAILED, "shutting down"))
+        })
     }
 
     fn max_bps(&self, args: &[String]) -> String {
@@ -321,7 +440,11 @@ impl Actor for Control {
 impl StreamHandler<Accepted> for Control {
     fn handle(&mut self, item: Accepted, ctx: &mut Self::Context) {
         if let Accepted(Ok(stream)) = item {
-            actix_rt::spawn(serve_connection(stream, ctx.address()));
+            actix_rt::spawn(serve_connection(
+                stream,
+                ctx.address(),
+                self.pending.clone(),
+            ));
         }
     }
 
@@ -346,6 +469,7 @@ impl Handler<Execute> for Control {
             ControlRequest::MirrorMaxBps(args) => now(self.max_bps(&args)),
             ControlRequest::MirrorRefused(text) => now(response(FAILED, text)),
             ControlRequest::Mirror(request) => self.start_mirror(request, ctx),
+            ControlRequest::MirrorWait => wrap(self.wait_for_mirror(), self),
         }
     }
 }
@@ -356,11 +480,20 @@ impl Handler<MirrorEnded> for Control {
     /// flexnbd §6.4 (corrected): the registration ends when the first attempt failed and
     /// when a `nothing` migration completed; a completed `exit`/`unlink` migration stays
     /// registered until the process exits (`break` then answers `1: mirror completed`).
+    /// `mirror_wait` requests get the outcome here.
     fn handle(&mut self, msg: MirrorEnded, _ctx: &mut Self::Context) {
-        match msg.0 {
-            Outcome::Completed(crate::protocol::control::MirrorAction::Exit)
-            | Outcome::Completed(crate::protocol::control::MirrorAction::Unlink) => {}
-            _ => self.mirror = None,
+        let answer = wait_answer(&msg.outcome);
+        let stays = matches!(
+            msg.outcome,
+            Outcome::Completed(MirrorAction::Exit | MirrorAction::Unlink)
+        );
+        if let Some(registered) = self.mirror.as_mut().filter(|m| m.id == msg.id) {
+            registered.answer_waiters(&answer);
+            if stays {
+                registered.ended = Some(answer);
+            } else {
+                self.mirror = None;
+            }
         }
     }
 }
@@ -370,7 +503,10 @@ impl Handler<StopMirror> for Control {
 
     fn handle(&mut self, _msg: StopMirror, _ctx: &mut Self::Context) -> Self::Result {
         self.shutting_down = true;
-        let mirror = self.mirror.take().map(|m| m.addr);
+        let mirror = self.mirror.take().map(|mut m| {
+            m.answer_waiters(&response(FAILED, "shutting down"));
+            m.addr
+        });
         Box::pin(async move {
             match mirror {
                 Some(addr) => {
@@ -384,18 +520,38 @@ impl Handler<StopMirror> for Control {
 }
 
 impl Handler<StopControl> for Control {
-    type Result = ();
+    type Result = ResponseActFuture<Self, ()>;
 
-    fn handle(&mut self, _msg: StopControl, ctx: &mut Self::Context) {
+    /// The actor stays alive until the answers are written: a `mirror_wait` answered by a
+    /// [`MirrorEnded`] just before (queued ahead of this message) is still on its way to
+    /// its connection.
+    fn handle(&mut self, _msg: StopControl, ctx: &mut Self::Context) -> Self::Result {
         if let Some(accept) = self.accept.take() {
             ctx.cancel_future(accept);
         }
-        ctx.stop();
+        self.stopping = true;
+        if let Some(registered) = &mut self.mirror {
+            registered.answer_waiters(&response(FAILED, "shutting down"));
+        }
+        let pending = self.pending.clone();
+        let written = async move {
+            if tokio::time::timeout(ANSWER_WRITE_GRACE, pending.idle())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "A mirror_wait answer was not written within {ANSWER_WRITE_GRACE:?}; closing anyway"
+                );
+            }
+        };
+        Box::pin(written.into_actor(self).map(|(), _act, ctx| ctx.stop()))
     }
 }
 
-/// One control connection: read the request, execute it, write the answer, close.
-async fn serve_connection(mut stream: UnixStream, control: Addr<Control>) {
+/// One control connection: read the request, execute it, write the answer, close. Only
+/// reading the request is limited by [`IDLE_LIMIT`]; `mirror_wait`'s answer may come hours
+/// later, and is counted in `pending` until written.
+async fn serve_connection(mut stream: UnixStream, control: Addr<Control>, pending: PendingAnswers) {
     let mut reader = RequestReader::default();
     let mut buf = [0u8; 4096];
     loop {
@@ -418,6 +574,7 @@ async fn serve_connection(mut stream: UnixStream, control: Addr<Control>) {
     }
     let request = ControlRequest::parse(&reader.into_lines());
     tracing::info!("Control request: {request:?}");
+    let _pending = matches!(request, ControlRequest::MirrorWait).then(|| pending.enter());
     let answer = control
         .send(Execute(request))
         .await

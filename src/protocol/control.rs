@@ -156,6 +156,9 @@ pub enum ControlRequest {
     /// `mirror_max_bps`: its arguments, checked only once it is known that a mirror runs
     /// (`1: Not currently mirroring` comes first).
     MirrorMaxBps(Vec<String>),
+    /// `mirror_wait` (ours): answered only when the registered migration ends, so that a
+    /// caller can follow a migration to its outcome without polling `status`.
+    MirrorWait,
 }
 
 impl ControlRequest {
@@ -174,6 +177,7 @@ impl ControlRequest {
                 Err(text) => ControlRequest::MirrorRefused(text),
             },
             "mirror_max_bps" => ControlRequest::MirrorMaxBps(args.to_vec()),
+            "mirror_wait" => ControlRequest::MirrorWait,
             _ => ControlRequest::Unknown,
         }
     }
@@ -390,6 +394,15 @@ mod tests {
             ControlRequest::Acl(vec![])
         );
         assert_eq!(response(10, "unknown command"), "10: unknown command\n");
+        assert_eq!(
+            ControlRequest::parse(&strings(&["mirror_wait"])),
+            ControlRequest::MirrorWait
+        );
+        // Arguments are ignored, as `status` ignores them.
+        assert_eq!(
+            ControlRequest::parse(&strings(&["mirror_wait", "x"])),
+            ControlRequest::MirrorWait
+        );
     }
 
     #[test]

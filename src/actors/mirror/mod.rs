@@ -156,7 +156,12 @@ enum Step {
 /// Mirror → control: the migration ended by itself.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct MirrorEnded(pub Outcome);
+pub struct MirrorEnded {
+    /// Which migration: a late report of an earlier one must not end the registration of
+    /// a newer one.
+    pub id: MigrationId,
+    pub outcome: Outcome,
+}
 
 /// Everything one migration needs.
 pub struct MirrorConfig {
@@ -220,6 +225,7 @@ impl Actor for Mirror {
         };
         let owner = config.owner.clone();
         let events = config.events.clone();
+        let id = config.id;
         // Sessions reach the migration through the export's dirty map: in active mode
         // their writes to copied ranges come here (see `storage::dirty`).
         let (forward_tx, forwards) = tokio::sync::mpsc::channel(FORWARD_QUEUE);
@@ -271,7 +277,10 @@ impl Actor for Mirror {
             for waiter in act.waiters.drain(..) {
                 let _ = waiter.send(answer.clone());
             }
-            owner.do_send(MirrorEnded(outcome.clone()));
+            owner.do_send(MirrorEnded {
+                id,
+                outcome: outcome.clone(),
+            });
             act.outcome = Some(outcome);
             ctx.stop();
         }));
