@@ -832,8 +832,13 @@ fn mirror_arguments_are_checked_with_the_documented_texts() {
             &["::1", "4777", "exit", "::1", "18446744073709551616"],
             "1: max_bps out of range\n",
         ),
+        // Ours: the sixth argument is the copy mode.
         (
             &["::1", "4777", "exit", "::1", "100", "extra"],
+            "1: mode must be 'background', 'active' or 'auto'\n",
+        ),
+        (
+            &["::1", "4777", "exit", "::1", "100", "auto", "extra"],
             "1: unrecognised parameters to mirror\n",
         ),
         // Checks run in order: a bad address wins over everything after it.

@@ -6,8 +6,11 @@
 //! exit status is the response's code. Failures on our side (no socket, connection refused,
 //! a malformed or missing answer) exit with [`LOCAL_FAILURE`], distinct from the server's
 //! codes 0, 1, 9 and 10.
+//!
+//! `mirror --wait` (ours) then follows the migration to its end (see [`super::follow`]).
 
 use std::io::{Read, Write};
+use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -15,7 +18,7 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::ArgMatches;
 
 use crate::fatal;
-use crate::protocol::control::{Status, FORCE_SOURCE};
+use crate::protocol::control::{CopyMode, Status, FORCE_SOURCE};
 
 use super::{flag, value};
 
@@ -25,7 +28,7 @@ pub const LOCAL_FAILURE: i32 = 2;
 const MAX_RESPONSE: usize = 1024;
 /// `mirror` answers only after the first connection attempt, which may take about 20 s;
 /// nothing else should take long, but no answer at all must not hang the caller.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(90);
+pub(super) const ANSWER_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub fn run(mode: &str, matches: &ArgMatches) -> i32 {
     if let Err(code) = validate(mode, matches) {
@@ -33,41 +36,59 @@ pub fn run(mode: &str, matches: &ArgMatches) -> i32 {
     }
     let sock = value(matches, "sock").unwrap_or_default();
     let lines = request_lines(mode, matches);
-    match exchange(sock, &lines) {
+    if mode == "mirror" && flag(matches, "wait") {
+        return super::follow::mirror_and_wait(sock, &lines);
+    }
+    match exchange(sock, &lines, Some(ANSWER_TIMEOUT)) {
         Ok((code, text)) => {
             let json = mode == "status" && flag(matches, "json");
-            if code <= 0 {
-                let text = if json && code == 0 {
-                    Status::json_from_line(&text)
-                } else {
-                    text
-                };
-                println!("{text}");
+            let text = if json && code == 0 {
+                Status::json_from_line(&text)
             } else {
-                eprintln!("{text}");
-            }
-            code
+                text
+            };
+            print_answer(code, &text)
         }
-        Err(e) => {
-            fatal!("{e:#}");
-            LOCAL_FAILURE
-        }
+        Err(e) => local_failure(&e),
     }
+}
+
+/// Prints an answer's text where flexnbd does (stdout for codes up to 0, stderr otherwise)
+/// and returns the exit status, the answer's code.
+pub(super) fn print_answer(code: i32, text: &str) -> i32 {
+    if code <= 0 {
+        println!("{text}");
+    } else {
+        eprintln!("{text}");
+    }
+    code
+}
+
+/// Logs a failure on our side and returns its exit status.
+pub(super) fn local_failure(e: &anyhow::Error) -> i32 {
+    fatal!("{e:#}");
+    LOCAL_FAILURE
 }
 
 fn validate(mode: &str, matches: &ArgMatches) -> Result<(), i32> {
     let mut messages = Vec::new();
     if value(matches, "sock").is_none() {
-        messages.push("--sock is required.");
+        messages.push("--sock is required.".to_owned());
     }
     match mode {
         "mirror" if value(matches, "addr").is_none() || value(matches, "port").is_none() => {
-            messages.push("both --addr and --port are required.")
+            messages.push("both --addr and --port are required.".to_owned())
         }
         "mirror-speed" if value(matches, "max-speed").is_none() => {
-            messages.push("--max-speed is required.")
+            messages.push("--max-speed is required.".to_owned())
         }
         _ => {}
+    }
+    let copy_mode = (mode == "mirror").then(|| value(matches, "mode")).flatten();
+    if let Some(bad) = copy_mode.filter(|m| CopyMode::parse(m).is_none()) {
+        messages.push(format!(
+            "--mode must be 'background', 'active' or 'auto', not '{bad}'."
+        ));
     }
     if messages.is_empty() {
         return Ok(());
@@ -106,8 +127,16 @@ fn request_lines(mode: &str, matches: &ArgMatches) -> Vec<String> {
                 "exit"
             };
             let mut lines = vec!["mirror".into(), get("addr"), get("port"), action.into()];
-            if let Some(bind) = value(matches, "bind") {
-                lines.push(bind.to_owned());
+            let bind = value(matches, "bind").map(str::to_owned);
+            match value(matches, "mode") {
+                // Exactly what C flexnbd's client sends, which C flexnbd servers accept.
+                None => lines.extend(bind),
+                // The mode is the sixth argument: the two before it say "no choice".
+                Some(mode) => lines.extend([
+                    bind.unwrap_or_else(|| unspecified_like(&get("addr")).to_owned()),
+                    "0".to_owned(),
+                    mode.to_owned(),
+                ]),
             }
             lines
         }
@@ -115,11 +144,35 @@ fn request_lines(mode: &str, matches: &ArgMatches) -> Vec<String> {
     }
 }
 
-/// Sends the request and reads the answer: `(code, text)`.
-fn exchange(sock: &str, lines: &[String]) -> anyhow::Result<(i32, String)> {
+/// The unspecified address of `addr`'s family, which the server takes as "no bind address"
+/// (IPv4 when `addr` is not an address at all: the server refuses it anyway).
+fn unspecified_like(addr: &str) -> &'static str {
+    match crate::addr::parse_ip(addr) {
+        Some(IpAddr::V6(_)) => "::",
+        _ => "0.0.0.0",
+    }
+}
+
+/// Sends the request and reads the answer, `(code, text)`, waiting at most `timeout` for it
+/// (`None`: as long as the connection lives).
+pub(super) fn exchange(
+    sock: &str,
+    lines: &[String],
+    timeout: Option<Duration>,
+) -> anyhow::Result<(i32, String)> {
+    let mut stream = send(sock, lines, timeout)?;
+    answer(&mut stream, sock)
+}
+
+/// Connects and sends the request; the answer is then read with [`answer`].
+pub(super) fn send(
+    sock: &str,
+    lines: &[String],
+    timeout: Option<Duration>,
+) -> anyhow::Result<UnixStream> {
     let mut stream =
         UnixStream::connect(sock).with_context(|| format!("Couldn't connect to {sock}"))?;
-    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
     let mut request = String::new();
     for line in lines {
@@ -130,7 +183,12 @@ fn exchange(sock: &str, lines: &[String]) -> anyhow::Result<(i32, String)> {
     stream
         .write_all(request.as_bytes())
         .with_context(|| format!("Couldn't send the request to {sock}"))?;
-    let line = read_line(&mut stream).with_context(|| format!("No answer from {sock}"))?;
+    Ok(stream)
+}
+
+/// Reads the answer to a request sent with [`send`].
+pub(super) fn answer(stream: &mut UnixStream, sock: &str) -> anyhow::Result<(i32, String)> {
+    let line = read_line(stream).with_context(|| format!("No answer from {sock}"))?;
     parse_response(&line)
 }
 
@@ -173,5 +231,53 @@ mod tests {
         );
         assert_eq!(parse_response("1:").unwrap(), (1, String::new()));
         assert!(parse_response("garbage").is_err());
+    }
+
+    fn mirror_lines(args: &[&str]) -> Vec<String> {
+        let matches = crate::cli::spec::find("mirror")
+            .unwrap()
+            .command()
+            .try_get_matches_from(args)
+            .unwrap();
+        request_lines("mirror", &matches)
+    }
+
+    #[test]
+    fn mirror_sends_the_mode_only_when_asked() {
+        let base = ["-s", "S", "-l", "10.0.0.2", "-p", "4777"];
+        assert_eq!(
+            mirror_lines(&base),
+            ["mirror", "10.0.0.2", "4777", "exit"],
+            "without --mode, what C flexnbd servers understand"
+        );
+        assert_eq!(
+            mirror_lines(&[&base[..], &["--bind", "10.0.0.1", "-u"]].concat()),
+            ["mirror", "10.0.0.2", "4777", "unlink", "10.0.0.1"]
+        );
+        assert_eq!(
+            mirror_lines(&[&base[..], &["--mode", "active"]].concat()),
+            ["mirror", "10.0.0.2", "4777", "exit", "0.0.0.0", "0", "active"]
+        );
+        assert_eq!(
+            mirror_lines(&["-s", "S", "-l", "::1", "-p", "1", "--mode=background"]),
+            ["mirror", "::1", "1", "exit", "::", "0", "background"]
+        );
+        assert_eq!(
+            mirror_lines(&[&base[..], &["--mode", "auto", "-b", "10.0.0.1", "-u"]].concat()),
+            ["mirror", "10.0.0.2", "4777", "unlink", "10.0.0.1", "0", "auto"]
+        );
+    }
+
+    #[test]
+    fn the_lines_with_a_mode_are_a_valid_mirror_request() {
+        use crate::protocol::control::{ControlRequest, CopyMode};
+        let lines = mirror_lines(&["-s", "S", "-l", "::1", "-p", "1", "--mode", "active"]);
+        match ControlRequest::parse(&lines) {
+            ControlRequest::Mirror(m) => {
+                assert_eq!(m.bind, None);
+                assert_eq!(m.mode, CopyMode::Active);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -7,6 +7,8 @@
 
 mod client;
 mod control_client;
+mod follow;
+mod progress;
 mod serve;
 mod spec;
 

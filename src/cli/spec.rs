@@ -234,7 +234,7 @@ pub const MODES: &[Mode] = &[
     },
     Mode {
         name: "mirror",
-        usage: "flexnbd mirror --addr ADDR --port PORT --sock SOCK [--unlink] [--bind BIND_ADDR]",
+        usage: "flexnbd mirror --addr ADDR --port PORT --sock SOCK [--unlink] [--bind BIND_ADDR] [--mode MODE] [--wait]",
         description: "Migrate a running server's export to the server listening on ADDR:PORT.",
         opts: &[&[
             opt("sock", 's', Value("SOCK"), "The control socket of the source server."),
@@ -242,6 +242,16 @@ pub const MODES: &[Mode] = &[
             opt("port", 'p', Value("PORT"), "The port of the destination."),
             opt("unlink", 'u', FlagIgnoringValue, "Delete the source file before handing over."),
             opt("bind", 'b', Value("BIND_ADDR"), "Local address to connect from."),
+            long_only(
+                "mode",
+                Value("MODE"),
+                "How to copy: background (clients' writes are sent in later passes), active                  (a client's write to a range already copied reaches the destination before                  it is answered) or auto (background, then active if the passes stop                  shrinking; the server's default). C flexnbd servers refuse it.",
+            ),
+            long_only(
+                "wait",
+                Flag,
+                "Once started, show the migration's progress and exit when it ends: 0 when                  handed over, 1 with the reason otherwise.",
+            ),
         ]],
         positional: None,
         in_help_mode: true,
