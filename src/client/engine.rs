@@ -877,6 +877,74 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_ack_answers_true_only_once_sealed_and_every_request_acknowledged() {
+        let (mut engine, mut server, _) = pair(WAIT).await;
+        let (done, mut answer) = oneshot::channel();
+        let ack = Ack::new(done);
+        engine
+            .write(0, Bytes::from(vec![1u8; 512]), Some(&ack))
+            .await
+            .unwrap();
+        engine.zeroes(4096, 8192, Some(&ack)).await.unwrap();
+        ack.seal();
+        let (first, _) = request(&mut server).await;
+        let (second, _) = request(&mut server).await;
+        server
+            .write_all(&simple_reply(first.cookie, None))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            answer.try_recv().is_err(),
+            "answered before the second reply"
+        );
+        server
+            .write_all(&simple_reply(second.cookie, None))
+            .await
+            .unwrap();
+        assert_eq!(timeout(WAIT, answer).await.unwrap(), Ok(true));
+
+        // Not sealed: the range was not all queued.
+        let (done, answer) = oneshot::channel();
+        let ack = Ack::new(done);
+        engine
+            .write(0, Bytes::from(vec![1u8; 512]), Some(&ack))
+            .await
+            .unwrap();
+        let (r, _) = request(&mut server).await;
+        server
+            .write_all(&simple_reply(r.cookie, None))
+            .await
+            .unwrap();
+        drop(ack);
+        assert_eq!(timeout(WAIT, answer).await.unwrap(), Ok(false));
+    }
+
+    #[tokio::test]
+    async fn an_ack_answers_false_at_once_when_the_engine_fails() {
+        let (mut engine, mut server, _) = pair(WAIT).await;
+        let (done, answer) = oneshot::channel();
+        let ack = Ack::new(done);
+        engine
+            .write(0, Bytes::from(vec![1u8; 512]), Some(&ack))
+            .await
+            .unwrap();
+        engine
+            .write(8192, Bytes::from(vec![1u8; 512]), Some(&ack))
+            .await
+            .unwrap();
+        ack.seal();
+        let (r, _) = request(&mut server).await;
+        server
+            .write_all(&simple_reply(r.cookie, Some(Errno::EIO)))
+            .await
+            .unwrap();
+        // The engine is still alive: the answer comes from the failure, not from a drop.
+        assert_eq!(timeout(WAIT, answer).await.unwrap(), Ok(false));
+        drop(engine);
+    }
+
+    #[tokio::test]
     async fn a_server_that_answers_nothing_fails_after_the_limit() {
         let (mut engine, mut server, _) = pair(Duration::from_millis(300)).await;
         engine

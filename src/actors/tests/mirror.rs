@@ -24,7 +24,7 @@ use crate::actors::mirror::{
     Phase,
 };
 use crate::actors::ServerEvent;
-use crate::protocol::control::{MirrorAction, MirrorRequest};
+use crate::protocol::control::{CopyMode, MirrorAction, MirrorRequest};
 use crate::protocol::handoff::{
     encode_answer, HandoffReply, HandoffRequest, JoinPurpose, MigrationId, HANDOFF, IDENTIFY, PROBE,
 };
@@ -60,7 +60,7 @@ impl Handler<MirrorEnded> for FakeOwner {
     type Result = ();
 
     fn handle(&mut self, msg: MirrorEnded, _ctx: &mut Self::Context) {
-        let _ = self.0.send(msg.0);
+        let _ = self.0.send(msg.outcome);
     }
 }
 
@@ -111,6 +111,10 @@ impl Source {
     }
 
     fn start(&self, port: u16, action: MirrorAction) -> Running {
+        self.start_with(port, action, CopyMode::Background, u64::MAX)
+    }
+
+    fn start_with(&self, port: u16, action: MirrorAction, mode: CopyMode, max_bps: u64) -> Running {
         let (first_tx, first_rx) = oneshot::channel();
         let mirror = Mirror::new(
             MirrorConfig {
@@ -119,8 +123,8 @@ impl Source {
                     port,
                     action,
                     bind: None,
-                    max_bps: u64::MAX,
-                    mode: crate::protocol::control::CopyMode::Background,
+                    max_bps,
+                    mode,
                 },
                 id: ID,
                 backing: self.export.config.backing.clone(),
@@ -311,6 +315,20 @@ struct Serving {
     gate: Option<Arc<Semaphore>>,
     /// The source file, to record whether it still exists at each hand-off step.
     source: Option<PathBuf>,
+    /// What happens to a WRITE at exactly this offset (a client's forwarded write, whose
+    /// offset the copy's own writes never have).
+    at_offset: Option<(u64, AtOffset)>,
+}
+
+/// See [`Serving::at_offset`].
+#[derive(Clone)]
+enum AtOffset {
+    /// The reply waits for a permit (and nothing else is read meanwhile).
+    Hold(Arc<Semaphore>),
+    /// Answered with this error.
+    Fail(u32),
+    /// The connection is closed without an answer.
+    Drop,
 }
 
 impl Serving {
@@ -329,6 +347,7 @@ impl Serving {
             on_commit: OnCommit::Commit,
             gate: None,
             source: None,
+            at_offset: None,
         }
     }
 
@@ -565,6 +584,51 @@ async fn serve(sock: &mut TcpStream, s: &Serving, image: &Mutex<Vec<u8>>, log: &
                 }
                 if !in_range {
                     return Seen::Unexpected(format!("{req:?} is out of range"));
+                }
+                let special = match &s.at_offset {
+                    Some((at, what)) if *at == req.offset => Some(what.clone()),
+                    _ => None,
+                };
+                match special {
+                    Some(AtOffset::Drop) => {
+                        log.note(Seen::Write {
+                            offset: req.offset,
+                            len: req.length,
+                            error: u32::MAX,
+                        });
+                        return Seen::Dropped;
+                    }
+                    Some(AtOffset::Fail(error)) => {
+                        log.note(Seen::Write {
+                            offset: req.offset,
+                            len: req.length,
+                            error,
+                        });
+                        let reply = simple_reply(req.cookie, Some(Errno(error)));
+                        if sock.write_all(&reply).await.is_err() {
+                            return Seen::Eof;
+                        }
+                        continue;
+                    }
+                    Some(AtOffset::Hold(gate)) => {
+                        let at = req.offset as usize;
+                        image.lock().expect("image lock")[at..at + data.len()]
+                            .copy_from_slice(&data);
+                        log.note(Seen::Write {
+                            offset: req.offset,
+                            len: req.length,
+                            error: 0,
+                        });
+                        if let Ok(Ok(permit)) = timeout(WAIT, gate.acquire()).await {
+                            permit.forget();
+                        }
+                        let reply = simple_reply(req.cookie, None);
+                        if sock.write_all(&reply).await.is_err() {
+                            return Seen::Eof;
+                        }
+                        continue;
+                    }
+                    None => {}
                 }
                 if s.write_error == 0 {
                     let at = req.offset as usize;
@@ -1890,4 +1954,241 @@ async fn after_unlink_nothing_reopens_the_doors() {
     assert!(!run.stats.has_control());
     assert!(!src.doors_open().await);
     expect_no_hello(src.addr).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Active mirroring: a client's write to a copied range reaches the destination before
+// the client is answered.
+
+/// The offset of the client's write in these tests: inside the first MiB (copied first)
+/// and never the offset of one of the copy's own writes (they start at MiB boundaries).
+const FORWARDED_AT: u64 = 8192;
+
+/// An active migration whose sweep is held at its first write (the destination answers it
+/// only once `sweep_gate` has a permit): by then the first MiB has been copied, and a
+/// client write there is forwarded. Returns the source, the destination, the mirror and a
+/// client.
+async fn active_with_held_sweep(
+    scripts: impl FnOnce(u64, Arc<Semaphore>) -> Vec<Script>,
+) -> (Source, Dest, Running, Client, Arc<Semaphore>) {
+    let src = Source::new(8 * MIB, &[]);
+    let client = expect_admitted(src.addr, &src.export).await;
+    let sweep_gate = Arc::new(Semaphore::new(0));
+    let mut dest = Dest::start(src.size(), scripts(src.size(), sweep_gate.clone())).await;
+    let mut run = src.start_with(dest.port(), MirrorAction::Exit, CopyMode::Active, u64::MAX);
+    assert_eq!(run.first().await, Ok(()));
+    dest.wait_for(0, WAIT, |s| matches!(s, Seen::Write { offset: 0, .. }))
+        .await;
+    // The sweep queues its next steps while the first write is held; wait until the
+    // first MiB counts as copied.
+    let backing = src.export.config.backing.clone();
+    let deadline = Instant::now() + WAIT;
+    while !backing.dirty().forwarding(FORWARDED_AT, 4096) {
+        assert!(
+            Instant::now() < deadline,
+            "the first MiB never counted as copied"
+        );
+        sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(run.stat("migration_mode"), "active");
+    (src, dest, run, client, sweep_gate)
+}
+
+fn held_sweep(size: u64, gate: Arc<Semaphore>) -> Serving {
+    Serving {
+        gate: Some(gate),
+        ..Serving::new(size, false)
+    }
+}
+
+#[actix::test]
+async fn a_forwarded_write_is_answered_once_the_destination_acknowledged_it() {
+    let forward_gate = Arc::new(Semaphore::new(0));
+    let held = forward_gate.clone();
+    let (mut src, mut dest, run, mut client, sweep_gate) =
+        active_with_held_sweep(move |size, gate| {
+            vec![Script::Serve(Serving {
+                at_offset: Some((FORWARDED_AT, AtOffset::Hold(held))),
+                ..held_sweep(size, gate)
+            })]
+        })
+        .await;
+    let data = marker(0x44, 4096);
+    client.send(&write_req(0x51, FORWARDED_AT, &data)).await;
+    // The source has the write, but its client waits for the destination.
+    client.expect_quiet().await;
+    sweep_gate.add_permits(1);
+    dest.wait_for(0, WAIT, |s| {
+        matches!(
+            s,
+            Seen::Write {
+                offset: FORWARDED_AT,
+                ..
+            }
+        )
+    })
+    .await;
+    client.expect_quiet().await;
+    forward_gate.add_permits(1);
+    let answers = client.answers(&[(0x51, 0)]).await;
+    assert_eq!(answers[&0x51].error, 0);
+    assert_eq!(run.stat("migration_forwarded_writes"), "1");
+
+    assert_eq!(
+        src.outcome(WAIT).await,
+        Outcome::Completed(MirrorAction::Exit)
+    );
+    let image = dest.image();
+    let at = FORWARDED_AT as usize;
+    assert_eq!(image[at..at + data.len()], data[..]);
+    assert_same_image(&image, &src.contents());
+}
+
+/// The destination refuses the forwarded write: the client is answered all the same (its
+/// write is in the source file), the attempt fails and the next one carries the write.
+#[actix::test]
+async fn a_forwarded_write_the_destination_refuses_still_succeeds_for_the_client() {
+    forwarded_write_fails(AtOffset::Fail(Errno::ENOSPC.0)).await;
+}
+
+/// The destination goes away while the forwarded write is unanswered: the same.
+#[actix::test]
+async fn a_destination_gone_while_a_write_is_forwarded_fails_nothing_for_the_client() {
+    forwarded_write_fails(AtOffset::Drop).await;
+}
+
+async fn forwarded_write_fails(failure: AtOffset) {
+    let (mut src, mut dest, run, mut client, sweep_gate) =
+        active_with_held_sweep(move |size, gate| {
+            vec![
+                Script::Serve(Serving {
+                    at_offset: Some((FORWARDED_AT, failure)),
+                    ..held_sweep(size, gate)
+                }),
+                Script::Serve(Serving::new(size, false)),
+            ]
+        })
+        .await;
+    let data = marker(0x45, 4096);
+    client.send(&write_req(0x52, FORWARDED_AT, &data)).await;
+    sweep_gate.add_permits(1);
+    let answers = client.answers(&[(0x52, 0)]).await;
+    assert_eq!(answers[&0x52].error, 0, "the client's write failed");
+    assert!(
+        dest.saw(
+            0,
+            &Seen::Write {
+                offset: FORWARDED_AT,
+                len: 4096,
+                error: Errno::ENOSPC.0
+            }
+        ) || dest.conn(0).contains(&Seen::Dropped),
+        "the forward never reached the destination: {:?}",
+        dest.conn(0)
+    );
+    assert_eq!(
+        src.outcome(WAIT).await,
+        Outcome::Completed(MirrorAction::Exit)
+    );
+    assert_eq!(run.stat("migration_attempt"), "2");
+    let image = dest.image();
+    let at = FORWARDED_AT as usize;
+    assert_eq!(image[at..at + data.len()], data[..]);
+    assert_same_image(&image, &src.contents());
+}
+
+/// In background mode the same write is answered at once and reaches the destination in
+/// a later pass.
+#[actix::test]
+async fn in_background_mode_a_write_is_answered_at_once() {
+    let src = Source::new(8 * MIB, &[]);
+    let mut src = src;
+    let mut client = expect_admitted(src.addr, &src.export).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let mut dest = Dest::start(
+        src.size(),
+        vec![Script::Serve(held_sweep(src.size(), gate.clone()))],
+    )
+    .await;
+    let mut run = src.start(dest.port(), MirrorAction::Exit);
+    assert_eq!(run.first().await, Ok(()));
+    dest.wait_for(0, WAIT, |s| matches!(s, Seen::Write { offset: 0, .. }))
+        .await;
+    let data = marker(0x46, 4096);
+    client.send(&write_req(0x53, FORWARDED_AT, &data)).await;
+    let answers = client.answers(&[(0x53, 0)]).await;
+    assert_eq!(answers[&0x53].error, 0);
+    gate.add_permits(1);
+    assert_eq!(
+        src.outcome(WAIT).await,
+        Outcome::Completed(MirrorAction::Exit)
+    );
+    assert_eq!(run.stat("migration_mode"), "background");
+    assert_eq!(run.stat("migration_forwarded_writes"), "0");
+    assert_same_image(&dest.image(), &src.contents());
+}
+
+/// `auto` mode under a client that dirties the export faster than the (limited) link
+/// copies it: the mirror turns active in the middle of the copy, the passes carry on, the
+/// migration completes and the destination holds every write.
+#[actix::test]
+async fn auto_mode_turns_active_mid_copy_and_converges() {
+    let mut src = Source::new(4 * MIB, &[]);
+    let mut client = expect_admitted(src.addr, &src.export).await;
+    let dest = Dest::start(
+        src.size(),
+        vec![Script::Serve(Serving::new(src.size(), false))],
+    )
+    .await;
+    // 1 MB/s: the sweep alone takes 4 s, and the client dirties blocks far faster.
+    let mut run = src.start_with(dest.port(), MirrorAction::Exit, CopyMode::Auto, 1_000_000);
+    assert_eq!(run.first().await, Ok(()));
+    let writer = async {
+        let blocks = src.size() / 4096;
+        let mut cookie = 0x1000u64;
+        let deadline = Instant::now() + Duration::from_secs(40);
+        // Writes one block after another, spread over the export, until the doors close.
+        while Instant::now() < deadline {
+            cookie += 1;
+            let block = (cookie * 7919) % blocks;
+            let data = marker(cookie as u8, 4096);
+            if timeout(
+                WAIT,
+                client
+                    .sock
+                    .write_all(&write_req(cookie, block * 4096, &data)),
+            )
+            .await
+            .map_or(true, |r| r.is_err())
+            {
+                return cookie;
+            }
+            let mut reply = [0u8; SIMPLE_REPLY_LEN];
+            match timeout(WAIT, client.sock.read_exact(&mut reply)).await {
+                Ok(Ok(_)) => {
+                    let reply = decode_simple_reply(&reply).expect("reply magic");
+                    assert_eq!(reply.error, 0, "a client write failed");
+                }
+                _ => return cookie,
+            }
+        }
+        panic!("the doors never closed on the writer");
+    };
+    let writes = writer.await;
+    assert!(
+        writes > 0x1000 + 100,
+        "the writer hardly wrote: {writes:#x}"
+    );
+    assert_eq!(
+        src.outcome(Duration::from_secs(60)).await,
+        Outcome::Completed(MirrorAction::Exit)
+    );
+    assert_eq!(run.stat("migration_mode"), "active");
+    assert!(
+        run.stat("migration_forwarded_writes")
+            .parse::<u64>()
+            .expect("number")
+            > 0
+    );
+    assert_same_image(&dest.image(), &src.contents());
 }
