@@ -462,7 +462,7 @@ impl Run {
 
         self.stats.set_phase(Phase::Copying);
         loop {
-            self.serve_forwards(&mut engine).await?;
+            let _ = self.serve_forwards(&mut engine).await?;
             let pending = backing.dirty().pending_bytes();
             self.stats.dirty.store(pending, Ordering::Relaxed);
             if !policy::another_pass(pending, self.stats.speed()) {
@@ -509,6 +509,9 @@ impl Run {
             self.bulk_limit,
         ));
         self.close_doors(&mut engine).await?;
+        // Forwards still queued belong to sessions that have ended (their grace ran out):
+        // their writes were not acknowledged, but they are in the file; send them anyway.
+        while self.serve_forwards(&mut engine).await? > 0 {}
         loop {
             let runs = backing.dirty().take(u64::MAX);
             if runs.is_empty() {
@@ -576,7 +579,7 @@ impl Run {
         if let Some(reason) = stalled {
             self.turn_active(reason);
         }
-        self.serve_forwards(engine).await
+        self.serve_forwards(engine).await.map(|_| ())
     }
 
     /// `auto` mode turns active, for the rest of the migration.
@@ -602,7 +605,7 @@ impl Run {
     /// of a copy step). The engine never sends a write over an unanswered overlapping one,
     /// so the destination applies writes to a range in the order they were queued, and the
     /// last one queued holds the newest data.
-    async fn serve_forwards(&self, engine: &mut Engine) -> Result<(), AttemptError> {
+    async fn serve_forwards(&self, engine: &mut Engine) -> Result<usize, AttemptError> {
         let batch = {
             let mut forwards = self.forwards.lock().await;
             let mut batch = Vec::new();
@@ -615,8 +618,9 @@ impl Run {
             batch
         };
         if batch.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
+        let served = batch.len();
         let (small, large): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| r.len < SMALL_RUN);
         let ranges: Vec<(u64, u64)> = small.iter().map(|r| (r.offset, r.len)).collect();
         let pieces = self.read_ranges(ranges).await?;
@@ -629,7 +633,7 @@ impl Run {
         for request in large {
             self.forward_range(engine, request).await?;
         }
-        Ok(())
+        Ok(served)
     }
 
     /// Forwards waiting now are refused: their sessions mark the ranges dirty.
@@ -682,7 +686,7 @@ impl Run {
                 }
                 Woken::Forward(request) => {
                     self.forward_range(engine, request).await?;
-                    self.serve_forwards(engine).await?;
+                    let _ = self.serve_forwards(engine).await?;
                 }
             }
         }
