@@ -520,7 +520,7 @@ fn assert_fatal_mentions(out: &ToolOutput, text: &str) {
 }
 
 #[test]
-fn an_existing_control_socket_path_is_refused_and_kept() {
+fn an_existing_control_socket_path_is_refused_unless_stale() {
     let img = Image::zeroed(SIZE);
 
     let file = img.sibling("a-regular-file");
@@ -533,13 +533,26 @@ fn an_existing_control_socket_path_is_refused_and_kept() {
         "the file was touched"
     );
 
-    // A socket left behind by a dead server (nobody listens on it).
+    // A socket left behind by a dead server (nobody accepts on it): removed, and the
+    // server starts on it, saying so.
     let stale = img.sibling("stale.sock");
     drop(UnixListener::bind(&stale).unwrap());
     assert!(is_socket(&stale));
-    let out = serve_with_sock(&img, &stale);
-    assert_fatal_mentions(&out, stale.to_str().unwrap());
-    assert!(is_socket(&stale), "the stale socket was removed");
+    let server = Server::start(&img.path, &["--sock", stale.to_str().unwrap()]);
+    server.expect_log("Removing the control socket");
+    assert!(is_socket(&stale));
+    // A live server answers on it: refused, naming that server's pid, and left alone.
+    let other = Image::zeroed(SIZE);
+    let out = serve_with_sock(&other, &stale);
+    assert_fatal_mentions(&out, &format!("pid {}", server.pid()));
+    assert!(is_socket(&stale), "the live server's socket was removed");
+    let status = flexnbd(&["status", "--sock", stale.to_str().unwrap()], None);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the live server lost its socket: {status:?}"
+    );
+    drop(server);
 
     // A path that does not fit a Unix socket address.
     let long = img.sibling(&"x".repeat(120));
