@@ -166,6 +166,7 @@ fn killswitch_is_a_plain_flag() {
     // and without `-v` no `Serving` line (and no port) would be logged.
     let server = Server::start(&img.path, &["--killswitch"]);
     assert_eq!(server.connect().read_at(0, 512), vec![1; 512]);
+    drop(server);
     let server = Server::start(&img.path, &["-k"]);
     assert_eq!(server.connect().read_at(0, 512), vec![1; 512]);
 }
@@ -204,12 +205,14 @@ fn getopt_style_syntax_is_accepted() {
         ],
     );
     assert_eq!(server.connect().read_at(0, 512), vec![0; 512]);
+    drop(server);
     let server = launch(
         "127.0.0.1",
         &["serve", "-l", "127.0.0.1", "-p0", "-f", file, "--verb"],
     );
     assert_eq!(server.connect().read_at(0, 512), vec![0; 512]);
     // The entry after the options still counts: this one rejects us.
+    drop(server);
     let server = launch(
         "127.0.0.1",
         &[
@@ -226,6 +229,7 @@ fn getopt_style_syntax_is_accepted() {
     );
     assert!(matches!(RawClient::greet(server.sockaddr()), Greeting::Eof));
     // `--` ends the options; ACL entries may follow it.
+    drop(server);
     let server = launch(
         "127.0.0.1",
         &[

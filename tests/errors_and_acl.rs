@@ -49,6 +49,7 @@ fn default_deny_with_empty_acl_rejects_everyone() {
     let server = Server::start(&img.path, &["-d"]);
     assert_rejected(server.sockaddr(), "-d with no entries");
     // The long form, too.
+    drop(server);
     let server = Server::start(&img.path, &["--default-deny"]);
     assert_rejected(server.sockaddr(), "--default-deny with no entries");
 }
@@ -72,9 +73,11 @@ fn acl_cidr_entries() {
     let img = Image::zeroed(SIZE);
     let server = Server::start(&img.path, &["127.0.0.0/8"]);
     assert_served(&server);
+    drop(server);
     let server = Server::start(&img.path, &["10.0.0.0/8", "192.168.0.0/16"]);
     assert_rejected(server.sockaddr(), "10.0.0.0/8 and 192.168.0.0/16");
     // Any matching entry admits.
+    drop(server);
     let server = Server::start(&img.path, &["10.0.0.0/8", "127.0.0.2/24"]);
     assert_served(&server);
 }
@@ -89,9 +92,11 @@ fn acl_ipv6() {
         server.stderr()
     );
     assert_served(&server);
+    drop(server);
     let server = Server::start_on("::1", &img.path, &["fe80::/10"]);
     assert_rejected(server.sockaddr(), "fe80::/10, client ::1");
     // Families never cross-match: an IPv4 entry cannot admit an IPv6 client.
+    drop(server);
     let server = Server::start_on("::1", &img.path, &["127.0.0.1"]);
     assert_rejected(server.sockaddr(), "127.0.0.1 entry, client ::1");
 }

@@ -64,8 +64,9 @@ fn a_second_server_of_the_same_file_is_refused_as_a_destination() {
     let src = Image::with_data(&pattern(32, SIZE));
     let sock = src.sibling("src.sock");
     let _source = start_source(&src.path, &sock);
-    // The operator's mistake: a second server on the very same file.
-    let twin = Server::start(&src.path, &[]);
+    // The operator's mistake: a second server on the very same file (it has to pass
+    // --no-lock to start at all: see tests/service.rs).
+    let twin = Server::start(&src.path, &["--no-lock"]);
     let answer = raw_mirror(&sock, twin.sockaddr().port(), "exit", None);
     assert_eq!(
         answer,

@@ -128,6 +128,7 @@ fn options(mode: &str, matches: &ArgMatches) -> anyhow::Result<server::Options> 
         grace,
         busy_poll,
         read_only: flag(matches, "read-only"),
+        lock: !flag(matches, "no-lock"),
         newstyle: newstyle.then(|| {
             (
                 value(matches, "export-name").unwrap_or_default().to_owned(),

@@ -117,6 +117,12 @@ const SERVER_OPTS: &[Opt] = &[
         "Refuse writes, trims and zeroes (EPERM).",
     ),
     long_only(
+        "no-lock",
+        Flag,
+        "Do not take FILE's advisory lock; by default a second server on the same file \
+         refuses to start (read-only servers share it).",
+    ),
+    long_only(
         "newstyle",
         Flag,
         "Speak fixed new-style NBD instead of flexnbd's old-style.",

@@ -91,6 +91,9 @@ pub struct Options {
     pub busy_poll: Duration,
     /// `-r`: refuse writes, trims and zeroes.
     pub read_only: bool,
+    /// Take the file's advisory lock (everything but `--no-lock`): a second server on the
+    /// same file refuses to start.
+    pub lock: bool,
     /// `--newstyle`: the export name (`--export-name`, empty by default) and description
     /// (`--description`) to negotiate; `None` speaks flexnbd's old-style protocol.
     pub newstyle: Option<(String, Option<String>)>,
@@ -129,6 +132,9 @@ impl Server {
         // Validate the file before the port is bound, so nothing looks ready for a server
         // that is about to fail (flexnbd §5.1).
         let backing = Arc::new(Backing::open_with(&opts.file, opts.read_only)?);
+        if opts.lock {
+            backing.lock(opts.read_only)?;
+        }
         if let Some(path) = &opts.sock {
             ControlSocket::check_path(path)?;
         }

@@ -34,6 +34,7 @@ fn options(mode: Mode, file: &Path, sock: Option<&Path>) -> Options {
         grace: Duration::from_secs(1),
         busy_poll: SessionConfig::DEFAULT_BUSY_POLL,
         read_only: false,
+        lock: true,
         newstyle: None,
     }
 }

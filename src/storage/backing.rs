@@ -22,6 +22,11 @@ pub enum StorageError {
     Size { path: PathBuf, reason: io::Error },
     #[error("{path} is smaller than 512 bytes: a zero-size export cannot be served")]
     Empty { path: PathBuf },
+    #[error("{path} is already served: {reason}. Two servers on one file are two writers that know nothing of each other; stop the other one, or pass --no-lock if the file is meant to be shared")]
+    Locked {
+        path: PathBuf,
+        reason: super::lock::LockError,
+    },
 }
 
 /// Why zeroing a range failed.
@@ -121,6 +126,15 @@ impl Backing {
     }
 
     /// The export size in bytes (a positive multiple of 512).
+    /// Takes the file's advisory lock (see `storage::lock`): shared for a read-only server,
+    /// exclusive otherwise. Held until the file is closed.
+    pub fn lock(&self, read_only: bool) -> Result<(), StorageError> {
+        super::lock::lock(&self.file, read_only).map_err(|reason| StorageError::Locked {
+            path: self.path.clone(),
+            reason,
+        })
+    }
+
     pub fn size(&self) -> u64 {
         self.size
     }

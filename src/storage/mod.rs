@@ -9,6 +9,7 @@ pub mod allocation;
 mod backing;
 pub mod bitmap;
 pub mod dirty;
+pub mod lock;
 mod write_behind;
 
 pub use allocation::{AllocationMap, MapState};

@@ -1,0 +1,74 @@
+//! Running flexnbd as a service: what an operator (or a supervisor) meets around the
+//! server itself — one server per file, and the files and sockets a restart finds.
+
+mod support;
+
+use support::cluster::start_listen;
+use support::*;
+
+const SIZE: usize = 4 * MIB;
+
+/// `flexnbd ARGS... -f FILE` run to its end (it must fail at startup).
+fn failed_start(mode: &str, file: &std::path::Path, extra: &[&str]) -> ToolOutput {
+    let mut args = vec![mode, "-l", "127.0.0.1", "-p", "0", "-f", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    flexnbd(&args, None)
+}
+
+fn assert_refused_for_the_lock(out: &ToolOutput, holder: u32) {
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    let fatal = log_lines_at(&out.stderr, 'F');
+    assert!(
+        fatal
+            .iter()
+            .any(|l| l.contains("is already served") && l.contains(&format!("process {holder}"))),
+        "no F line naming the holder {holder}:\n{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_second_server_on_the_same_file_is_refused() {
+    let img = Image::zeroed(SIZE);
+    let first = Server::start(&img.path, &[]);
+    assert_refused_for_the_lock(&failed_start("serve", &img.path, &[]), first.pid());
+    // listen locks its destination too: a migration into a file being served is refused.
+    assert_refused_for_the_lock(&failed_start("listen", &img.path, &[]), first.pid());
+    // The first server is untouched.
+    let mut client = first.connect();
+    client.write_at(0, &[7; 512]);
+    assert_eq!(client.read_at(0, 512), vec![7; 512]);
+    // Once it is gone, the file is free again.
+    drop(client);
+    drop(first);
+    let again = Server::start(&img.path, &[]);
+    assert_eq!(again.connect().read_at(0, 512), vec![7; 512]);
+}
+
+#[test]
+fn a_listen_server_holds_its_file_against_a_serve() {
+    let img = Image::zeroed(SIZE);
+    let sock = img.sibling("dst.sock");
+    let port = free_port();
+    let dest = start_listen(&img.path, Some(&sock), port, &[]);
+    assert_refused_for_the_lock(&failed_start("serve", &img.path, &[]), dest.pid());
+}
+
+#[test]
+fn no_lock_lets_an_operator_share_a_file_and_read_only_servers_share_it() {
+    let img = Image::zeroed(SIZE);
+    let first = Server::start(&img.path, &[]);
+    let shared = Server::start(&img.path, &["--no-lock"]);
+    assert_eq!(shared.connect().read_at(0, 512), vec![0; 512]);
+    drop(shared);
+    drop(first);
+
+    let reader = Server::start(&img.path, &["--read-only"]);
+    let other_reader = Server::start(&img.path, &["--read-only"]);
+    assert_eq!(other_reader.connect().read_at(0, 512), vec![0; 512]);
+    // A writer is refused while readers hold it.
+    let out = failed_start("serve", &img.path, &[]);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("is already served"), "{}", out.stderr);
+    drop((reader, other_reader));
+}
