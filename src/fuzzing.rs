@@ -1807,7 +1807,7 @@ mod control {
     use crate::acl::{Acl, AclEntry, BadAclEntry};
     use crate::addr::{atoi, parse_ip};
     use crate::protocol::control::{
-        parse_max_bps, parse_mirror_max_bps, ControlRequest, MirrorAction, RequestReader,
+        parse_max_bps, parse_mirror_max_bps, ControlRequest, CopyMode, MirrorAction, RequestReader,
         FORCE_SOURCE, MAX_LINE, MAX_REQUEST,
     };
 
@@ -1888,7 +1888,11 @@ mod control {
         if let Some(limit) = args.get(4) {
             check_max_bps(limit)?;
         }
-        if args.len() > 5 {
+        // Ours: the copy mode.
+        if let Some(mode) = args.get(5) {
+            CopyMode::parse(mode).ok_or("mode must be 'background', 'active' or 'auto'")?;
+        }
+        if args.len() > 6 {
             return Err("unrecognised parameters to mirror");
         }
         Ok(())
@@ -1905,9 +1909,18 @@ mod control {
                     _ => MirrorAction::Nothing,
                 };
                 assert_eq!(m.action, action);
-                assert_eq!(m.bind, args.get(3).and_then(|b| parse_ip(b)));
+                // An unspecified bind address means no bind (ours).
+                let bind = args
+                    .get(3)
+                    .and_then(|b| parse_ip(b))
+                    .filter(|ip| !ip.is_unspecified());
+                assert_eq!(m.bind, bind);
                 let limit = args.get(4).map_or(Ok(u64::MAX), |l| parse_max_bps(l));
                 assert_eq!(Ok(m.max_bps), limit);
+                let mode = args
+                    .get(5)
+                    .map_or(Some(CopyMode::Auto), |t| CopyMode::parse(t));
+                assert_eq!(Some(m.mode), mode);
             }
             (ControlRequest::MirrorRefused(text), Err(expected)) => assert_eq!(*text, expected),
             (got, expected) => panic!("mirror {args:?} gave {got:?}, expected {expected:?}"),
