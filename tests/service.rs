@@ -10,7 +10,15 @@ const SIZE: usize = 4 * MIB;
 
 /// `flexnbd ARGS... -f FILE` run to its end (it must fail at startup).
 fn failed_start(mode: &str, file: &std::path::Path, extra: &[&str]) -> ToolOutput {
-    let mut args = vec![mode, "-l", "127.0.0.1", "-p", "0", "-f", file.to_str().unwrap()];
+    let mut args = vec![
+        mode,
+        "-l",
+        "127.0.0.1",
+        "-p",
+        "0",
+        "-f",
+        file.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     flexnbd(&args, None)
 }
@@ -71,4 +79,112 @@ fn no_lock_lets_an_operator_share_a_file_and_read_only_servers_share_it() {
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert!(out.stderr.contains("is already served"), "{}", out.stderr);
     drop((reader, other_reader));
+}
+
+/// A control socket that records the one request it gets and answers `answer`.
+struct FakeControl {
+    path: std::path::PathBuf,
+    listener: std::os::unix::net::UnixListener,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeControl {
+    fn new() -> FakeControl {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fake.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        FakeControl {
+            path,
+            listener,
+            _dir: dir,
+        }
+    }
+
+    fn sock(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+
+    /// Nobody connected.
+    fn untouched(&self) -> bool {
+        matches!(self.listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Runs `flexnbd ARGS` while serving one request; returns its output and the lines.
+    fn exchange(&self, args: &[&str], answer: &str) -> (ToolOutput, Vec<String>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = self.listener.try_clone().unwrap();
+        let answer = answer.to_owned();
+        let server = std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let stream = loop {
+                match listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("no request: {e}"),
+                }
+            };
+            stream.set_nonblocking(false).unwrap();
+            let mut lines = Vec::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap() == 0 || line == "\n" {
+                    break;
+                }
+                lines.push(line.trim_end_matches('\n').to_owned());
+            }
+            (&stream).write_all(answer.as_bytes()).unwrap();
+            lines
+        });
+        let out = flexnbd(args, None);
+        (out, server.join().unwrap())
+    }
+}
+
+#[test]
+fn mirror_speed_takes_suffixes_and_refuses_garbage_before_sending() {
+    let fake = FakeControl::new();
+    let (out, lines) = fake.exchange(
+        &["mirror-speed", "--sock", fake.sock(), "--max-speed", "10M"],
+        "0: updated\n",
+    );
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert_eq!(lines, ["mirror_max_bps", "10485760"]);
+
+    for bad in ["abc", "-5", "10MB", "1.5G"] {
+        let out = flexnbd(
+            &["mirror-speed", "--sock", fake.sock(), "--max-speed", bad],
+            None,
+        );
+        assert_eq!(out.code(), Some(1), "{bad}: {out:?}");
+        assert!(
+            out.stderr.contains("--max-speed must be"),
+            "{bad}: {}",
+            out.stderr
+        );
+        assert!(fake.untouched(), "{bad}: a request was sent");
+    }
+}
+
+#[test]
+fn port_zero_is_refused_as_a_mirror_target_before_sending() {
+    let fake = FakeControl::new();
+    let out = flexnbd(
+        &[
+            "mirror",
+            "--sock",
+            fake.sock(),
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
+        None,
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("--port must be"), "{}", out.stderr);
+    assert!(fake.untouched(), "a request was sent");
 }

@@ -84,6 +84,18 @@ fn validate(mode: &str, matches: &ArgMatches) -> Result<(), i32> {
         }
         _ => {}
     }
+    if let Some(Err(why)) = (mode == "mirror-speed")
+        .then(|| value(matches, "max-speed").map(parse_speed))
+        .flatten()
+    {
+        messages.push(why);
+    }
+    if let Some(Err(why)) = (mode == "mirror")
+        .then(|| value(matches, "port").map(parse_mirror_port))
+        .flatten()
+    {
+        messages.push(why);
+    }
     let copy_mode = (mode == "mirror").then(|| value(matches, "mode")).flatten();
     if let Some(bad) = copy_mode.filter(|m| CopyMode::parse(m).is_none()) {
         messages.push(format!(
@@ -98,6 +110,43 @@ fn validate(mode: &str, matches: &ArgMatches) -> Result<(), i32> {
     }
     eprint!("{}", super::spec::find(mode).expect("mode exists").help());
     Err(1)
+}
+
+/// `mirror-speed --max-speed`: bytes per second, optionally with a suffix `K`, `M` or `G`
+/// (powers of 1024, either case); 0 removes the limit. The server parses the number as C's
+/// `strtoull` does (`10M` would be 10, `abc` 0 = unlimited, `-5` accepted), so the client
+/// checks it and sends plain digits.
+pub(crate) fn parse_speed(text: &str) -> Result<u64, String> {
+    let refuse = || {
+        format!(
+            "--max-speed must be a number of bytes per second, optionally with K, M or G \
+             (powers of 1024), such as 10M; not '{text}'."
+        )
+    };
+    let (digits, scale) = match text.char_indices().last() {
+        Some((at, 'k' | 'K')) => (&text[..at], 1u64 << 10),
+        Some((at, 'm' | 'M')) => (&text[..at], 1 << 20),
+        Some((at, 'g' | 'G')) => (&text[..at], 1 << 30),
+        _ => (text, 1),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(refuse());
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(refuse)
+}
+
+/// `mirror --port`: a destination port, 1 to 65535 (port 0 cannot be connected to).
+fn parse_mirror_port(text: &str) -> Result<u16, String> {
+    match text.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(format!(
+            "--port must be the destination's port, 1 to 65535; not '{text}'."
+        )),
+    }
 }
 
 /// The request's lines: the command, then its arguments.
@@ -119,7 +168,11 @@ fn request_lines(mode: &str, matches: &ArgMatches) -> Vec<String> {
             .chain(flag(matches, "force-source").then(|| FORCE_SOURCE.to_owned()))
             .chain(positional())
             .collect(),
-        "mirror-speed" => vec!["mirror_max_bps".into(), get("max-speed")],
+        // Checked in `validate`: what goes out is the plain number the server parses.
+        "mirror-speed" => vec![
+            "mirror_max_bps".into(),
+            parse_speed(&get("max-speed")).map_or_else(|_| get("max-speed"), |n| n.to_string()),
+        ],
         "mirror" => {
             let action = if flag(matches, "unlink") {
                 "unlink"
@@ -221,6 +274,34 @@ fn parse_response(line: &str) -> anyhow::Result<(i32, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn speeds_take_binary_suffixes_and_refuse_garbage() {
+        assert_eq!(parse_speed("10M"), Ok(10 << 20));
+        assert_eq!(parse_speed("10m"), Ok(10 << 20));
+        assert_eq!(parse_speed("512k"), Ok(512 << 10));
+        assert_eq!(parse_speed("2G"), Ok(2 << 30));
+        assert_eq!(parse_speed("1000000"), Ok(1_000_000));
+        assert_eq!(parse_speed("0"), Ok(0), "0 removes the limit, as in C");
+        for bad in [
+            "",
+            "abc",
+            "-5",
+            "+5",
+            "10MB",
+            "1.5M",
+            "M",
+            " 10",
+            "99999999999999999999G",
+        ] {
+            let why = parse_speed(bad).expect_err(bad);
+            assert!(why.contains("--max-speed"), "{why}");
+        }
+        assert_eq!(parse_mirror_port("4777"), Ok(4777));
+        for bad in ["0", "65536", "-1", "x", ""] {
+            assert!(parse_mirror_port(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn responses_are_split_like_flexnbd() {

@@ -233,7 +233,13 @@ pub const MODES: &[Mode] = &[
         description: "Set the bandwidth limit of a running migration.",
         opts: &[&[
             opt("sock", 's', Value("SOCK"), "The control socket of the source server."),
-            opt("max-speed", 'm', Value("BPS"), "The limit in bytes per second."),
+            opt(
+                "max-speed",
+                'm',
+                Value("BPS"),
+                "The limit in bytes per second; K, M and G multiply by 1024, 1024² and 1024³ \
+                 (10M); 0 removes the limit.",
+            ),
         ]],
         positional: None,
         in_help_mode: false,
