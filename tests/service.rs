@@ -188,3 +188,16 @@ fn port_zero_is_refused_as_a_mirror_target_before_sending() {
     assert!(out.stderr.contains("--port must be"), "{}", out.stderr);
     assert!(fake.untouched(), "a request was sent");
 }
+
+#[test]
+fn version_is_printed_by_every_spelling() {
+    let expected = format!("flexnbd {}\n", env!("CARGO_PKG_VERSION"));
+    for spelling in ["--version", "version", "-V"] {
+        let out = flexnbd(&[spelling], None);
+        assert_eq!(out.code(), Some(0), "{spelling}: {out:?}");
+        assert_eq!(out.stdout_str(), expected, "{spelling}");
+        assert!(out.stderr.is_empty(), "{spelling}: {}", out.stderr);
+    }
+    let help = flexnbd(&["help"], None);
+    assert!(help.stdout_str().contains("flexnbd version"), "{help:?}");
+}

@@ -33,6 +33,10 @@ pub fn run(args: Vec<OsString>) -> i32 {
     if mode_name == "help" {
         return help_mode(&args[1..]);
     }
+    if matches!(mode_name.as_str(), "version" | "--version" | "-V") {
+        println!("{}", version());
+        return 0;
+    }
     let Some(mode) = spec::find(mode_name) else {
         // flexnbd picks the help from what follows the unknown mode.
         match args.get(1).and_then(|m| spec::find(m)) {
@@ -63,6 +67,12 @@ pub fn run(args: Vec<OsString>) -> i32 {
             1
         }
     }
+}
+
+/// `flexnbd version`, `flexnbd --version`: the name and the version (ours; C flexnbd has
+/// neither).
+pub fn version() -> String {
+    format!("flexnbd {}", env!("CARGO_PKG_VERSION"))
 }
 
 /// `flexnbd help [MODE]`.

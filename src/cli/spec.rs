@@ -316,7 +316,8 @@ pub fn general_help() -> String {
          \tflexnbd mirror\n\
          \tflexnbd break\n\
          \tflexnbd status\n\
-         \tflexnbd help\n\n",
+         \tflexnbd help\n\
+         \tflexnbd version\n\n",
     );
     out.push_str("See flexnbd help <cmd> for further info\n");
     out
