@@ -201,3 +201,64 @@ fn version_is_printed_by_every_spelling() {
     let help = flexnbd(&["help"], None);
     assert!(help.stdout_str().contains("flexnbd version"), "{help:?}");
 }
+
+#[test]
+fn a_port_in_use_is_named_in_the_error() {
+    let img = Image::zeroed(SIZE);
+    let first = Server::start(&img.path, &[]);
+    let other = Image::zeroed(SIZE);
+    let port = first.port.to_string();
+    let out = flexnbd(
+        &[
+            "serve",
+            "-l",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-f",
+            other.path.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    let fatal = log_lines_at(&out.stderr, 'F');
+    assert!(
+        fatal
+            .iter()
+            .any(|l| l.contains(&format!("127.0.0.1:{port}")) && l.contains("in use")),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_failed_mirror_says_why_after_flexnbds_text() {
+    let src = Image::zeroed(SIZE);
+    let sock = src.sibling("src.sock");
+    let _source = Server::start(&src.path, &["--sock", sock.to_str().unwrap()]);
+    // A destination of another size.
+    let small = Image::zeroed(SIZE / 2);
+    let dest = Server::start(&small.path, &[]);
+    let port = dest.port.to_string();
+    let out = flexnbd(
+        &[
+            "mirror",
+            "--sock",
+            sock.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            &port,
+        ],
+        None,
+    );
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert_eq!(
+        out.stderr,
+        format!(
+            "Remote size does not match local size\n127.0.0.1:{port} exports {} bytes, we have {}\n",
+            SIZE / 2,
+            SIZE
+        )
+    );
+}

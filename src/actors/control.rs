@@ -128,6 +128,18 @@ impl Registered {
     }
 }
 
+/// `mirror`'s answer when the first attempt failed: flexnbd's line, unchanged, then
+/// (ours) a second line with the cause the mirror found — the connect error, the two sizes,
+/// what was wrong with the hello. C clients stop reading at the first newline, so they see
+/// exactly C's answer; ours print the cause too.
+fn first_failure(text: &str, cause: Option<String>) -> String {
+    let mut answer = response(FAILED, text);
+    if let Some(cause) = cause.filter(|c| c != text) {
+        answer.push_str(&response(FAILED, &cause.replace(['\r', '\n'], " ")));
+    }
+    answer
+}
+
 /// The `mirror_wait` answer for how a migration ended (one line, whatever the reason says).
 fn wait_answer(outcome: &Outcome) -> String {
     match outcome {
@@ -251,7 +263,7 @@ impl Control {
         let mirror = Mirror::new(config, first_tx);
         let stats = mirror.stats();
         let addr = mirror.start();
-        self.mirror = Some(Registered::new(id, addr.clone(), stats));
+        self.mirror = Some(Registered::new(id, addr.clone(), stats.clone()));
         Box::pin(
             first_rx
                 .into_actor(self)
@@ -259,7 +271,7 @@ impl Control {
                     Ok(Ok(())) => response(OK, "Mirror started"),
                     Ok(Err(failure)) => {
                         act.unregister(&addr, &response(FAILED, failure.text()));
-                        response(FAILED, failure.text())
+                        first_failure(failure.text(), stats.last_failure())
                     }
                     Err(_) => response(FAILED, "Mirror failed to initialise"),
                 }),

@@ -242,7 +242,22 @@ pub(super) fn send(
 /// Reads the answer to a request sent with [`send`].
 pub(super) fn answer(stream: &mut UnixStream, sock: &str) -> anyhow::Result<(i32, String)> {
     let line = read_line(stream).with_context(|| format!("No answer from {sock}"))?;
-    parse_response(&line)
+    let (code, mut text) = parse_response(&line)?;
+    if let Some(cause) = (code != 0).then(|| cause(stream, code)).flatten() {
+        text.push('\n');
+        text.push_str(&cause);
+    }
+    Ok((code, text))
+}
+
+/// The line that may follow a failure (ours: the cause of a failed `mirror`, which C
+/// clients never read), if it has the failure's code; anything else is ignored.
+fn cause(stream: &mut UnixStream, code: i32) -> Option<String> {
+    let line = read_line(stream).ok()?;
+    match parse_response(&line) {
+        Ok((again, text)) if again == code && !text.is_empty() => Some(text),
+        _ => None,
+    }
 }
 
 fn read_line(stream: &mut UnixStream) -> anyhow::Result<String> {

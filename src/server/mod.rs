@@ -138,8 +138,10 @@ impl Server {
         if let Some(path) = &opts.sock {
             ControlSocket::check_path(path)?;
         }
-        let socket = crate::net::bind_listener(opts.addr, opts.port)
-            .map_err(|e| anyhow::anyhow!("Failed to bind() socket: {e}"))?;
+        let socket = crate::net::bind_listener(opts.addr, opts.port).map_err(|e| {
+            let at = SocketAddr::new(opts.addr, opts.port);
+            anyhow::anyhow!("Failed to bind() socket to {at}: {e}")
+        })?;
         let local = socket.local_addr().context("reading the bound address")?;
         // Only now, with the NBD port listening, may the control socket appear: supervisors
         // take its existence as the readiness signal (flexnbd §5.1).

@@ -213,6 +213,8 @@ impl Run {
         match error {
             AttemptError::Connect(failure, why) if self.first.is_some() => {
                 tracing::error!("Migration to {target} failed: {why}");
+                // Before the answer: `mirror` tells its caller the cause too.
+                self.stats.record_failure(&why);
                 self.report_first(Err(failure));
                 self.config.backing.dirty().stop();
                 let _ = self.step(Step::Failed(why)).await;
@@ -225,6 +227,7 @@ impl Run {
             }
             AttemptError::Refused(failure, why) => {
                 tracing::error!("Migration to {target} refused: {why}");
+                self.stats.record_failure(&why);
                 self.report_first(Err(failure));
                 self.config.backing.dirty().stop();
                 let _ = self.step(Step::Failed(why)).await;

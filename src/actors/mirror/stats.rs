@@ -236,6 +236,11 @@ impl MirrorStats {
         }
     }
 
+    /// Why the last attempt failed, if one did.
+    pub fn last_failure(&self) -> Option<String> {
+        self.last_failure.lock().ok().and_then(|f| f.clone())
+    }
+
     pub(super) fn record_failure(&self, why: &str) {
         if let Ok(mut last) = self.last_failure.lock() {
             *last = Some(why.to_owned());
