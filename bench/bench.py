@@ -1036,6 +1036,263 @@ def measure_migration_pause(ctx, test, _srv) -> Measurement:
     return Measurement(info["seconds"], None, info)
 
 
+# --------------------------------------------------------------------------
+# Active mirroring rows: a fio writer on the source during the migration.
+# migrate-writer times the migration (auto mode, unlimited link) with and
+# without the writer; writer-cost measures the writer before a migration,
+# during a background-mode one and during an active-mode one.
+
+WRITER_FIO_STOP = 30.0  # after the hand-off closed fio's connection, fio must end within this
+WRITER_COST_SPAN = 4  # writer-cost: the migration's link lasts this many fio runtimes
+
+
+def control_request(sock_path, command, args=(), timeout=10.0) -> str:
+    """One control request (`command\\n`, one line per argument, `\\n`) on
+    the Unix socket; returns the whole answer (`<code>: <text>\\n`)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(sock_path)
+        s.sendall(("\n".join([command, *args]) + "\n\n").encode())
+        answer = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.decode(errors="replace")
+
+
+def mirror_mode(pair, mode, max_bps=0) -> float:
+    """`mirror HOST DPORT exit 0.0.0.0 MAX_BPS MODE` on the source's control
+    socket (no bind; MAX_BPS 0 is no limit); returns the monotonic time just
+    before it was sent."""
+    t0 = time.monotonic()
+    answer = control_request(pair.ssock, "mirror",
+                             [HOST, str(pair.destination.port), "exit", "0.0.0.0", str(max_bps), mode],
+                             timeout=MIGRATION_START_TIMEOUT)
+    if answer != "0: Mirror started\n":
+        raise BenchError("mirror ... %s answered %r" % (mode, answer))
+    return t0
+
+
+def raw_status(sock_path) -> Dict[str, str]:
+    """`status` on a control socket, as key -> value ({} if it cannot be read)."""
+    try:
+        answer = control_request(sock_path, "status", timeout=2)
+    except OSError:
+        return {}
+    if not answer.startswith("0: "):
+        return {}
+    return dict(kv.split("=", 1) for kv in answer[3:].split() if "=" in kv)
+
+
+class StatusPoller(threading.Thread):
+    """Polls the source's status every 0.1 s until stopped (or the socket
+    goes away), keeping what the migration went through."""
+
+    def __init__(self, sock_path):
+        super().__init__(name="status-poller", daemon=True)
+        self.sock_path = sock_path
+        self.stop_ev = threading.Event()
+        self.modes: List[str] = []
+        self.phases: List[str] = []
+        self.active_at: Optional[float] = None  # first time the mode was seen active
+        self.last: Dict[str, str] = {}
+        self.max_passes = 0
+
+    def run(self):
+        deadline = time.monotonic() + 3600
+        while not self.stop_ev.wait(0.1) and time.monotonic() < deadline:
+            st = raw_status(self.sock_path)
+            if st.get("is_mirroring") != "true":
+                continue
+            self.last = st
+            for key, seen in (("migration_mode", self.modes), ("migration_phase", self.phases)):
+                v = st.get(key)
+                if v and v not in seen:
+                    seen.append(v)
+            if st.get("migration_mode") == "active" and self.active_at is None:
+                self.active_at = time.monotonic()
+            try:
+                self.max_passes = max(self.max_passes, int(st.get("migration_passes", "0")))
+            except ValueError:
+                pass
+
+    def finish(self):
+        self.stop_ev.set()
+        self.join(5)
+
+
+def writer_fio_argv(ctx, port, runtime, output):
+    """The writer: fio randwrite 4 KiB, 16 in flight, on one connection."""
+    return ["fio", "--name=writer", "--ioengine=nbd", "--uri=nbd://%s:%d" % (HOST, port),
+            "--rw=randwrite", "--bs=4k", "--iodepth=16", "--time_based", "--runtime=%d" % runtime,
+            "--thread", "--output-format=json", "--output=%s" % output]
+
+
+def start_fio_writer(ctx, pair, runtime, output):
+    """Starts the writer on the source and waits until it is connected
+    (the source counts one client) and has run for 0.5 s."""
+    remove(output)
+    with open(os.path.join(ctx.workdir, "fio-writer.log"), "ab") as log:
+        proc = spawn(writer_fio_argv(ctx, pair.source.port, runtime, output), log, log)
+    try:
+        wait_until(lambda: raw_status(pair.ssock).get("num_clients") == "1" or proc.poll() is not None,
+                   10, "fio to connect to the source")
+        if proc.poll() is not None:
+            raise BenchError("fio exited at start (status %s); see %s"
+                             % (proc.returncode, os.path.join(ctx.workdir, "fio-writer.log")))
+        time.sleep(0.5)
+    except BaseException:
+        stop(proc, term_timeout=2)
+        raise
+    return proc
+
+
+def fio_write_figures(output) -> "tuple[float, float]":
+    """(write IOPS, p99 completion latency in microseconds) of a fio JSON report."""
+    try:
+        with open(output) as f:
+            text = f.read()
+        job = json.loads(text[text.index("{"):])["jobs"][0]
+        w = job["write"]
+        return w["iops"], w["clat_ns"]["percentile"]["99.000000"] / 1000.0
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise BenchError("cannot parse fio output %s: %s" % (output, e))
+
+
+def writer_migration_once(ctx, src, with_writer, check, info):
+    """One auto-mode migration of src, unlimited link, with or without the
+    fio writer; records its seconds (mirror command -> source exit)."""
+    size = os.path.getsize(src)
+    key = "seconds" if with_writer else "baseline_seconds"
+    output = os.path.join(ctx.workdir, "fio-writer.json")
+    fio = None
+    try:
+        with MigrationPair(ctx, src) as pair:
+            if with_writer:
+                # Far longer than the migration: the hand-off ends it.
+                fio = start_fio_writer(ctx, pair, int(migration_timeout(size)) + 60, output)
+            poller = StatusPoller(pair.ssock)
+            poller.start()
+            try:
+                pair.t0 = t0 = mirror_mode(pair, "auto")
+                t1 = pair.wait_source(t0 + migration_timeout(size))
+                pair.wait_destination()
+            finally:
+                poller.finish()
+            info[key] = t1 - t0
+            if with_writer:
+                # The hand-off closed fio's connection: it fails, and must end.
+                try:
+                    fio.wait(timeout=WRITER_FIO_STOP)
+                except subprocess.TimeoutExpired:
+                    raise BenchError("fio still ran %.0f s after the source exited" % WRITER_FIO_STOP)
+                attempts, sent, _ = pair.figures()
+                info.update(modes=poller.modes, phases=poller.phases,
+                            to_active=(poller.active_at - t0) if poller.active_at else None,
+                            passes=poller.max_passes, attempts=attempts, sent=sent,
+                            forwarded=int(poller.last.get("migration_forwarded_writes", "0") or 0))
+            if check:
+                diff = compare_files(src, pair.dest)
+                if diff is not None:
+                    raise BenchError("after the migration (%s writer), %s differs from the source %s: %s"
+                                     % ("with" if with_writer else "without", pair.dest, src, diff))
+                info["identical" if with_writer else "baseline_identical"] = True
+    finally:
+        if fio is not None:
+            stop(fio, term_timeout=2)
+
+
+def measure_migration_writer(ctx, test, _srv) -> Measurement:
+    """migrate-writer: the migration with the writer and without it, one
+    after the other, in an order alternating from round to round."""
+    src = ctx.files[test.serves]
+    check = test.id not in ctx.migration_checked
+    info: Dict[str, object] = {"size": os.path.getsize(src)}
+    steps = [True, False]
+    if ctx.round % 2:
+        steps.reverse()
+    failed = None
+    for i, with_writer in enumerate(steps):
+        if i:
+            settle(ctx)
+        try:
+            writer_migration_once(ctx, src, with_writer, check, info)
+        except MigrationFailed as e:
+            failed = "%s writer: %s" % ("with" if with_writer else "without", e)
+    if failed:
+        info["failed"] = failed
+        return Measurement(None, None, info)
+    ctx.migration_checked.add(test.id)
+    return Measurement(info["seconds"], None, info)
+
+
+def cost_phase(ctx, pair, name, runtime, info, mode=None, max_bps=0):
+    """One writer-cost measurement: fio for `runtime` seconds, during a
+    migration in `mode` (None: no migration). Records iops and p99; returns
+    how the migration stood afterwards."""
+    output = os.path.join(ctx.workdir, "fio-writer.json")
+    poller = None
+    if mode is not None:
+        # One client at a time on the destination: the previous attempt's
+        # connection must be gone.
+        wait_until(lambda: raw_status(pair.dsock).get("num_clients") == "0", 10,
+                   "the destination to drop the previous migration")
+        mirror_mode(pair, mode, max_bps)
+        wait_until(lambda: raw_status(pair.ssock).get("migration_phase") in ("sweep", "copying"), 10,
+                   "the %s migration to start copying" % mode)
+        poller = StatusPoller(pair.ssock)
+        poller.start()
+    fio = start_fio_writer(ctx, pair, runtime, output)
+    try:
+        try:
+            fio.wait(timeout=runtime + 60)
+        except subprocess.TimeoutExpired:
+            raise BenchError("fio did not end within %d s" % (runtime + 60))
+        st = raw_status(pair.ssock)
+        if fio.returncode != 0:
+            raise MigrationFailed("fio failed (exit %s) during the %s measurement (the migration "
+                                  "completed or closed its connection?): %s"
+                                  % (fio.returncode, name, pair.state()))
+    finally:
+        stop(fio, term_timeout=2)
+        if poller is not None:
+            poller.finish()
+    iops, p99 = fio_write_figures(output)
+    info[name + "_iops"], info[name + "_p99_us"] = iops, p99
+    if mode is not None:
+        if st.get("is_mirroring") != "true":
+            raise MigrationFailed("the %s migration ended during the measurement: %s" % (mode, pair.state()))
+        info[name + "_modes"] = poller.modes
+        info[name + "_forwarded"] = int(st.get("migration_forwarded_writes", "0") or 0)
+        info[name + "_progress"] = "%s %s%%" % (st.get("migration_phase"), st.get("migration_progress"))
+        answer = control_request(pair.ssock, "break")
+        if answer != "0: mirror stopped\n":
+            raise BenchError("break after the %s measurement answered %r" % (name, answer))
+
+
+def measure_writer_cost(ctx, test, _srv) -> Measurement:
+    """writer-cost: the writer's IOPS and p99 alone, then during a
+    background-mode migration, then during an active-mode one (each broken
+    off after the measurement), on one pair of servers. The link is limited
+    so that the migration outlasts the measurement."""
+    src = ctx.files[test.serves]
+    size = os.path.getsize(src)
+    runtime = ctx.runtime
+    max_bps = size // (WRITER_COST_SPAN * runtime)
+    info: Dict[str, object] = {"size": size, "max_bps": max_bps, "runtime": runtime}
+    try:
+        with MigrationPair(ctx, src) as pair:
+            cost_phase(ctx, pair, "idle", runtime, info)
+            cost_phase(ctx, pair, "background", runtime, info, "background", max_bps)
+            cost_phase(ctx, pair, "active", runtime, info, "active", max_bps)
+    except MigrationFailed as e:
+        info["failed"] = str(e)
+        return Measurement(None, None, info)
+    return Measurement(info["active_iops"] / info["idle_iops"], None, info)
+
+
 def migration_commands(ctx, t) -> str:
     """The header's description of a migration row: command lines and what
     is timed."""
@@ -1046,6 +1303,26 @@ def migration_commands(ctx, t) -> str:
     mirror = [ctx.flexnbd, "mirror", "--sock", "S.sock", "--addr", HOST, "--port", "DPORT"]
     lines = ["source:      " + shlex.join(source),
              "destination: " + shlex.join(dest) + "   (DEST: a fresh file of the same size)"]
+    writer = shlex.join(writer_fio_argv(ctx, 0, 0, "OUT.json")).replace(
+        "127.0.0.1:0", "127.0.0.1:SPORT")
+    if t.measure is measure_migration_writer:
+        raw = "mirror %s DPORT exit 0.0.0.0 0 auto" % HOST
+        lines += ["writer:      " + writer.replace("--runtime=0", "--runtime=LONG")
+                  + "   from 0.5 s before the mirror until the hand-off closes its connection",
+                  "timed:       control request `%s` (auto mode, no limit) until the source exits" % raw,
+                  "reference:   the same migration without the writer, on the same image",
+                  "order:       with and without the writer alternate going first, round by round; "
+                  "both copies compared with the source once"]
+        return ("\n" + " " * 21).join(lines)
+    if t.measure is measure_writer_cost:
+        lines += ["writer:      " + writer.replace("--runtime=0", "--runtime=%d" % ctx.runtime)
+                  + "   three times on one source:",
+                  "             1) no migration; 2) during `mirror %s DPORT exit 0.0.0.0 LIMIT background`; "
+                  "3) during the same with `active`" % HOST,
+                  "             LIMIT = image size / (%d x runtime) B/s, so that the migration outlasts "
+                  "fio; each migration is stopped with `break` after fio" % WRITER_COST_SPAN,
+                  "figures:     fio's jobs[0].write.iops and clat_ns percentile 99.000000 of each run"]
+        return ("\n" + " " * 21).join(lines)
     if pause:
         lines += ["writer:      on SPORT, old-style NBD, 4 KiB WRITEs at random offsets, one at a time, "
                   "from 0.2 s before the mirror command until the source closes the connection",
@@ -1082,6 +1359,18 @@ def migration_progress(test, m) -> str:
     i = m.info
     if m.value is None:
         return "FAILED: %s" % i["failed"]
+    if test.measure is measure_migration_writer:
+        return ("%.2f s with the writer, %.2f s without (ratio %.2f); modes %s, active after %s s, "
+                "%d passes, %d forwarded writes, %s sent as data, %d attempt(s)%s"
+                % (m.value, i["baseline_seconds"], m.value / i["baseline_seconds"],
+                   "->".join(i["modes"]) or "?", num(i.get("to_active")), i["passes"], i["forwarded"],
+                   mib(i["sent"]), i["attempts"], "; bytes identical" if i.get("identical") else ""))
+    if test.measure is measure_writer_cost:
+        return ("writer IOPS / p99 us: idle %.0f / %.0f, background %.0f / %.0f, active %.0f / %.0f "
+                "(link limit %.1f MB/s; forwarded writes: background %d, active %d; at the end: %s, %s)"
+                % (i["idle_iops"], i["idle_p99_us"], i["background_iops"], i["background_p99_us"],
+                   i["active_iops"], i["active_p99_us"], i["max_bps"] / 1e6, i["background_forwarded"],
+                   i["active_forwarded"], i["background_progress"], i["active_progress"]))
     if test.measure is measure_migration_pause:
         steps = ", ".join("%s %s" % (name, num(i.get(key), 3)) for key, name in PAUSE_STEPS)
         return ("pause %.3f s  (after the last ack: %s; %d writes acknowledged; migration %.2f s; "
@@ -1125,6 +1414,12 @@ TESTS = [
          measure_migration, serves="sparse10", kind="migration", params={"sent_target": 1.05}),
     Test("migrate-pause", "client-visible pause: last ack on the source -> first read on the destination",
          "s", 0.5, measure_migration_pause, serves="data", kind="migration"),
+    # Active mirroring: a fio randwrite writer on the source (data.raw, which
+    # the other writing rows write too; src.raw stays untouched).
+    Test("migrate-writer", "auto-mode migration under a fio randwrite writer vs. without it", "s", 3.0,
+         measure_migration_writer, serves="data", kind="migration"),
+    Test("writer-cost", "the writer's IOPS and p99: no migration, background mode, active mode",
+         "ratio", 0.0, measure_writer_cost, serves="data", kind="migration"),
 ]
 
 
@@ -1307,6 +1602,8 @@ def check_tools(ctx, servers, tests):
                 needed.setdefault(ctx.flexnbd, []).append("test %s" % t.id)
                 if t.measure is measure_migration:
                     needed.setdefault("nbdcopy", []).append("test %s" % t.id)
+                if t.measure in (measure_migration_writer, measure_writer_cost):
+                    needed.setdefault("fio", []).append("test %s" % t.id)
             continue
         needed.setdefault("fio" if t.measure is measure_fio else "nbdcopy", []).append("test %s" % t.id)
         if t.measure is measure_nbdcopy_sparse:
@@ -1462,6 +1759,26 @@ class Results:
             failed = len(ms) - len(ok)
             fail = "FAIL (%d of %d trials did not complete)" % (failed, len(ms)) if failed else None
             med = statistics.median(m.value for m in ok) if ok else None
+            if t.measure is measure_writer_cost:
+                def cost(key):
+                    vs = [m.info[key] for m in ok if key in m.info]
+                    return statistics.median(vs) if vs else None
+                for what, suffix, digits in (("write IOPS", "_iops", 0), ("p99 latency (us)", "_p99_us", 0)):
+                    idle = cost("idle" + suffix)
+                    for mode in ("background", "active"):
+                        v = cost(mode + suffix)
+                        rows.append([t.id, "%s during %s (reference: no migration)" % (what, mode),
+                                     num(v, digits), num(idle, digits),
+                                     num(v / idle if v is not None and idle else None), "-", fail or "info"])
+                continue
+            if t.measure is measure_migration_writer:
+                base = [m.info["baseline_seconds"] for m in ok]
+                bmed = statistics.median(base) if base else None
+                ratio = med / bmed if med is not None and bmed else None
+                verdict = fail or ("PASS" if ratio is not None and ratio <= t.target else "MISS")
+                rows.append([t.id, "time with the writer, s (reference: without)", num(med), num(bmed),
+                             num(ratio), "<= %.2f" % t.target, verdict])
+                continue
             if t.measure is measure_migration_pause:
                 verdict = fail or ("PASS" if med < t.target else "MISS")
                 rows.append([t.id, "pause, s", num(med, 3), "-", "-", "< %.2f" % t.target, verdict])
@@ -1530,6 +1847,22 @@ class Results:
                         + [med(key) for key, _ in PAUSE_STEPS]
                         + [med("writes", 0), med("migration_seconds", 2), med("bind_retries", 0),
                            med("read_attempts", 0), "yes" if any(m.info.get("identical") for m in ms) else "?"])
+        return rows
+
+    def migration_writer_rows(self):
+        """migrate-writer: per trial, how the auto-mode migration went."""
+        rows = []
+        for t in self.tests:
+            if t.measure is not measure_migration_writer:
+                continue
+            for i, m in enumerate(self.migration_trials(t)):
+                if m.value is None:
+                    continue
+                x = m.info
+                rows.append([t.id, str(i + 1), num(m.value), num(x["baseline_seconds"]),
+                             num(m.value / x["baseline_seconds"]), "->".join(x["modes"]) or "?",
+                             num(x.get("to_active")), str(x["passes"]), str(x["forwarded"]),
+                             mib(x["sent"]), str(x["attempts"]), "yes" if x.get("identical") else "?"])
         return rows
 
     def migration_failures(self):
@@ -1675,6 +2008,13 @@ def migration_parts(results, table, title):
                       table(["test", "pause min - max"] + [name for _, name in PAUSE_STEPS]
                             + ["writes acked", "migration s", "failed binds", "read attempts",
                                "bytes identical"], pause)))
+    writer = results.migration_writer_rows()
+    if writer:
+        parts.append(("migrate-writer: per round, seconds from the mirror command to the source's exit with "
+                      "and without the fio writer, and what the source's status showed (polled every 0.1 s)",
+                      table(["test", "round", "with writer s", "without s", "ratio", "modes seen",
+                             "active after s", "passes", "forwarded writes", "sent as data", "attempts",
+                             "bytes identical"], writer)))
     failed = results.migration_failures()
     if failed:
         parts.append(("Migration trials that did not complete", table(["test", "round", "what happened"], failed)))
