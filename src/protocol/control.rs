@@ -263,7 +263,8 @@ pub fn parse_mirror_max_bps(args: &[String]) -> Result<u64, &'static str> {
 pub struct MigrationStatus {
     pub speed: u64,
     pub duration_secs: u64,
-    pub seconds_left: u64,
+    /// `None` until a rate is known: the key is then omitted.
+    pub seconds_left: Option<u64>,
     pub bytes_left: u64,
     /// `None` when unlimited: the key is then omitted.
     pub speed_limit: Option<u64>,
@@ -298,7 +299,9 @@ impl Status {
         if let (true, Some(m)) = (self.is_mirroring, &self.migration) {
             pairs.push(("migration_speed", m.speed.to_string()));
             pairs.push(("migration_duration", m.duration_secs.to_string()));
-            pairs.push(("migration_seconds_left", m.seconds_left.to_string()));
+            if let Some(left) = m.seconds_left {
+                pairs.push(("migration_seconds_left", left.to_string()));
+            }
             pairs.push(("migration_bytes_left", m.bytes_left.to_string()));
             if let Some(limit) = m.speed_limit {
                 pairs.push(("migration_speed_limit", limit.to_string()));
@@ -528,7 +531,7 @@ mod tests {
             migration: Some(MigrationStatus {
                 speed: 8388608,
                 duration_secs: 2,
-                seconds_left: 3,
+                seconds_left: Some(3),
                 bytes_left: 33554432,
                 speed_limit: Some(10000000),
             }),

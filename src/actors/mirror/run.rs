@@ -113,6 +113,14 @@ impl AttemptError {
     }
 }
 
+/// What one call of [`Run::send_range_counted`] did.
+struct Sent {
+    /// Bytes of the range covered (data and holes).
+    covered: u64,
+    /// Of which sent as data.
+    data: u64,
+}
+
 /// What the task does next.
 enum Mode {
     /// A new attempt from scratch (doors open).
@@ -448,6 +456,14 @@ impl Run {
         self.refuse_forwards();
         backing.dirty().start();
         self.stats.transfer_started();
+        // Holes go as zero ranges and cost almost nothing: the estimate counts data only,
+        // once the allocation map knows where it is.
+        let map = backing.allocation();
+        if map.is_built() {
+            self.stats
+                .data_total
+                .store(map.allocated_bytes(), Ordering::Relaxed);
+        }
         if let Ok(mut auto) = self.auto.lock() {
             if auto.is_some() {
                 *auto = Some(AutoSwitch::new());
@@ -540,9 +556,12 @@ impl Run {
         while pos < size {
             self.between_steps(engine).await?;
             let len = SWEEP_CHUNK.min(size - pos);
-            let covered = self.send_range(engine, pos, len, None).await?;
-            pos += covered;
+            let sent = self.send_range_counted(engine, pos, len, None).await?;
+            pos += sent.covered;
             self.stats.swept.store(pos, Ordering::Relaxed);
+            self.stats
+                .swept_data
+                .fetch_add(sent.data, Ordering::Relaxed);
             // Queued: from now on a forward of a write here goes out after it.
             self.config.backing.dirty().set_copied(pos);
         }
@@ -850,12 +869,27 @@ impl Run {
         len: u64,
         ack: Option<&Ack>,
     ) -> Result<u64, AttemptError> {
+        Ok(self
+            .send_range_counted(engine, offset, len, ack)
+            .await?
+            .covered)
+    }
+
+    /// [`Run::send_range`], also saying how much of it went as data.
+    async fn send_range_counted(
+        &self,
+        engine: &mut Engine,
+        offset: u64,
+        len: u64,
+        ack: Option<&Ack>,
+    ) -> Result<Sent, AttemptError> {
         let backing = self.config.backing.clone();
         let extents = tokio::task::spawn_blocking(move || backing.extents(offset, len, 1024))
             .await
             .map_err(|e| AttemptError::Transfer(e.to_string()))??;
         let step = self.step_size() as u64;
         let mut at = offset;
+        let mut data_sent = 0;
         for extent in extents {
             if extent.hole {
                 self.send_zeroes(engine, at, extent.length, ack).await?;
@@ -866,11 +900,15 @@ impl Run {
             let data = self.read(at, n as usize).await?;
             self.send_data(engine, at, data, ack).await?;
             at += n;
+            data_sent += n;
             if n < extent.length {
                 break;
             }
         }
-        Ok((at - offset).max(1).min(len))
+        Ok(Sent {
+            covered: (at - offset).max(1).min(len),
+            data: data_sent,
+        })
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Bytes, AttemptError> {

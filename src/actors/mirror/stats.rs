@@ -102,6 +102,12 @@ pub struct MirrorStats {
     pub(super) forwarded_bytes: AtomicU64,
     /// When `dirty` was last refreshed during a pass (process milliseconds).
     dirty_refreshed_ms: AtomicU64,
+    /// Data bytes in the export when this attempt's sweep started (holes excluded: they
+    /// go as zero ranges and cost almost nothing); the export's size when the allocation
+    /// map was not built yet.
+    pub(super) data_total: AtomicU64,
+    /// Data bytes the sweep has queued so far.
+    pub(super) swept_data: AtomicU64,
 }
 
 /// How often the dirty bytes shown are recomputed during a pass (a scan of the map).
@@ -129,6 +135,8 @@ impl MirrorStats {
             forwarded: AtomicU64::new(0),
             forwarded_bytes: AtomicU64::new(0),
             dirty_refreshed_ms: AtomicU64::new(0),
+            data_total: AtomicU64::new(size),
+            swept_data: AtomicU64::new(0),
         }
     }
 
@@ -164,7 +172,7 @@ impl MirrorStats {
     pub(super) fn refresh_dirty(&self, pending: impl FnOnce() -> u64) {
         let now = process_ms();
         let last = self.dirty_refreshed_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < DIRTY_REFRESH.as_millis() as u64 {
+        if last != 0 && now.saturating_sub(last) < DIRTY_REFRESH.as_millis() as u64 {
             return;
         }
         self.dirty_refreshed_ms.store(now, Ordering::Relaxed);
@@ -172,8 +180,10 @@ impl MirrorStats {
             .pass_total
             .load(Ordering::Relaxed)
             .saturating_sub(self.pass_sent.load(Ordering::Relaxed));
-        self.dirty
-            .store(left_in_pass + pending(), Ordering::Relaxed);
+        // A block taken by this pass and dirtied again since counts twice here: never
+        // report more than the export.
+        let dirty = (left_in_pass + pending()).min(self.size);
+        self.dirty.store(dirty, Ordering::Relaxed);
     }
 
     /// A pass starts with `dirty` bytes to send.
@@ -256,6 +266,8 @@ impl MirrorStats {
         self.dirty.store(0, Ordering::Relaxed);
         self.pass_total.store(0, Ordering::Relaxed);
         self.pass_sent.store(0, Ordering::Relaxed);
+        self.data_total.store(self.size, Ordering::Relaxed);
+        self.swept_data.store(0, Ordering::Relaxed);
     }
 
     fn elapsed_ms(&self) -> u64 {
@@ -285,9 +297,16 @@ impl MirrorStats {
         policy::speed(self.sent(), Duration::from_millis(self.elapsed_ms()))
     }
 
+    /// Bytes that still have to cross the wire as data: what the sweep has not reached
+    /// yet, holes excluded, plus what is dirty.
     fn bytes_left(&self) -> u64 {
-        self.dirty.load(Ordering::Relaxed)
-            + self.size.saturating_sub(self.swept.load(Ordering::Relaxed))
+        let unswept = self.size.saturating_sub(self.swept.load(Ordering::Relaxed));
+        let unswept_data = self
+            .data_total
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.swept_data.load(Ordering::Relaxed))
+            .min(unswept);
+        self.dirty.load(Ordering::Relaxed) + unswept_data
     }
 
     /// The migration keys of the status line (flexnbd §7).
@@ -298,7 +317,8 @@ impl MirrorStats {
         MigrationStatus {
             speed,
             duration_secs: self.elapsed_ms() / 1000,
-            seconds_left: policy::seconds_left(bytes_left, speed),
+            // No rate yet, no estimate (flexnbd's formula gave the bytes left as seconds).
+            seconds_left: (speed > 0).then(|| policy::seconds_left(bytes_left, speed)),
             bytes_left,
             // What is enforced: 0 (garbage parses as 0) is no limit, so no key.
             speed_limit: (!rate::is_unlimited(limit)).then_some(limit),
@@ -366,4 +386,42 @@ fn status_word(text: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_estimate_counts_data_only_and_waits_for_a_rate() {
+        let stats = MirrorStats::new(1024 * MIB, u64::MAX);
+        stats.start_attempt(1);
+        stats.transfer_started();
+        // 300 MiB of data in a 1 GiB export; the sweep is at 512 MiB and has sent 200.
+        stats.data_total.store(300 * MIB, Ordering::Relaxed);
+        stats.swept.store(512 * MIB, Ordering::Relaxed);
+        stats.swept_data.store(200 * MIB, Ordering::Relaxed);
+        stats.dirty.store(8 * MIB, Ordering::Relaxed);
+        let status = stats.status();
+        assert_eq!(
+            status.bytes_left,
+            108 * MIB,
+            "100 MiB unswept data + 8 dirty"
+        );
+        assert_eq!(status.speed, 0);
+        assert_eq!(status.seconds_left, None, "no rate yet: no estimate");
+        // More data left than the sweep has still to cover: the unswept part bounds it.
+        stats.swept.store(1000 * MIB, Ordering::Relaxed);
+        assert_eq!(stats.status().bytes_left, 24 * MIB + 8 * MIB);
+    }
+
+    #[test]
+    fn the_dirty_bytes_shown_never_exceed_the_export() {
+        let stats = MirrorStats::new(32 * MIB, u64::MAX);
+        stats.pass_started(32 * MIB);
+        stats.refresh_dirty(|| 30 * MIB);
+        assert_eq!(stats.dirty.load(Ordering::Relaxed), 32 * MIB);
+    }
 }
