@@ -193,9 +193,10 @@ impl Drop for PendingAnswer {
 }
 
 /// Main → control, on a signal: abandon the migration, if one is registered, and refuse
-/// new ones. Answers whether one was registered.
+/// new ones. Answers `None` when none was registered, otherwise whether this side still
+/// holds every acknowledged write once it has stopped (`false`: it had let go, in doubt).
 #[derive(Message, Debug)]
-#[rtype(result = "bool")]
+#[rtype(result = "Option<bool>")]
 pub struct StopMirror;
 
 /// Connection task → control: execute a parsed request, answer the response line.
@@ -511,22 +512,18 @@ impl Handler<MirrorEnded> for Control {
 }
 
 impl Handler<StopMirror> for Control {
-    type Result = ResponseFuture<bool>;
+    type Result = ResponseFuture<Option<bool>>;
 
     fn handle(&mut self, _msg: StopMirror, _ctx: &mut Self::Context) -> Self::Result {
         self.shutting_down = true;
         let mirror = self.mirror.take().map(|mut m| {
             m.answer_waiters(&response(FAILED, "shutting down"));
-            m.addr
+            (m.addr, m.stats)
         });
         Box::pin(async move {
-            match mirror {
-                Some(addr) => {
-                    let _ = addr.send(Abandon::Signal).await;
-                    true
-                }
-                None => false,
-            }
+            let (addr, stats) = mirror?;
+            let _ = addr.send(Abandon::Signal).await;
+            Some(stats.has_control())
         })
     }
 }

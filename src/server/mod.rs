@@ -102,7 +102,7 @@ pub struct Options {
 /// Runs a server to its end and returns the process's exit status: 0 after a signal
 /// (nothing in doubt) or a completed migration, 1 when a migration was abandoned or
 /// failed, a `listen` server stopped without having taken control, or a fatal error,
-/// which is logged (`F`) here.
+/// which is logged (`F`) here; [`EXIT_LET_GO`] when this server had let go of its copy.
 pub fn run(opts: Options) -> i32 {
     match Server::bind(opts).and_then(Server::run) {
         Ok(code) => code,
@@ -112,6 +112,13 @@ pub fn run(opts: Options) -> i32 {
         }
     }
 }
+
+/// The exit status of a `serve` that ended after letting go of its copy during a migration
+/// (stopped by a signal in doubt, or a fatal hand-off failure): the destination may hold
+/// the authoritative data, so nothing should restart this server on its own. Distinct from
+/// 1 (a migration abandoned while this side still held everything, which a supervisor may
+/// restart) so that a service manager can tell them apart (`RestartPreventExitStatus=3`).
+pub const EXIT_LET_GO: i32 = 3;
 
 /// A server whose file is open and whose NBD port (and control socket) are bound, ready to
 /// [`run`](Server::run).
@@ -386,14 +393,21 @@ impl Running {
                             // A signal during an outbound migration abandons it, and the exit
                             // status says it did not complete (flexnbd §2.4).
                             let mirroring = match &self.control {
-                                Some(control) => control.send(StopMirror).await.unwrap_or(false),
-                                None => false,
+                                Some(control) => control.send(StopMirror).await.unwrap_or(None),
+                                None => None,
                             };
-                            if mirroring {
-                                tracing::warn!("A migration was running: it was abandoned; exiting with status 1");
-                                1
-                            } else {
-                                0
+                            match mirroring {
+                                None => 0,
+                                Some(true) => {
+                                    tracing::warn!("A migration was running: it was abandoned; exiting with status 1");
+                                    1
+                                }
+                                Some(false) => {
+                                    tracing::error!(
+                                        "A migration was running and this server had let go of its copy (in doubt): the destination may hold the authoritative data; exiting with status {EXIT_LET_GO}. Do not serve this file again before checking the destination (docs/migration.md)"
+                                    );
+                                    EXIT_LET_GO
+                                }
                             }
                         }
                         // The inbound actor answers whether control was taken, and takes
@@ -425,7 +439,7 @@ impl Running {
                     }
                     ServerEvent::MigrationFatal(why) => {
                         crate::fatal!("{why}");
-                        return 1;
+                        return EXIT_LET_GO;
                     }
                     ServerEvent::MigrationReceived => {
                         received = true;
