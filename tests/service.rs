@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::cluster::start_listen;
+use support::cluster::{spawn_command, start_listen};
 use support::*;
 
 const SIZE: usize = 4 * MIB;
@@ -261,4 +261,157 @@ fn a_failed_mirror_says_why_after_flexnbds_text() {
             SIZE
         )
     );
+}
+
+/// Datagrams a fake service manager received, with when each arrived.
+fn notify_socket(dir: &std::path::Path) -> std::os::unix::net::UnixDatagram {
+    let socket = std::os::unix::net::UnixDatagram::bind(dir.join("notify.sock")).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    socket
+}
+
+fn next_datagram(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a notification within 10 s");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn ready_is_notified_only_once_the_port_and_the_control_socket_accept() {
+    use std::time::Duration;
+    let img = Image::zeroed(SIZE);
+    let dir = tempfile::tempdir().unwrap();
+    let manager = notify_socket(dir.path());
+    let sock = dir.path().join("ctl.sock");
+    let port = free_port();
+    let mut cmd = std::process::Command::new(flexnbd_bin());
+    cmd.args(["serve", "-l", "127.0.0.1", "-p", &port.to_string(), "-f"])
+        .arg(&img.path)
+        .arg("--sock")
+        .arg(&sock)
+        .env("NOTIFY_SOCKET", dir.path().join("notify.sock"));
+    let mut server = spawn_command("127.0.0.1".parse().unwrap(), port, cmd);
+
+    let ready = next_datagram(&manager);
+    // At this moment, and not later, both must accept.
+    let client = RawClient::greet(server.sockaddr());
+    assert!(
+        matches!(client, Greeting::Hello(_)),
+        "READY=1 came before the port served: {client:?}"
+    );
+    let status = flexnbd(&["status", "--sock", sock.to_str().unwrap()], None);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "READY=1 came before the control socket: {status:?}"
+    );
+    assert!(ready.starts_with("READY=1\n"), "{ready:?}");
+    assert!(
+        ready.contains("STATUS=Serving") && ready.contains(&format!("127.0.0.1:{port}")),
+        "{ready:?}"
+    );
+
+    server.signal("TERM");
+    let stopping = next_datagram(&manager);
+    assert!(
+        stopping.starts_with("STOPPING=1"),
+        "nothing changed, so nothing but STOPPING=1 is sent: {stopping:?}"
+    );
+    assert_eq!(server.wait_exit(Duration::from_secs(20)).code(), Some(0));
+}
+
+#[test]
+fn a_migration_is_reported_to_the_service_manager() {
+    use std::time::{Duration, Instant};
+    // Data, not holes: holes would go as zero ranges, at no bandwidth cost.
+    let src = Image::with_data(&pattern(7, SIZE));
+    let dst = Image::zeroed(SIZE);
+    let dir = tempfile::tempdir().unwrap();
+    let manager = notify_socket(dir.path());
+    let sock = dir.path().join("src.sock");
+    let port = free_port();
+    let mut cmd = std::process::Command::new(flexnbd_bin());
+    cmd.args(["serve", "-l", "127.0.0.1", "-p", &port.to_string(), "-f"])
+        .arg(&src.path)
+        .arg("--sock")
+        .arg(&sock)
+        .env("NOTIFY_SOCKET", dir.path().join("notify.sock"));
+    let mut source = spawn_command("127.0.0.1".parse().unwrap(), port, cmd);
+    assert!(next_datagram(&manager).starts_with("READY=1"));
+    let dst_port = free_port();
+    let _dest = start_listen(&dst.path, None, dst_port, &[]);
+    // Slow enough (about 4 s) for a few STATUS lines.
+    let answer = control(
+        &sock,
+        "mirror",
+        &[
+            "127.0.0.1",
+            &dst_port.to_string(),
+            "exit",
+            "0.0.0.0",
+            "1000000",
+            "background",
+        ],
+    );
+    assert_eq!(answer, "0: Mirror started\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let text = next_datagram(&manager);
+        let stopping = text.starts_with("STOPPING=1");
+        seen.push(text);
+        if stopping {
+            break;
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|t| t.starts_with("STATUS=Migrating: ") && t.contains("background")),
+        "{seen:?}"
+    );
+    assert_eq!(
+        source.wait_exit(Duration::from_secs(30)).code(),
+        Some(0),
+        "{seen:?}"
+    );
+}
+
+/// The units in contrib/systemd are valid for systemd (`systemd-analyze verify`, with
+/// ExecStart pointed at the binary under test). Skipped, saying so, where systemd's tools
+/// are not installed.
+#[test]
+fn the_systemd_units_verify() {
+    let analyze = std::path::Path::new("/usr/bin/systemd-analyze");
+    if !analyze.exists() {
+        eprintln!("systemd-analyze is not installed: the units are not verified here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd");
+    for unit in ["flexnbd@.service", "flexnbd-listen@.service"] {
+        let text = std::fs::read_to_string(units.join(unit)).unwrap();
+        assert!(text.contains("Type=notify"), "{unit}");
+        let text = text
+            .replace("/usr/local/bin/flexnbd", flexnbd_bin())
+            .lines()
+            .filter(|l| !l.starts_with("Documentation="))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let instance = unit.replace("@.", "@vm1.");
+        std::fs::write(dir.path().join(&instance), text).unwrap();
+        let out = std::process::Command::new(analyze)
+            .arg("verify")
+            .arg(dir.path().join(&instance))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains(&instance),
+            "{unit}: {stderr}"
+        );
+    }
+    let serve = std::fs::read_to_string(units.join("flexnbd@.service")).unwrap();
+    assert!(serve.contains("Restart=on-failure") && serve.contains("RestartPreventExitStatus=3"));
 }

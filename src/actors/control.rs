@@ -199,6 +199,12 @@ impl Drop for PendingAnswer {
 #[rtype(result = "Option<bool>")]
 pub struct StopMirror;
 
+/// Main → control, every few seconds under a service manager: the registered migration
+/// in a few words (its `STATUS=`), or `None` when none is registered.
+#[derive(Message, Debug)]
+#[rtype(result = "Option<String>")]
+pub struct MigrationSummary;
+
 /// Connection task → control: execute a parsed request, answer the response line.
 #[derive(Message, Debug)]
 #[rtype(result = "String")]
@@ -508,6 +514,29 @@ impl Handler<MirrorEnded> for Control {
                 self.mirror = None;
             }
         }
+    }
+}
+
+impl Handler<MigrationSummary> for Control {
+    type Result = Option<String>;
+
+    fn handle(&mut self, _msg: MigrationSummary, _ctx: &mut Self::Context) -> Self::Result {
+        let stats = &self.mirror.as_ref()?.stats;
+        let status = stats.status();
+        let mode = if stats.is_active() {
+            "active"
+        } else {
+            "background"
+        };
+        let mut text = format!(
+            "Migrating: {}, {}%, {mode}",
+            stats.phase().name(),
+            stats.progress_percent()
+        );
+        if let Some(left) = status.seconds_left {
+            text.push_str(&format!(", about {left} s left"));
+        }
+        Some(text)
     }
 }
 

@@ -9,6 +9,7 @@
 //! [`Server::bind`] and [`Server::run`] directly, without the binary.
 
 mod control_socket;
+mod notify;
 mod stop;
 #[cfg(test)]
 mod tests;
@@ -24,7 +25,7 @@ use bytes::Bytes;
 
 use crate::acl::Acl;
 use crate::actors::allocation_map::{AllocationMapBuilder, StopBuilder};
-use crate::actors::control::{Control, ControlConfig, StopControl, StopMirror};
+use crate::actors::control::{Control, ControlConfig, MigrationSummary, StopControl, StopMirror};
 use crate::actors::inbound::{AttachListener, Inbound, StopInbound, WriteGate};
 use crate::actors::listener::{Listener, ListenerConfig, Shutdown};
 use crate::actors::rebind::Rebinder;
@@ -112,6 +113,9 @@ pub fn run(opts: Options) -> i32 {
         }
     }
 }
+
+/// How often a service manager hears how a migration is going (`STATUS=`).
+const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 /// The exit status of a `serve` that ended after letting go of its copy during a migration
 /// (stopped by a signal in doubt, or a fatal hand-off failure): the destination may hold
@@ -282,6 +286,10 @@ struct Running {
     /// `listen`: the inbound-migration actor (who may write, the hand-off).
     inbound: Option<Addr<Inbound>>,
     control_socket: Option<ControlSocket>,
+    /// The service manager, when one asked to be told (`NOTIFY_SOCKET`).
+    notifier: Option<notify::Notifier>,
+    /// Where the NBD port listens (the port the system chose for port 0).
+    local: SocketAddr,
     events: tokio::sync::mpsc::UnboundedReceiver<ServerEvent>,
     /// Keeps the event channel open while no actor holds a sender.
     _events_tx: Events,
@@ -298,6 +306,7 @@ impl Running {
         requests: stop::Requests,
     ) -> anyhow::Result<Running> {
         let stop = stop::Stop::install(requests)?;
+        let local = socket.local_addr().context("reading the bound address")?;
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         let arbiters: Vec<Arbiter> = (0..workers).map(|_| Arbiter::new()).collect();
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
@@ -331,6 +340,11 @@ impl Running {
             }
             .start()
         });
+        // The port listens and the control socket exists: flexnbd's "ready".
+        let notifier = notify::Notifier::from_env();
+        if let Some(notifier) = &notifier {
+            notifier.ready(&Self::serving_status(&opts, &backing, local));
+        }
         Ok(Running {
             opts,
             backing,
@@ -340,6 +354,8 @@ impl Running {
             control,
             inbound,
             control_socket,
+            notifier,
+            local,
             events,
             _events_tx: events_tx,
             stop,
@@ -372,8 +388,41 @@ impl Running {
         Ok(code)
     }
 
+    /// What the server does, for the service manager's `STATUS=`.
+    fn serving_status(opts: &Options, backing: &Backing, local: SocketAddr) -> String {
+        let verb = match opts.mode {
+            Mode::Serve => "Serving",
+            Mode::Listen { .. } => "Waiting for a migration into",
+        };
+        format!(
+            "{verb} {} ({} bytes) on {}",
+            opts.file.display(),
+            backing.size(),
+            local
+        )
+    }
+
+    /// Under a service manager, tells it how the migration is going (or that none runs),
+    /// when that changed.
+    async fn report_status(&self, last: &mut Option<String>) {
+        let (Some(notifier), Some(control)) = (&self.notifier, &self.control) else {
+            return;
+        };
+        let summary = control.send(MigrationSummary).await.ok().flatten();
+        let text =
+            summary.unwrap_or_else(|| Self::serving_status(&self.opts, &self.backing, self.local));
+        if last.as_deref() != Some(text.as_str()) {
+            notifier.status(&text);
+            *last = Some(text);
+        }
+    }
+
     async fn wait_for_end(&mut self) -> i32 {
         let mut received = false;
+        let mut status_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + STATUS_EVERY, STATUS_EVERY);
+        // READY=1 carried this one.
+        let mut last_status = Some(Self::serving_status(&self.opts, &self.backing, self.local));
         let mut rebinding: Option<tokio::sync::oneshot::Receiver<Result<Addr<Listener>, String>>> =
             None;
         loop {
@@ -386,6 +435,9 @@ impl Running {
                 }
             };
             tokio::select! {
+                _ = status_tick.tick(), if self.notifier.is_some() => {
+                    self.report_status(&mut last_status).await;
+                }
                 signal = self.stop.wait() => {
                     tracing::info!("Received {signal}: shutting down");
                     return match self.opts.mode {
@@ -465,6 +517,9 @@ impl Running {
     }
 
     async fn shut_down(mut self) -> anyhow::Result<()> {
+        if let Some(notifier) = &self.notifier {
+            notifier.stopping();
+        }
         // The control socket goes first, before the NBD port closes (flexnbd §5.5).
         if let Some(control) = self.control.take() {
             let _ = control.send(StopControl).await;
