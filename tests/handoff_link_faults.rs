@@ -1084,7 +1084,11 @@ fn the_source_stays_in_doubt_until_stopped(p: &mut Pair, fired: Instant) {
         "{test}: break in doubt answered {answer:?}"
     );
     p.source.signal("TERM");
-    assert_exit(&mut p.source, 3, "the in-doubt source stopped by SIGTERM (it let go: status 3)");
+    assert_exit(
+        &mut p.source,
+        3,
+        "the in-doubt source stopped by SIGTERM (it let go: status 3)",
+    );
 }
 
 fn source_in_doubt(p: &Pair) {
@@ -1276,7 +1280,11 @@ fn a_partition_over_the_commit_heals_into_exactly_one_authority() {
             let why = p.probes.refused(src, "the source in doubt");
             assert_eq!(why, Refusal::ClosedWithoutHello, "{test}");
             p.source.signal("TERM");
-            assert_exit(&mut p.source, 3, "the in-doubt source stopped by SIGTERM (it let go: status 3)");
+            assert_exit(
+                &mut p.source,
+                3,
+                "the in-doubt source stopped by SIGTERM (it let go: status 3)",
+            );
         }
     }
     timing(test, "Commit to the end of the source", fired.elapsed());

@@ -1167,7 +1167,11 @@ fn destination_signalled(test: &'static str, phase: Phase, sig: Sig) {
         rig.assert_promise(Authority::Nobody(&[Side::Destination]));
         // The operator's resolution: the destination had control, so stop the source.
         rig.source.signal("TERM");
-        assert_exit(&mut rig.source, 3, "the in-doubt source stopped by SIGTERM (it let go: status 3)");
+        assert_exit(
+            &mut rig.source,
+            3,
+            "the in-doubt source stopped by SIGTERM (it let go: status 3)",
+        );
         return;
     }
 
