@@ -144,6 +144,96 @@ def run_client(argv, timeout: float, what: str) -> "tuple[float, str, str]":
     return elapsed, out, err
 
 
+# --------------------------------------------------------------------------
+# Busy host: CPU-bound processes beside the servers (--busy, --conditions).
+
+CONDITIONS = ("quiet", "busy")  # in the order they run
+BUSY_HOGS = 2  # CPU-bound processes in the busy condition
+BUSY_NICE = 5
+BUSY_ARGV = ["nice", "-n", str(BUSY_NICE), sys.executable, "-c", "while True: pass"]
+
+
+class BusyHost:
+    """Context manager: in the busy condition, BUSY_HOGS busy loops at nice
+    BUSY_NICE run for as long as the block runs (a row's trials). They are
+    started with spawn(), so they are in LIVE (stop_all() kills them on an
+    error or Ctrl-C) and die with this script; on exit they are stopped."""
+
+    def __init__(self, busy: bool):
+        self.busy = busy
+        self.procs: List[subprocess.Popen] = []
+
+    def __enter__(self):
+        if not self.busy:
+            return self
+        try:
+            for _ in range(BUSY_HOGS):
+                self.procs.append(spawn(BUSY_ARGV, subprocess.DEVNULL, subprocess.DEVNULL))
+            time.sleep(0.2)  # let them get past the interpreter's start-up
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                raise BenchError("busy loop exited at once (status %s): %s"
+                                 % (dead[0].returncode, shlex.join(BUSY_ARGV)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            stop(p, term_timeout=2)
+        self.procs = []
+        return False
+
+
+# --------------------------------------------------------------------------
+# Server CPU: utime + stime of the server, from /proc, around a client run.
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def session_cpu_ticks(sid: int) -> int:
+    """utime + stime (fields 14, 15 of /proc/PID/stat: all threads of the
+    process) of every process in session sid, that is the server (spawn()
+    makes it a session leader) and any process it started, plus cutime +
+    cstime (fields 16, 17) of the leader for children it has reaped."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3
+        try:
+            if int(fields[6 - 3]) != sid:
+                continue
+            total += int(fields[14 - 3]) + int(fields[15 - 3])
+            if int(name) == sid:
+                total += int(fields[16 - 3]) + int(fields[17 - 3])
+        except (IndexError, ValueError):
+            continue
+    return total
+
+
+def server_cpu(srv) -> float:
+    """CPU seconds the running server (srv: a Running) has used so far."""
+    return session_cpu_ticks(srv.proc.pid) / CLK_TCK
+
+
+def cpu_info(cpu_s: float, requests: Optional[int] = None, mib_moved: Optional[float] = None):
+    """Measurement.info entries for the server's CPU during a client run: per
+    request when the number of requests is known, else per MiB moved."""
+    info: Dict[str, object] = {"cpu_s": cpu_s}
+    if requests:
+        info.update(requests=requests, cpu_us=cpu_s * 1e6 / requests, cpu_unit="us/req")
+    elif mib_moved:
+        info.update(mib_moved=mib_moved, cpu_us=cpu_s * 1e6 / mib_moved, cpu_unit="us/MiB")
+    return info
+
+
 def tail(text: str, lines: int = 15) -> str:
     return "\n".join("    " + l for l in text.strip().splitlines()[-lines:])
 
@@ -174,7 +264,7 @@ def accepts(port: int) -> bool:
 # --------------------------------------------------------------------------
 # Servers. To add one, add an entry to SERVERS.
 # role "candidate": judged by its ratio to the best "reference" server
-# (against Server.target on every row when set, else the row's target).
+# (against the row's target, or Server.target when set and higher).
 
 
 @dataclass
@@ -184,7 +274,7 @@ class Server:
     role: str  # "candidate" or "reference"
     tool: Callable[["Ctx"], str]  # the executable (checked before running)
     argv: Callable[["Ctx", int, str], List[str]]  # (ctx, port, file) -> command line
-    target: Optional[float] = None  # candidates: overrides every row's target
+    target: Optional[float] = None  # candidates: a floor under every row's target
 
 
 def flexnbd_argv(*extra):
@@ -204,7 +294,7 @@ SERVERS = [
         flexnbd_argv("--sync-writes"),
     ),
     # Fixed new-style: structured replies, base:allocation block status,
-    # multi-conn, trim/zero. Judged against 1.0 on every row.
+    # multi-conn, trim/zero. Judged against the row's target, at least 1.0.
     Server(
         "flexnbd-newstyle",
         "flexnbd --newstyle",
@@ -316,6 +406,9 @@ class Test:
     # "migration": run once per round, measure(ctx, test, None) starts its own
     # flexnbd processes (see the migration section)
     kind: str = "server"
+    # what the server's CPU is divided by: "us/req" (requests the client
+    # completed) or "us/MiB" (MiB moved, where the request count is unknown)
+    cpu_unit: str = "us/req"
 
 
 def fio_argv(ctx, test, port, output):
@@ -336,7 +429,9 @@ def measure_fio(ctx, test, srv) -> Measurement:
     if os.path.exists(output):
         os.unlink(output)
     argv = fio_argv(ctx, test, srv.port, output)
+    cpu0 = server_cpu(srv)
     run_client(argv, timeout=ctx.runtime + 60, what="fio")
+    cpu_s = server_cpu(srv) - cpu0
     try:
         with open(output) as f:
             text = f.read()
@@ -358,6 +453,8 @@ def measure_fio(ctx, test, srv) -> Measurement:
     levels = job.get("iodepth_level", {})
     at_depth = float(levels.get(str(qd), 0.0)) if qd > 1 else 100.0
     info = {"at_depth_pct": at_depth}
+    requests = sum(int(job.get(k, {}).get("total_ios", 0)) for k in ("read", "write", "trim"))
+    info.update(cpu_info(cpu_s, requests=requests))
     if p99 is not None:
         info["p99_us"] = p99 / 1000.0
     return Measurement(value, lat / 1000.0 if lat is not None else None, info)
@@ -374,8 +471,45 @@ def measure_nbdcopy(ctx, test, srv) -> Measurement:
     else:
         argv += ["--flush", ctx.files[test.params["source"]], uri]
         copied = os.path.getsize(ctx.files[test.params["source"]])
+    cpu0 = server_cpu(srv)
     secs, _, _ = run_client(argv, timeout=600, what="nbdcopy")
-    return Measurement(copied / MIB / secs, None, {"seconds": secs})
+    cpu_s = server_cpu(srv) - cpu0
+    # nbdcopy's requests vary in size (and number, with multi-conn): per MiB
+    return Measurement(copied / MIB / secs, None, {"seconds": secs, **cpu_info(cpu_s, mib_moved=copied / MIB)})
+
+
+QEMU_IMG_BENCH_PER_S = 1000  # requests per --runtime second (about 1 GB/s of 1 MiB requests)
+QEMU_IMG_RUN_RE = re.compile(r"Run completed in ([0-9.]+) seconds")
+
+
+def qemu_img_bench_count(ctx) -> int:
+    return max(100, QEMU_IMG_BENCH_PER_S * ctx.runtime)
+
+
+def qemu_img_bench_argv(ctx, test, port):
+    p = test.params
+    return (["qemu-img", "bench", "-f", "raw", "-c", str(qemu_img_bench_count(ctx)), "-d", str(p["depth"]),
+             "-s", p["bs"]] + (["-w"] if p["write"] else []) + ["nbd://%s:%d" % (HOST, port)])
+
+
+def measure_qemu_img_bench(ctx, test, srv) -> Measurement:
+    """qemu-img bench: COUNT requests of bs, depth in flight, at consecutive
+    offsets (wrapping at the end of the image), on one NBD connection. The
+    figure is COUNT * bs / the run time qemu-img reports ("Run completed in
+    S seconds": the requests only, not opening and closing the image)."""
+    argv = qemu_img_bench_argv(ctx, test, srv.port)
+    count = qemu_img_bench_count(ctx)
+    cpu0 = server_cpu(srv)
+    wall, out, err = run_client(argv, timeout=ctx.runtime * 20 + 120, what="qemu-img bench")
+    cpu_s = server_cpu(srv) - cpu0
+    m = QEMU_IMG_RUN_RE.search(out + err)
+    if not m or float(m.group(1)) <= 0:
+        raise BenchError("no \"Run completed in S seconds\" in the output of %s:\n%s"
+                         % (shlex.join(argv), tail(out + err)))
+    secs = float(m.group(1))
+    moved = count * test.params["bytes"] / MIB
+    return Measurement(moved / secs, None, {"seconds": secs, "wall_seconds": wall,
+                                            **cpu_info(cpu_s, requests=count)})
 
 
 def allocated(path: str) -> int:
@@ -399,8 +533,11 @@ def measure_nbdcopy_sparse(ctx, test, srv) -> Measurement:
     if os.path.exists(dest):
         os.unlink(dest)
     try:
+        cpu0 = server_cpu(srv)
         secs, _, _ = run_client(sparse_copy_argv(ctx, uri, dest), timeout=600, what="nbdcopy")
+        cpu_s = server_cpu(srv) - cpu0
         info: Dict[str, object] = {
+            **cpu_info(cpu_s, mib_moved=os.path.getsize(src) / MIB),
             "seconds": secs,
             "dest_alloc": allocated(dest),
             "src_alloc": allocated(src),
@@ -1390,22 +1527,34 @@ def fio_test(id, label, rw, bs, iodepth, unit, target):
                 params={"rw": rw, "bs": bs, "iodepth": iodepth})
 
 
+def qemu_img_bench_test(id, label, write, target):
+    return Test(id, label, "MiB/s", target, measure_qemu_img_bench,
+                params={"write": write, "bs": "1M", "bytes": MIB, "depth": 8})
+
+
+# Targets (flexnbd / best other, at least), from the issue "Low-queue-depth
+# latency": 4 KiB random read QD1 and 1 MiB sequential read QD1 1.1; every
+# QD16 row 1.2; nbdcopy and qemu-img bench rows 1.0. They apply to every
+# flexnbd variant (a variant's own target is only a floor). Server CPU per
+# request: at most the best other's, on every row (CPU_TARGET).
 TESTS = [
-    fio_test("read-1m-qd1", "1 MiB sequential read, QD1", "read", "1M", 1, "MiB/s", 1.0),
+    fio_test("read-1m-qd1", "1 MiB sequential read, QD1", "read", "1M", 1, "MiB/s", 1.1),
     fio_test("write-1m-qd1", "1 MiB sequential write, QD1", "write", "1M", 1, "MiB/s", 1.0),
     fio_test("randread-4k-qd1", "4 KiB random read, QD1", "randread", "4k", 1, "IOPS", 1.1),
-    fio_test("randread-4k-qd16", "4 KiB random read, QD16", "randread", "4k", 16, "IOPS", 1.1),
-    fio_test("randwrite-4k-qd16", "4 KiB random write, QD16", "randwrite", "4k", 16, "IOPS", 1.1),
+    fio_test("randread-4k-qd16", "4 KiB random read, QD16", "randread", "4k", 16, "IOPS", 1.2),
+    fio_test("randwrite-4k-qd16", "4 KiB random write, QD16", "randwrite", "4k", 16, "IOPS", 1.2),
     Test("nbdcopy-read", "nbdcopy server -> null:", "MiB/s", 1.0, measure_nbdcopy,
-         params={"direction": "read"}),
+         params={"direction": "read"}, cpu_unit="us/MiB"),
     Test("nbdcopy-write", "nbdcopy file -> server, --flush", "MiB/s", 1.0, measure_nbdcopy,
-         params={"direction": "write", "source": "src"}),
+         params={"direction": "write", "source": "src"}, cpu_unit="us/MiB"),
+    qemu_img_bench_test("qemu-img-bench-read", "qemu-img bench 1 MiB read, QD8", False, 1.0),
+    qemu_img_bench_test("qemu-img-bench-write", "qemu-img bench 1 MiB write, QD8", True, 1.0),
     # --sync-writes changes nothing on a copy from the server: not run.
     # Old-style flexnbd has no block status, so nbdcopy reads every byte of
     # it; it is shown for reference, without a verdict.
     Test("nbdcopy-sparse", "nbdcopy server -> new file, 10%-allocated image", "MiB/s", 1.0,
          measure_nbdcopy_sparse, serves="sparse10", skip=("flexnbd-sync",),
-         notes={"flexnbd": "old-style, no block status"}),
+         notes={"flexnbd": "old-style, no block status"}, cpu_unit="us/MiB"),
     # Migration rows: once per round, flexnbd serve -> flexnbd listen, each
     # with its own target (a maximum: lower is better); see MigrationPair.
     Test("migrate-dense", "migration of the dense image vs. nbdcopy file -> flexnbd", "s", 1.3,
@@ -1502,6 +1651,7 @@ class Ctx:
         self.sparse_checked: Dict[str, Dict[str, object]] = {}  # server id -> block-status map
         self.migration_checked: set = set()  # migration rows whose copies were compared
         self.round = 0
+        self.conditions: List[str] = args.conditions
         self.probes: Dict[str, Dict[str, object]] = {}
         self.nbdcopy_extra = (["--connections=%d" % args.nbdcopy_connections]
                               if args.nbdcopy_connections else [])
@@ -1605,7 +1755,8 @@ def check_tools(ctx, servers, tests):
                 if t.measure in (measure_migration_writer, measure_writer_cost):
                     needed.setdefault("fio", []).append("test %s" % t.id)
             continue
-        needed.setdefault("fio" if t.measure is measure_fio else "nbdcopy", []).append("test %s" % t.id)
+        tool = {measure_fio: "fio", measure_qemu_img_bench: "qemu-img"}.get(t.measure, "nbdcopy")
+        needed.setdefault(tool, []).append("test %s" % t.id)
         if t.measure is measure_nbdcopy_sparse:
             needed.setdefault("nbdinfo", []).append("test %s" % t.id)
     if probed_servers(tests, servers):
@@ -1654,98 +1805,204 @@ def probe(ctx, server) -> Dict[str, object]:
 # Results.
 
 
+CPU_TARGET = 1.0  # server CPU per request: flexnbd / best other, at most
+
+
+def is_qd1(test) -> bool:
+    """fio rows with one request at a time: their p50 is shown next to the figure."""
+    return test.measure is measure_fio and test.params.get("iodepth") == 1
+
+
 class Results:
-    def __init__(self, tests, servers):
+    """Trials keyed by (test id, server id, condition). Migration rows run
+    under the first condition only (self.migration_condition)."""
+
+    def __init__(self, tests, servers, conditions=("quiet",)):
         self.tests, self.servers = tests, servers
+        self.conditions = list(conditions)
+        self.migration_condition = self.conditions[0]
         self.trials: Dict[tuple, List[Measurement]] = {}
 
-    def add(self, test, server, m):
-        self.trials.setdefault((test.id, server.id), []).append(m)
+    def add(self, test, server, m, cond):
+        self.trials.setdefault((test.id, server.id, cond), []).append(m)
 
-    def median(self, test, server) -> Optional[float]:
-        ms = self.trials.get((test.id, server.id))
+    def _ms(self, test, server, cond) -> List[Measurement]:
+        return self.trials.get((test.id, server.id, cond), [])
+
+    def median(self, test, server, cond) -> Optional[float]:
+        ms = self._ms(test, server, cond)
         return statistics.median(m.value for m in ms) if ms else None
 
-    def lat_median(self, test, server) -> Optional[float]:
-        ls = [m.lat_us for m in self.trials.get((test.id, server.id), []) if m.lat_us is not None]
+    def lat_median(self, test, server, cond) -> Optional[float]:
+        ls = [m.lat_us for m in self._ms(test, server, cond) if m.lat_us is not None]
         return statistics.median(ls) if ls else None
 
-    def spread(self, test, server) -> Optional[float]:
-        vs = [m.value for m in self.trials.get((test.id, server.id), [])]
-        if len(vs) < 2:
-            return None
-        med = statistics.median(vs)
-        return 100.0 * (max(vs) - min(vs)) / med if med else None
+    def cpu_median(self, test, server, cond) -> Optional[float]:
+        """Median server CPU per request (or per MiB: test.cpu_unit), in us."""
+        cs = [m.info["cpu_us"] for m in self._ms(test, server, cond) if "cpu_us" in m.info]
+        return statistics.median(cs) if cs else None
 
-    def best_reference(self, test):
+    def spread(self, test, server, cond) -> Optional[float]:
+        return spread_pct([m.value for m in self._ms(test, server, cond)])
+
+    def best_reference(self, test, cond, getter=None, lowest=False):
+        """(server, median) of the best reference server: highest figure, or
+        lowest (CPU) with lowest=True."""
+        getter = getter or self.median
         best = None
         for s in self.servers:
             if s.role != "reference":
                 continue
-            v = self.median(test, s)
-            if v is not None and (best is None or v > best[1]):
+            v = getter(test, s, cond)
+            if v is not None and (best is None or (v < best[1] if lowest else v > best[1])):
                 best = (s, v)
         return best
 
+    @staticmethod
+    def target_of(test, server) -> float:
+        """The row's target; a variant's own target is a floor."""
+        return max(test.target, server.target) if server.target is not None else test.target
+
+    def verdict(self, test, server, cond):
+        """(median, best other, ratio, verdict) of a candidate on a row."""
+        v = self.median(test, server, cond)
+        if v is None:
+            return None, None, None, "-"
+        best = self.best_reference(test, cond)
+        if best is None or not best[1]:
+            return v, best, None, "n/a"
+        ratio = v / best[1]
+        verdict = "PASS" if ratio >= self.target_of(test, server) else "MISS"
+        return v, best, ratio, "info" if test.notes.get(server.id) else verdict
+
+    def cpu_verdict(self, test, server, cond):
+        """(CPU per request, best (lowest) other, ratio, verdict)."""
+        v = self.cpu_median(test, server, cond)
+        if v is None:
+            return None, None, None, "-"
+        best = self.best_reference(test, cond, self.cpu_median, lowest=True)
+        if best is None or not best[1]:
+            return v, best, None, "n/a"
+        ratio = v / best[1]
+        verdict = "PASS" if ratio <= CPU_TARGET else "MISS"
+        return v, best, ratio, "info" if test.notes.get(server.id) else verdict
+
+    def ratio_header(self):
+        head = ["test", "server", "unit", "target"]
+        qd1 = any(is_qd1(t) for t in self.tests)
+        for c in self.conditions:
+            head += ["%s: median" % c] + (["p50 us"] if qd1 else []) + ["best other", "ratio", "result"]
+        return head
+
     def ratio_rows(self):
-        """One row per (test, candidate): median, best other, ratio, verdict."""
+        """One row per (test, candidate): target, then per condition side by
+        side: median (and p50 for QD1 rows), best other, ratio, verdict."""
+        rows = []
+        qd1 = any(is_qd1(t) for t in self.tests)
+        for t in self.tests:
+            for s in self.servers:
+                if s.role != "candidate" or not any(self._ms(t, s, c) for c in self.conditions):
+                    continue
+                note = t.notes.get(s.id)
+                row = [t.id, s.label + (" (%s)" % note if note else ""), t.unit,
+                       "-" if note else ">= %.2f" % self.target_of(t, s)]
+                for c in self.conditions:
+                    v, best, ratio, verdict = self.verdict(t, s, c)
+                    row.append(fmt(v))
+                    if qd1:
+                        row.append(fmt(self.lat_median(t, s, c), 1) if is_qd1(t) else "")
+                    row += ["%s %s" % (best[0].id, fmt(best[1])) if best else "-",
+                            "%.2f" % ratio if ratio is not None else "-", verdict]
+                rows.append(row)
+        return rows
+
+    def cpu_header(self):
+        head = ["test", "server", "unit", "target"]
+        for c in self.conditions:
+            head += ["%s: CPU" % c, "best other", "ratio", "result"]
+        return head
+
+    def cpu_rows(self):
+        """One row per (test, candidate): server CPU per request (or per MiB)
+        against the lowest of the references, per condition side by side."""
         rows = []
         for t in self.tests:
-            best = self.best_reference(t)
+            if t.kind != "server":
+                continue
             for s in self.servers:
-                if s.role != "candidate":
+                if s.role != "candidate" or not any(self._ms(t, s, c) for c in self.conditions):
                     continue
-                v = self.median(t, s)
-                if v is None:
-                    continue
-                target = s.target if s.target is not None else t.target
                 note = t.notes.get(s.id)
-                if best is None or not best[1]:
-                    ratio, verdict, other = None, "n/a", "-"
-                else:
-                    ratio = v / best[1]
-                    verdict = "PASS" if ratio >= target else "MISS"
-                    other = "%s %s" % (best[0].id, fmt(best[1]))
-                if note:  # shown for reference, not judged
-                    verdict = "info"
-                rows.append([t.id, s.label + (" (%s)" % note if note else ""), t.unit, fmt(v), other,
-                             "%.2f" % ratio if ratio is not None else "-",
-                             "-" if note else ">= %.2f" % target, verdict])
+                row = [t.id, s.label + (" (%s)" % note if note else ""), t.cpu_unit,
+                       "-" if note else "<= %.2f" % CPU_TARGET]
+                for c in self.conditions:
+                    v, best, ratio, verdict = self.cpu_verdict(t, s, c)
+                    row += [fmt(v), "%s %s" % (best[0].id, fmt(best[1])) if best else "-",
+                            "%.2f" % ratio if ratio is not None else "-", verdict]
+                rows.append(row)
         return rows
 
     def sparse_rows(self, test):
-        """Per server on a sparse-copy row: time, allocation of the copy,
-        the content check and what the server reported as block status."""
+        """Per (server, condition) on a sparse-copy row: time, allocation of
+        the copy, the content check and what the server reported as block
+        status."""
         rows = []
         for s in self.servers:
-            ms = self.trials.get((test.id, s.id))
-            if not ms:
-                continue
-            first = next((m.info for m in ms if "map" in m.info), {})
-            rows.append([
-                s.id, fmt(statistics.median(m.value for m in ms)),
-                "%.2f" % statistics.median(m.info["seconds"] for m in ms),
-                mib(ms[0].info["src_alloc"]),
-                mib(statistics.median(m.info["dest_alloc"] for m in ms)),
-                "yes" if first.get("identical") else "?",
-                map_text(first["map"]) if "map" in first else "?",
-            ])
+            for c in self.conditions:
+                ms = self._ms(test, s, c)
+                if not ms:
+                    continue
+                first = next((m.info for m in ms if "map" in m.info), {})
+                if not first:  # checked once per server, maybe under the other condition
+                    first = next((m.info for cc in self.conditions for m in self._ms(test, s, cc)
+                                  if "map" in m.info), {})
+                rows.append([
+                    s.id, c, fmt(statistics.median(m.value for m in ms)),
+                    "%.2f" % statistics.median(m.info["seconds"] for m in ms),
+                    mib(ms[0].info["src_alloc"]),
+                    mib(statistics.median(m.info["dest_alloc"] for m in ms)),
+                    "yes" if first.get("identical") else "?",
+                    map_text(first["map"]) if "map" in first else "?",
+                ])
         return rows
 
-    def median_rows(self, getter, digits=None):
+    def median_rows(self, getter, digits=None, unit=None):
+        """One row per (test, condition), one column per server."""
         rows = []
         for t in self.tests:
-            cells = [getter(t, s) for s in self.servers]
-            if all(c is None for c in cells):
+            for c in self.conditions:
+                cells = [getter(t, s, c) for s in self.servers]
+                if all(x is None for x in cells):
+                    continue
+                rows.append([t.id, c, unit(t) if unit else t.unit]
+                            + [fmt(x, digits) if x is not None else "-" for x in cells])
+        return rows
+
+    def figure_cpu_rows(self):
+        """Medians, all servers: 'figure (CPU)' per server, per (test, condition)."""
+        rows = []
+        for t in self.tests:
+            if t.kind != "server":
                 continue
-            rows.append([t.id, t.unit] + [fmt(c, digits) if c is not None else "-" for c in cells])
+            for c in self.conditions:
+                cells = []
+                for s in self.servers:
+                    v = self.median(t, s, c)
+                    cpu = self.cpu_median(t, s, c)
+                    cells.append("-" if v is None else fmt(v) if cpu is None
+                                 else "%s (%s)" % (fmt(v), fmt(cpu)))
+                if all(x == "-" for x in cells):
+                    continue
+                rows.append([t.id, c, "%s (%s)" % (t.unit, t.cpu_unit)] + cells)
         return rows
 
     def has_server_trials(self) -> bool:
-        return any(sid != MIGRATION.id for _, sid in self.trials)
+        return any(sid != MIGRATION.id for _, sid, _ in self.trials)
 
     def migration_trials(self, test) -> List[Measurement]:
-        return self.trials.get((test.id, MIGRATION.id), []) if test.kind == "migration" else []
+        if test.kind != "migration":
+            return []
+        return self.trials.get((test.id, MIGRATION.id, self.migration_condition), [])
 
     def migration_rows(self):
         """The verdicts of the migration rows: medians of the trials that
@@ -1874,10 +2131,40 @@ class Results:
         return rows
 
     def to_json(self):
-        return {
-            "%s/%s" % k: [{"value": m.value, "lat_us": m.lat_us, **m.info} for m in v]
-            for k, v in self.trials.items()
-        }
+        """Every trial, keyed "test/server", each with its condition."""
+        out: Dict[str, list] = {}
+        for (tid, sid, cond), v in self.trials.items():
+            out.setdefault("%s/%s" % (tid, sid), []).extend(
+                {"condition": cond, "value": m.value, "lat_us": m.lat_us, **m.info} for m in v)
+        return out
+
+    def summary_json(self):
+        """Medians, ratios and verdicts per (test, server, condition),
+        including server CPU per request (cpu_us, in cpu_unit) and its ratio
+        to the lowest reference (lower is better)."""
+        out = []
+        for t in self.tests:
+            if t.kind != "server":
+                continue
+            for s in self.servers:
+                for c in self.conditions:
+                    if not self._ms(t, s, c):
+                        continue
+                    e: Dict[str, object] = {
+                        "test": t.id, "server": s.id, "condition": c, "unit": t.unit,
+                        "median": self.median(t, s, c), "p50_us": self.lat_median(t, s, c),
+                        "cpu_unit": t.cpu_unit, "cpu_us": self.cpu_median(t, s, c),
+                        "trials": len(self._ms(t, s, c)),
+                    }
+                    if s.role == "candidate":
+                        _, best, ratio, verdict = self.verdict(t, s, c)
+                        e.update(target=self.target_of(t, s), best_other=best[0].id if best else None,
+                                 ratio=ratio, result=verdict)
+                        _, cbest, cratio, cverdict = self.cpu_verdict(t, s, c)
+                        e.update(cpu_target=CPU_TARGET, cpu_best_other=cbest[0].id if cbest else None,
+                                 cpu_ratio=cratio, cpu_result=cverdict)
+                    out.append(e)
+        return out
 
 
 def num(v, digits=2) -> str:
@@ -1940,24 +2227,43 @@ def md_table(header, rows) -> str:
     return "\n".join(out)
 
 
+def conditions_text(conditions) -> str:
+    what = {"quiet": "quiet = nothing else started by the script",
+            "busy": "busy = %d CPU-bound loops (%s) running beside the servers during each row's trials"
+                    % (BUSY_HOGS, shlex.join(BUSY_ARGV[:3] + ["python3"] + BUSY_ARGV[4:]))}
+    return "; ".join(what[c] for c in conditions)
+
+
 def render(results, ctx, env, partial, table):
     """The result tables, with `table` as the table formatter."""
     ids = [s.id for s in results.servers]
     parts = []
     title = "Results" + (" (PARTIAL: run did not complete)" if partial else "")
+    cond_title = ("conditions %s side by side" % " / ".join(results.conditions)
+                  if len(results.conditions) > 1 else "condition %s" % results.conditions[0])
     if results.has_server_trials():
         ratio_rows = results.ratio_rows()
         if ratio_rows:
-            done = max(len(v) for v in results.trials.values())
-            parts.append((title + ": flexnbd variants vs. the best other server, median of %d round(s)"
-                          % done, table(
-                              ["test", "server", "unit", "median", "best other", "ratio", "target", "result"],
-                              ratio_rows)))
+            done = max(len(v) for (_, sid, _), v in results.trials.items() if sid != MIGRATION.id)
+            parts.append((title + ": flexnbd variants vs. the best other server, median of %d round(s), %s "
+                          "(%s); higher is better%s"
+                          % (done, cond_title, conditions_text(results.conditions),
+                             "; p50 us: fio completion latency p50 of the variant on QD1 rows"
+                             if any(is_qd1(t) for t in results.tests) else ""),
+                          table(results.ratio_header(), ratio_rows)))
+            cpu_rows = results.cpu_rows()
+            if cpu_rows:
+                parts.append(("Server CPU (utime + stime) per request in microseconds (us/MiB: per MiB "
+                              "moved, for nbdcopy rows, whose request count is not known), median of "
+                              "rounds, %s; LOWER is better; ratio = flexnbd / lowest other server, "
+                              "PASS when ratio <= %.2f" % (cond_title, CPU_TARGET),
+                              table(results.cpu_header(), cpu_rows)))
         else:
             title = "(no ratios: the selected servers lack a flexnbd variant or a reference) " + title
-        parts.append((title + ": medians, all servers (MiB/s or IOPS; higher is better)" if not ratio_rows
-                      else "Medians, all servers (MiB/s or IOPS; higher is better)",
-                      table(["test", "unit"] + ids, results.median_rows(results.median))))
+        head = ("Medians, all servers: figure (server CPU per request, us; or per MiB where the unit "
+                "says us/MiB); figure higher is better, CPU lower is better")
+        parts.append((title + ": " + head if not ratio_rows else head,
+                      table(["test", "condition", "unit"] + ids, results.figure_cpu_rows())))
         title = None
         for t in results.tests:
             if t.measure is measure_nbdcopy_sparse:
@@ -1965,16 +2271,17 @@ def render(results, ctx, env, partial, table):
                 if rows:
                     parts.append(("%s: %s; median time and copy allocation, content checked once per server"
                                   % (t.id, t.label),
-                                  table(["server", "MiB/s", "seconds", "source allocated", "copy allocated",
-                                         "bytes identical", "server's block status (nbdinfo --map)"], rows)))
-        lat = results.median_rows(results.lat_median, 1)
+                                  table(["server", "condition", "MiB/s", "seconds", "source allocated",
+                                         "copy allocated", "bytes identical",
+                                         "server's block status (nbdinfo --map)"], rows)))
+        lat = results.median_rows(results.lat_median, 1, unit=lambda t: "us")
         if lat:
             parts.append(("fio completion latency p50 in microseconds, median of rounds (lower is better)",
-                          table(["test", "unit"] + ids, [[r[0], "us"] + r[2:] for r in lat])))
-        spread = results.median_rows(results.spread, 0)
+                          table(["test", "condition", "unit"] + ids, lat)))
+        spread = results.median_rows(results.spread, 0, unit=lambda t: "%")
         if ctx.rounds > 1 and spread:
             parts.append(("Spread: (max - min) / median across rounds, percent",
-                          table(["test", "unit"] + ids, spread)))
+                          table(["test", "condition", "unit"] + ids, spread)))
     parts += migration_parts(results, table, title)
     return parts
 
@@ -1988,9 +2295,9 @@ def migration_parts(results, table, title):
         return []
     done = max(len(results.migration_trials(t)) for t in results.tests)
     head = (title + ": migration" if title else "Migration")
-    parts = [(head + ", flexnbd serve -> flexnbd listen on loopback, median of %d round(s); LOWER is better "
-              "for every figure; ratio = migration / reference, PASS when ratio <= target (pause: "
-              "when below the target)" % done,
+    parts = [(head + ", flexnbd serve -> flexnbd listen on loopback, median of %d round(s), condition %s; "
+              "LOWER is better for every figure; ratio = migration / reference, PASS when ratio <= target "
+              "(pause: when below the target)" % (done, results.migration_condition),
               table(["test", "figure", "migration", "reference", "ratio", "target", "result"], rows))]
     copy = results.migration_copy_rows()
     if copy:
@@ -2037,7 +2344,7 @@ def main(argv=None) -> int:
     if not any(runs_on(t, servers) for t in tests):
         raise SystemExit("nothing to run: %s not run on %s" % (
             "/".join(s.id for s in servers), ", ".join(t.id for t in tests)))
-    results = Results(tests, servers)
+    results = Results(tests, servers, ctx.conditions)
     env: Dict[str, object] = {}
     status = 0
     completed = False
@@ -2160,12 +2467,18 @@ def describe(ctx, args, servers, tests):
                   for n, p in ctx.files.items() if n != "probe"},
         "rounds": ctx.rounds,
         "runtime": ctx.runtime,
+        "conditions": ctx.conditions,
+        "conditions_text": conditions_text(ctx.conditions),
+        "server_cpu": "utime + stime of the server's session (/proc/PID/stat fields 14-17, %d ticks/s) "
+                      "read before and after each client run, / requests completed (us/req) or / MiB "
+                      "moved (us/MiB, nbdcopy rows)" % CLK_TCK,
         "flexnbd": "%s (git %s)" % (ctx.flexnbd, git_describe()),
         "versions": {
             "qemu-nbd": first_line(["qemu-nbd", "--version"]),
             "nbdkit": first_line(["nbdkit", "--version"]),
             "fio": first_line(["fio", "--version"]),
             "nbdcopy": first_line(["nbdcopy", "--version"]),
+            "qemu-img": first_line(["qemu-img", "--version"]),
             "python": platform.python_version(),
         },
         "servers": {s.id: shlex.join(s.argv(ctx, dummy_port, "FILE")) for s in probed_servers(tests, servers)},
@@ -2180,6 +2493,9 @@ def describe(ctx, args, servers, tests):
             continue
         if t.measure is measure_fio:
             cmd = shlex.join(fio_argv(ctx, t, 0, "OUT.json")).replace("127.0.0.1:0", "127.0.0.1:PORT")
+        elif t.measure is measure_qemu_img_bench:
+            cmd = shlex.join(qemu_img_bench_argv(ctx, t, 0)).replace("127.0.0.1:0", "127.0.0.1:PORT")
+            cmd += "   (figure: COUNT x 1 MiB / the run time qemu-img reports)"
         elif t.measure is measure_nbdcopy_sparse:
             cmd = shlex.join(sparse_copy_argv(ctx, "nbd://%s:PORT" % HOST,
                                               os.path.join(ctx.workdir, "sparse-copy.raw")))
@@ -2211,9 +2527,11 @@ def print_header(env):
           % env["rounds"])
     print("         fio jobs run %d s; figure = median over rounds; ratio = flexnbd / best other"
           % env["runtime"])
+    print("         conditions, each row's trials under each in turn: %s" % env["conditions_text"])
+    print("         server CPU: %s" % env["server_cpu"])
     if any(t.startswith("migrate-") for t in env["tests"]):
         print("         migration rows run once per round (flexnbd serve -> flexnbd listen), "
-              "each against its own target")
+              "each against its own target, under the %s condition" % env["conditions"][0])
     if env["servers"]:
         print("servers:")
         for sid, cmd in env["servers"].items():
@@ -2268,7 +2586,13 @@ def probed_servers(tests, servers):
 
 
 def run_matrix(ctx, tests, servers, results):
-    total = ctx.rounds * sum(len(runs_on(t, servers)) for t in tests)
+    """For each round, for each test: under each condition in turn (quiet
+    first, then busy, with the busy loops running for that condition's
+    trials), every server once in rotated order. Migration rows run once per
+    round, under the first condition."""
+    conds = ctx.conditions
+    total = ctx.rounds * sum(len(runs_on(t, servers)) * (1 if t.kind == "migration" else len(conds))
+                             for t in tests)
     n = 0
     for rnd in range(ctx.rounds):
         ctx.round = rnd
@@ -2278,34 +2602,45 @@ def run_matrix(ctx, tests, servers, results):
                 continue
             k = (rnd + ti) % len(these)
             order = these[k:] + these[:k]
-            for server in order:
-                n += 1
-                settle(ctx)
-                if test.kind == "migration":
-                    m = test.measure(ctx, test, None)
-                    results.add(test, server, m)
-                    print("[%3d/%d] round %d  %-18s %s" % (n, total, rnd + 1, test.id, migration_progress(test, m)),
-                          file=sys.stderr, flush=True)
-                    continue
-                with Running(ctx, server, ctx.files[test.serves]) as srv:
-                    m = test.measure(ctx, test, srv)
-                results.add(test, server, m)
-                extra = ""
-                if m.lat_us is not None:
-                    extra += "  p50 %.1f us" % m.lat_us
-                if "p99_us" in m.info:
-                    extra += "  p99 %.1f us" % m.info["p99_us"]
-                if m.info.get("at_depth_pct", 100.0) < 90.0:
-                    extra += "  WARNING: only %.1f%% of I/O at depth %d" % (
-                        m.info["at_depth_pct"], test.params["iodepth"])
-                if "dest_alloc" in m.info:
-                    extra += "  %.2f s  copy %s allocated (source %s)" % (
-                        m.info["seconds"], mib(m.info["dest_alloc"]), mib(m.info["src_alloc"]))
-                    if "map" in m.info:
-                        extra += "  bytes identical; " + map_text(m.info["map"])
-                print("[%3d/%d] round %d  %-18s %-16s %10s %s%s"
-                      % (n, total, rnd + 1, test.id, server.id, fmt(m.value), test.unit, extra),
-                      file=sys.stderr, flush=True)
+            for cond in (conds[:1] if test.kind == "migration" else conds):
+                with BusyHost(cond == "busy"):
+                    for server in order:
+                        n += 1
+                        settle(ctx)
+                        if test.kind == "migration":
+                            m = test.measure(ctx, test, None)
+                            results.add(test, server, m, cond)
+                            print("[%3d/%d] round %d  %-5s %-18s %s"
+                                  % (n, total, rnd + 1, cond, test.id, migration_progress(test, m)),
+                                  file=sys.stderr, flush=True)
+                            continue
+                        with Running(ctx, server, ctx.files[test.serves]) as srv:
+                            m = test.measure(ctx, test, srv)
+                        results.add(test, server, m, cond)
+                        print_progress(n, total, rnd, cond, test, server, m)
+
+
+def print_progress(n, total, rnd, cond, test, server, m):
+    extra = ""
+    if m.lat_us is not None:
+        extra += "  p50 %.1f us" % m.lat_us
+    if "p99_us" in m.info:
+        extra += "  p99 %.1f us" % m.info["p99_us"]
+    if "cpu_us" in m.info:
+        extra += "  server CPU %.1f %s (%.2f s" % (m.info["cpu_us"], m.info["cpu_unit"], m.info["cpu_s"])
+        extra += (" / %d requests)" % m.info["requests"]) if "requests" in m.info else \
+            (" / %.0f MiB)" % m.info["mib_moved"])
+    if m.info.get("at_depth_pct", 100.0) < 90.0:
+        extra += "  WARNING: only %.1f%% of I/O at depth %d" % (
+            m.info["at_depth_pct"], test.params["iodepth"])
+    if "dest_alloc" in m.info:
+        extra += "  %.2f s  copy %s allocated (source %s)" % (
+            m.info["seconds"], mib(m.info["dest_alloc"]), mib(m.info["src_alloc"]))
+        if "map" in m.info:
+            extra += "  bytes identical; " + map_text(m.info["map"])
+    print("[%3d/%d] round %d  %-5s %-18s %-16s %10s %s%s"
+          % (n, total, rnd + 1, cond, test.id, server.id, fmt(m.value), test.unit, extra),
+          file=sys.stderr, flush=True)
 
 
 def report(results, ctx, env, args, partial):
@@ -2319,6 +2654,9 @@ def report(results, ctx, env, args, partial):
     if refs and results.has_server_trials():
         print("ratio = median of the flexnbd variant / best median of (%s); PASS when ratio >= target."
               % ", ".join(refs))
+        print("server CPU ratio = the variant's CPU per request / lowest of (%s); PASS when <= %.2f."
+              % (", ".join(refs), CPU_TARGET))
+        print("conditions: %s." % conditions_text(results.conditions))
     if env.get("cached_end"):
         print("page cache at the end: %s" % ", ".join(
             "%s %s" % (n, "?" if p is None else "%.0f%%" % p) for n, p in env["cached_end"].items()))
@@ -2328,7 +2666,7 @@ def report(results, ctx, env, args, partial):
         print("wrote %s" % args.markdown)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"env": env, "trials": results.to_json()}, f, indent=1)
+            json.dump({"env": env, "summary": results.summary_json(), "trials": results.to_json()}, f, indent=1)
         print("wrote %s" % args.json)
 
 
@@ -2344,6 +2682,8 @@ def write_markdown(results, ctx, env, partial, path):
             "Files, page-cached, on %s: %s. %d round(s), fio runtime %d s, median over rounds; "
             "servers interleaved in rotated order."
             % (env["dir"], "; ".join(env.get("files", {}).values()), env["rounds"], env["runtime"]),
+            "",
+            "Conditions: %s. Server CPU: %s." % (env["conditions_text"], env["server_cpu"]),
             "",
         ]
     for title, table in render(results, ctx, env, partial, md_table):
@@ -2381,7 +2721,22 @@ def parse_args(argv):
                    help="pass --connections=N to nbdcopy (default: nbdcopy decides, "
                         "which depends on the server advertising multi-conn)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (files, server logs)")
+    p.add_argument("--busy", action="store_true",
+                   help="busy host: run every row with %d CPU-bound loops at nice %d beside the servers"
+                        % (BUSY_HOGS, BUSY_NICE))
+    p.add_argument("--conditions", metavar="COND[,COND]",
+                   help="quiet, busy or quiet,busy (both in one run: quiet first, figures side by side)")
     a = p.parse_args(argv)
+    if a.conditions:
+        wanted = [c.strip() for c in a.conditions.split(",") if c.strip()]
+        bad = [c for c in wanted if c not in CONDITIONS]
+        if bad or not wanted:
+            p.error("--conditions: unknown %s (known: %s)" % (", ".join(bad) or "(none)", ",".join(CONDITIONS)))
+        if a.busy and wanted != ["busy"]:
+            p.error("--busy means --conditions busy; give one of them")
+        a.conditions = [c for c in CONDITIONS if c in wanted]
+    else:
+        a.conditions = ["busy"] if a.busy else ["quiet"]
     quick = a.quick
     a.rounds = a.rounds if a.rounds is not None else (1 if quick else 5)
     a.runtime = a.runtime if a.runtime is not None else (2 if quick else 5)
