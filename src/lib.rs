@@ -20,6 +20,7 @@ pub mod identity;
 pub mod logging;
 pub mod net;
 pub mod protocol;
+pub mod proxy;
 pub mod rate;
 pub mod server;
 pub mod storage;

@@ -11,6 +11,10 @@
 //!   shares.
 //! - Any failure (the connection, an error reply to a write, a bad reply) fails the engine:
 //!   every later call returns the first failure's reason.
+//! - [`Engine::forward`] carries any request as it came (the proxy): the caller's cookie,
+//!   command, flags and payload, and hands the reply back (its error, and the data of a
+//!   successful READ) instead of failing the engine on an error reply. Forwarded requests
+//!   are not ordered against each other: the client that sent them chose their order.
 
 use std::collections::HashMap;
 use std::io;
@@ -31,6 +35,12 @@ use crate::protocol::handoff::{
 use crate::protocol::reply::decode_simple_reply;
 use crate::protocol::request::HeaderStyle;
 use crate::protocol::{Command, Errno, Request, SIMPLE_REPLY_LEN};
+
+/// Payloads smaller than this go in the same write as their header: one segment, one
+/// syscall.
+const JOIN_BELOW: usize = 64 * 1024;
+/// [`Engine::queue`] writes its buffer once it holds this much.
+pub const QUEUE_LIMIT: usize = 256 * 1024;
 
 /// How often the reader checks the inactivity limit while it waits.
 const TICK: Duration = Duration::from_millis(250);
@@ -76,6 +86,26 @@ impl Acknowledged {
     }
 }
 
+/// A request carried as it came, for a proxy: the header (command, flags, and the caller's
+/// cookie, which the server echoes) and the payload (a WRITE's data; empty otherwise).
+///
+/// The caller keeps a copy (`Bytes` clones are cheap) so that it can send it again,
+/// byte-identical, on a new connection if this one fails before the answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    pub request: Request,
+    pub payload: Bytes,
+}
+
+/// The server's answer to a [`Forward`]: its error (0 for success), and the data of a
+/// successful READ (empty for everything else, and for an error: an error reply carries no
+/// data).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub error: u32,
+    pub data: Bytes,
+}
+
 /// Why a request failed. The texts are those of the mirror's log lines and of
 /// `migration_last_failure`.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +130,10 @@ pub enum EngineError {
     /// A hand-off message was refused or its answer does not decode.
     #[error("{0}")]
     Handoff(String),
+    /// A forwarded request reused the cookie of one still in flight: its answer could not
+    /// be told from the other's.
+    #[error("cookie {0:#x} is already in flight on this connection")]
+    CookieInUse(u64),
 }
 
 fn process_ms() -> u64 {
@@ -193,6 +227,12 @@ enum Pending {
     /// The answer to IDENTIFY: `None` when the destination answered an error (it is not
     /// one of ours).
     Identify(oneshot::Sender<Result<Option<Identity>, String>>),
+    /// A forwarded request: `read` data bytes follow a successful reply (a READ's length).
+    Forward {
+        read: u64,
+        answer: oneshot::Sender<Answer>,
+        _slot: OwnedSemaphorePermit,
+    },
 }
 
 /// A connection in its transmission phase: requests pipelined on the write half, replies
@@ -216,6 +256,8 @@ pub struct Engine {
     limit_ms: Arc<AtomicU64>,
     /// Signalled by the reply reader after every answered request.
     completed: Arc<tokio::sync::Notify>,
+    /// Requests [`Engine::queue`] buffered, not yet written.
+    queued: Vec<u8>,
 }
 
 impl Drop for Engine {
@@ -268,6 +310,7 @@ impl Engine {
             activity,
             limit_ms,
             completed,
+            queued: Vec::new(),
         }
     }
 
@@ -313,33 +356,159 @@ impl Engine {
             offset,
             length,
         };
-        let mut header = Vec::with_capacity(28);
+        self.send_request(&request, payload, pending).await
+    }
+
+    /// Registers `pending` under the request's cookie and writes the request and its
+    /// payload. The inactivity limit applies to the writing: every byte that moves restarts
+    /// it, so a long payload on a slow link is not cut (flexnbd §12.4).
+    async fn send_request(
+        &mut self,
+        request: &Request,
+        payload: &[u8],
+        pending: Pending,
+    ) -> Result<(), EngineError> {
+        let mut header = Vec::with_capacity(28 + payload.len().min(JOIN_BELOW));
         request
             .encode(HeaderStyle::Compact, &mut header)
             .map_err(EngineError::TooLong)?;
+        let joined = payload.len() < JOIN_BELOW;
+        if joined {
+            header.extend_from_slice(payload);
+        }
         if let Ok(mut map) = self.pending.lock() {
-            map.insert(cookie, pending);
+            map.insert(request.cookie, pending);
         }
         self.activity.store(process_ms(), Ordering::Relaxed);
         let limit = self.limit();
+        let activity = self.activity.clone();
+        let writer = &mut self.writer;
         let write = async {
-            self.writer.write_all(&header).await?;
-            if !payload.is_empty() {
-                self.writer.write_all(payload).await?;
+            write_progressing(writer, &header, limit, &activity).await?;
+            if !joined {
+                write_progressing(writer, payload, limit, &activity).await?;
             }
-            io::Result::Ok(())
+            Ok(())
         };
         tokio::select! {
-            result = tokio::time::timeout(limit, write) => match result {
-                Ok(Ok(())) => {
-                    self.activity.store(process_ms(), Ordering::Relaxed);
-                    Ok(())
-                }
-                Ok(Err(e)) => Err(EngineError::Send(e)),
-                Err(_) => Err(EngineError::StoppedReading),
-            },
+            result = write => result,
             () = self.failed.cancelled() => Err(self.failure()),
         }
+    }
+
+    /// Sends `forward` as it is (its cookie, command, flags and payload) and returns where
+    /// its answer will arrive. An error reply is an answer like any other; only a failed
+    /// connection fails the engine, and then the receiver is dropped unanswered (see
+    /// [`Engine::failed`] for why). Waits for a free slot first (backpressure).
+    ///
+    /// Cookies are the caller's: it must not reuse one still in flight
+    /// ([`EngineError::CookieInUse`]), nor mix `forward` with the engine's own requests on
+    /// one connection.
+    pub async fn forward(
+        &mut self,
+        forward: &Forward,
+    ) -> Result<oneshot::Receiver<Answer>, EngineError> {
+        // Whatever was queued goes first: requests leave in the caller's order.
+        self.flush_queue().await?;
+        let slot = self.slot().await?;
+        let (pending, rx) = self.forwarded(forward, slot)?;
+        self.send_request(&forward.request, &forward.payload, pending)
+            .await?;
+        Ok(rx)
+    }
+
+    /// Like [`Engine::forward`], but a request with a small payload is only appended to a
+    /// buffer, which [`Engine::flush_queue`] writes (or this call, once it holds
+    /// [`QUEUE_LIMIT`] bytes): requests that arrive together leave in one write. The caller
+    /// must call `flush_queue` before it waits for anything.
+    pub async fn queue(
+        &mut self,
+        forward: &Forward,
+    ) -> Result<oneshot::Receiver<Answer>, EngineError> {
+        if forward.payload.len() >= JOIN_BELOW {
+            return self.forward(forward).await;
+        }
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            // No slot until an answer comes, and none comes for what is still queued.
+            Err(_) => {
+                self.flush_queue().await?;
+                self.slot().await?
+            }
+        };
+        if self.failed.is_cancelled() {
+            return Err(self.failure());
+        }
+        let mut header = Vec::with_capacity(32);
+        forward
+            .request
+            .encode(HeaderStyle::Compact, &mut header)
+            .map_err(EngineError::TooLong)?;
+        let (pending, rx) = self.forwarded(forward, slot)?;
+        if let Ok(mut map) = self.pending.lock() {
+            map.insert(forward.request.cookie, pending);
+        }
+        self.queued.extend_from_slice(&header);
+        self.queued.extend_from_slice(&forward.payload);
+        if self.queued.len() >= QUEUE_LIMIT {
+            self.flush_queue().await?;
+        }
+        Ok(rx)
+    }
+
+    /// Writes what [`Engine::queue`] buffered.
+    pub async fn flush_queue(&mut self) -> Result<(), EngineError> {
+        if self.queued.is_empty() {
+            return Ok(());
+        }
+        let bytes = std::mem::take(&mut self.queued);
+        self.activity.store(process_ms(), Ordering::Relaxed);
+        let limit = self.limit();
+        let activity = self.activity.clone();
+        let write = write_progressing(&mut self.writer, &bytes, limit, &activity);
+        let result = tokio::select! {
+            result = write => result,
+            () = self.failed.cancelled() => Err(self.failure()),
+        };
+        // The allocation is kept for the next batch.
+        self.queued = bytes;
+        self.queued.clear();
+        result
+    }
+
+    /// The entry a forwarded request waits in, and where its answer will arrive.
+    fn forwarded(
+        &self,
+        forward: &Forward,
+        slot: OwnedSemaphorePermit,
+    ) -> Result<(Pending, oneshot::Receiver<Answer>), EngineError> {
+        let cookie = forward.request.cookie;
+        if self.pending.lock().is_ok_and(|p| p.contains_key(&cookie)) {
+            return Err(EngineError::CookieInUse(cookie));
+        }
+        let read = match forward.request.command {
+            Command::Read => forward.request.length,
+            _ => 0,
+        };
+        let (answer, rx) = oneshot::channel();
+        let pending = Pending::Forward {
+            read,
+            answer,
+            _slot: slot,
+        };
+        Ok((pending, rx))
+    }
+
+    /// Waits until the engine fails, and says why. Answers already delivered stay in their
+    /// receivers; every request still unanswered then was forgotten by the engine.
+    pub async fn failed(&self) -> EngineError {
+        self.failed.cancelled().await;
+        self.failure()
+    }
+
+    /// True once the engine has failed.
+    pub fn has_failed(&self) -> bool {
+        self.failed.is_cancelled()
     }
 
     async fn slot(&self) -> Result<OwnedSemaphorePermit, EngineError> {
@@ -550,6 +719,29 @@ impl Engine {
     }
 }
 
+/// Writes all of `bytes`, failing only when no byte could be written for `limit`: the
+/// limit measures inactivity, not the whole transfer.
+async fn write_progressing(
+    writer: &mut OwnedWriteHalf,
+    bytes: &[u8],
+    limit: Duration,
+    activity: &AtomicU64,
+) -> Result<(), EngineError> {
+    let mut at = 0;
+    while at < bytes.len() {
+        match tokio::time::timeout(limit, writer.write(&bytes[at..])).await {
+            Ok(Ok(0)) => return Err(EngineError::Send(io::ErrorKind::WriteZero.into())),
+            Ok(Ok(n)) => {
+                at += n;
+                activity.store(process_ms(), Ordering::Relaxed);
+            }
+            Ok(Err(e)) => return Err(EngineError::Send(e)),
+            Err(_) => return Err(EngineError::StoppedReading),
+        }
+    }
+    Ok(())
+}
+
 /// What the reply reader shares with the engine.
 struct Replies {
     pending: Arc<Mutex<HashMap<u64, Pending>>>,
@@ -594,6 +786,8 @@ async fn fill(
     shared: &Replies,
     mid_reply: bool,
 ) -> Result<(), String> {
+    // Room for all that is awaited at once: a READ's data arrives without reallocations.
+    buf.reserve(n.saturating_sub(buf.len()));
     while buf.len() < n {
         tokio::select! {
             read = reader.read_buf(buf) => match read {
@@ -659,6 +853,23 @@ async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
             }
             Pending::Probe(tx) => {
                 let _ = tx.send(reply.error);
+            }
+            Pending::Forward { read, answer, .. } => {
+                let data = if reply.error == 0 && read > 0 {
+                    // The length was sent as a 32-bit field, so it fits in memory.
+                    let n = read as usize;
+                    if let Err(why) = fill(&mut reader, &mut buf, n, &shared, true).await {
+                        shared.fail(format!("reading the data of a READ reply failed: {why}"));
+                        return;
+                    }
+                    buf.split_to(n).freeze()
+                } else {
+                    Bytes::new()
+                };
+                let _ = answer.send(Answer {
+                    error: reply.error,
+                    data,
+                });
             }
             Pending::Handoff(tx) => {
                 if reply.error != 0 {
@@ -959,6 +1170,121 @@ mod tests {
             "the destination answered nothing for 300 ms"
         );
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    fn forwarded(command: Command, flags: u16, cookie: u64, offset: u64, len: u64) -> Forward {
+        let payload = match command {
+            Command::Write => Bytes::from(vec![cookie as u8; len as usize]),
+            _ => Bytes::new(),
+        };
+        Forward {
+            request: Request {
+                flags,
+                command,
+                cookie,
+                offset,
+                length: len,
+            },
+            payload,
+        }
+    }
+
+    #[tokio::test]
+    async fn forwarded_requests_get_their_answers_errors_included() {
+        let (mut engine, mut server, _) = pair(WAIT).await;
+        let write = forwarded(Command::Write, 1, 0xaa, 0, 512);
+        let read = forwarded(Command::Read, 0, 0xbb, 4096, 8);
+        let bad_read = forwarded(Command::Read, 0, 0xcc, 1 << 40, 8);
+        let odd = forwarded(Command::Unknown(0x55), 0, 0xdd, 0, 0);
+        let w = engine.forward(&write).await.unwrap();
+        let r = engine.forward(&read).await.unwrap();
+        let b = engine.forward(&bad_read).await.unwrap();
+        let o = engine.forward(&odd).await.unwrap();
+        // A cookie in flight cannot be used again.
+        let again = engine.forward(&write).await.unwrap_err();
+        assert!(matches!(again, EngineError::CookieInUse(0xaa)), "{again}");
+
+        // The server sees each request as it was given, FUA and cookie included.
+        let (got, payload) = request(&mut server).await;
+        assert_eq!(got, write.request);
+        assert_eq!(payload, write.payload.to_vec());
+        for expected in [&read, &bad_read, &odd] {
+            assert_eq!(request(&mut server).await.0, expected.request);
+        }
+        // Answers in another order; an error carries no data.
+        let mut answers = Vec::new();
+        answers.extend_from_slice(&simple_reply(0xdd, Some(Errno::EINVAL)));
+        answers.extend_from_slice(&simple_reply(0xcc, Some(Errno::ENOSPC)));
+        answers.extend_from_slice(&simple_reply(0xbb, None));
+        answers.extend_from_slice(b"12345678");
+        answers.extend_from_slice(&simple_reply(0xaa, None));
+        server.write_all(&answers).await.unwrap();
+        let answer = |error: u32, data: &[u8]| Answer {
+            error,
+            data: Bytes::copy_from_slice(data),
+        };
+        assert_eq!(timeout(WAIT, o).await.unwrap().unwrap(), answer(22, b""));
+        assert_eq!(timeout(WAIT, b).await.unwrap().unwrap(), answer(28, b""));
+        assert_eq!(
+            timeout(WAIT, r).await.unwrap().unwrap(),
+            answer(0, b"12345678")
+        );
+        assert_eq!(timeout(WAIT, w).await.unwrap().unwrap(), answer(0, b""));
+        assert!(!engine.has_failed(), "error replies do not fail the engine");
+    }
+
+    #[tokio::test]
+    async fn queued_requests_leave_together_when_flushed() {
+        let (mut engine, mut server, _) = pair(WAIT).await;
+        let mut answers = Vec::new();
+        for cookie in 1..=3 {
+            let write = forwarded(Command::Write, 0, cookie, cookie * 4096, 512);
+            answers.push(engine.queue(&write).await.unwrap());
+        }
+        nothing_arrives(&mut server).await;
+        engine.flush_queue().await.unwrap();
+        for cookie in 1..=3 {
+            let (got, payload) = request(&mut server).await;
+            assert_eq!((got.cookie, payload), (cookie, vec![cookie as u8; 512]));
+            server.write_all(&simple_reply(cookie, None)).await.unwrap();
+        }
+        for answer in answers {
+            assert_eq!(timeout(WAIT, answer).await.unwrap().unwrap().error, 0);
+        }
+        // forward() sends what is queued first.
+        let queued = engine
+            .queue(&forwarded(Command::Flush, 0, 7, 0, 0))
+            .await
+            .unwrap();
+        let _direct = engine
+            .forward(&forwarded(Command::Flush, 0, 8, 0, 0))
+            .await
+            .unwrap();
+        assert_eq!(request(&mut server).await.0.cookie, 7);
+        assert_eq!(request(&mut server).await.0.cookie, 8);
+        drop(queued);
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_drops_the_unanswered_forwards() {
+        let (mut engine, mut server, _) = pair(WAIT).await;
+        let first = engine
+            .forward(&forwarded(Command::Flush, 0, 1, 0, 0))
+            .await
+            .unwrap();
+        let second = engine
+            .forward(&forwarded(Command::Flush, 0, 2, 0, 0))
+            .await
+            .unwrap();
+        let _ = request(&mut server).await;
+        let _ = request(&mut server).await;
+        server.write_all(&simple_reply(1, None)).await.unwrap();
+        drop(server);
+        let why = timeout(WAIT, engine.failed()).await.unwrap();
+        assert_eq!(why.to_string(), "the connection to the destination ended");
+        // The answer that came first is kept; the other one is gone.
+        assert_eq!(first.await.unwrap().error, 0);
+        assert!(second.await.is_err());
     }
 
     #[tokio::test]

@@ -7,6 +7,9 @@
 //! - [`Engine`]: the transmission phase: requests pipelined on the write half, replies
 //!   matched by cookie on a reader task, an inactivity limit, and no two overlapping writes
 //!   in flight. It reports acknowledged bytes through [`Acknowledged`], a shared counter.
+//!   [`Engine::forward`] (or [`Engine::queue`] and [`Engine::flush_queue`], to batch) carries
+//!   any request as it came and hands its [`Answer`] back: what `flexnbd-proxy` relays to
+//!   its clients.
 //!
 //! Configuration comes in as values ([`ConnectOptions`], [`EngineConfig`]); nothing here
 //! reads the environment.
@@ -15,4 +18,4 @@ pub mod connect;
 pub mod engine;
 
 pub use connect::{connect, ConnectError, ConnectOptions, Connection, LinkOptions};
-pub use engine::{Ack, Acknowledged, Engine, EngineConfig, EngineError};
+pub use engine::{Ack, Acknowledged, Answer, Engine, EngineConfig, EngineError, Forward};

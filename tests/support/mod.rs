@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod promise;
+pub mod proxy;
 pub mod relay;
 
 use std::ffi::OsString;
