@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::cluster::{spawn_command, start_listen};
+use support::cluster::{mirror_cli, spawn_command, start_listen};
 use support::*;
 
 const SIZE: usize = 4 * MIB;
@@ -239,19 +239,8 @@ fn a_failed_mirror_says_why_after_flexnbds_text() {
     // A destination of another size.
     let small = Image::zeroed(SIZE / 2);
     let dest = Server::start(&small.path, &[]);
-    let port = dest.port.to_string();
-    let out = flexnbd(
-        &[
-            "mirror",
-            "--sock",
-            sock.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1",
-            "--port",
-            &port,
-        ],
-        None,
-    );
+    let out = mirror_cli(&sock, dest.port, &[]);
+    let port = dest.port;
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert_eq!(
         out.stderr,
