@@ -418,7 +418,7 @@ fn watch_for_socket(server: &mut Server, sock: &Path, spawned: Instant) -> Watch
     let mut polls = 0u64;
     while fs::symlink_metadata(sock).is_err() {
         polls += 1;
-        if polls % 64 == 0 {
+        if polls.is_multiple_of(64) {
             if let Some(status) = server.try_status() {
                 if server.stderr().contains("Failed to bind") {
                     return Watched::PortTaken;

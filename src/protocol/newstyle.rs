@@ -136,7 +136,7 @@ impl BlockSize {
             && pow2(self.preferred)
             && self.preferred >= self.min.max(512)
             && self.max >= self.preferred
-            && (self.max == u32::MAX || self.max % self.min == 0)
+            && (self.max == u32::MAX || self.max.is_multiple_of(self.min))
     }
 }
 

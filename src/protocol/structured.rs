@@ -660,7 +660,7 @@ pub fn decode_chunk_payload<'a>(
                 8
             };
             let n = r.remaining() / descriptor_len;
-            if r.remaining() % descriptor_len != 0 {
+            if !r.remaining().is_multiple_of(descriptor_len) {
                 return Err(bad("partial descriptor"));
             }
             if n == 0 {

@@ -364,7 +364,7 @@ impl SeqWriter {
         assert!(!opts.addrs.is_empty(), "the writer needs an address");
         let blocks = opts.size / BLOCK as u64;
         assert!(
-            blocks > 0 && blocks % STRIDE != 0,
+            blocks > 0 && !blocks.is_multiple_of(STRIDE),
             "{blocks} blocks: offsets would repeat"
         );
         let stop = Arc::new(AtomicBool::new(false));
