@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests, the demo and the benchmark drive flexnbd with.
 # Real NBD clients and servers: qemu-utils (qemu-img, qemu-io, qemu-nbd), libnbd-bin
-# (nbdinfo, nbdcopy, nbdsh) with python3-libnbd (nbdsh needs it), nbdkit, fio.
+# (nbdinfo, nbdcopy, nbdsh) with python3-libnbd (nbdsh needs it), nbdkit, fio; and groff-base,
+# with which tests/man.rs checks that the manual page formats without warnings.
 set -euo pipefail
 
-packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio procps)
-commands=(qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdsh nbdkit fio pgrep)
+packages=(qemu-utils libnbd-bin python3-libnbd nbdkit fio procps groff-base)
+commands=(qemu-img qemu-io qemu-nbd nbdinfo nbdcopy nbdsh nbdkit fio pgrep groff)
 
 missing=0
 for c in "${commands[@]}"; do

@@ -8,6 +8,7 @@
 mod client;
 mod control_client;
 mod follow;
+pub mod man;
 mod progress;
 mod serve;
 mod spec;
@@ -80,6 +81,11 @@ fn help_mode(rest: &[String]) -> i32 {
     match rest.first() {
         None => {
             print!("{}", spec::general_help());
+            0
+        }
+        // Hidden: the manual page, for `man/flexnbd.1` (see `tests/man.rs`).
+        Some(name) if name == "--man" => {
+            print!("{}", man::flexnbd_page());
             0
         }
         Some(name) => match spec::find(name).filter(|m| m.in_help_mode) {

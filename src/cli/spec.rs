@@ -257,12 +257,16 @@ pub const MODES: &[Mode] = &[
             long_only(
                 "mode",
                 Value("MODE"),
-                "How to copy: background (clients' writes are sent in later passes), active                  (a client's write to a range already copied reaches the destination before                  it is answered) or auto (background, then active if the passes stop                  shrinking; the server's default). C flexnbd servers refuse it.",
+                "How to copy: background (clients' writes are sent in later passes), active \
+                 (a client's write to a range already copied reaches the destination before \
+                 it is answered) or auto (background, then active if the passes stop \
+                 shrinking; the server's default). C flexnbd servers refuse it.",
             ),
             long_only(
                 "wait",
                 Flag,
-                "Once started, show the migration's progress and exit when it ends: 0 when                  handed over, 1 with the reason otherwise.",
+                "Once started, show the migration's progress and exit when it ends: 0 when \
+                 handed over, 1 with the reason otherwise.",
             ),
         ]],
         positional: None,
@@ -298,6 +302,11 @@ pub const MODES: &[Mode] = &[
         in_help_mode: true,
     },
 ];
+
+/// The options every mode takes (`-h`, `-v`, `-q`), which the manual page lists once.
+pub fn common_opts() -> &'static [Opt] {
+    COMMON
+}
 
 pub fn find(name: &str) -> Option<&'static Mode> {
     MODES.iter().find(|m| m.name == name)
