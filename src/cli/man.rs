@@ -342,6 +342,14 @@ const EXIT_STATUS: &[(&str, &str)] = &[
         "A control mode could not talk to the server: no socket at SOCK, the connection \
          was refused, or the answer was missing or malformed.",
     ),
+    (
+        "3",
+        "A serve stopped (by a signal) or failed after it had let go of its copy during a \
+         migration's hand-off: the destination may hold the authoritative data. Nothing \
+         should restart it on its own; check which side took control first (see the \
+         migration documentation). A serve that exits 1 after a signal still held every \
+         acknowledged write.",
+    ),
 ];
 
 const ENVIRONMENT: &[(&str, &str)] = &[
