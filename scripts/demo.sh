@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
-cargo build --release --quiet
-flexnbd=$PWD/target/release/flexnbd
+echo "== Building flexnbd (cargo build --release: about a minute the first time, seconds after)"
+cargo build --release --bin flexnbd
+flexnbd=$(realpath "${CARGO_TARGET_DIR:-target}")/release/flexnbd
 
 work=$(mktemp -d)
 pids=()
@@ -17,6 +18,21 @@ cleanup() {
 }
 trap cleanup EXIT
 cd "$work"
+
+# What the source's migration_phase means (docs/migration.md has the state machine).
+explain_phase() {
+    case "$1" in
+        connecting) echo "the source is connecting to the destination" ;;
+        sweep) echo "the source is copying every block once: data as writes, holes as zero ranges" ;;
+        copying) echo "the source copies again, pass after pass, the blocks the client wrote meanwhile" ;;
+        final_pass) echo "clients are shut out; the source sends the last blocks written" ;;
+        handing_off) echo "the destination makes the copy durable before it may take over" ;;
+        in_doubt) echo "the source sent Commit: control is passing to the destination" ;;
+        completed) echo "the destination has control; the source exits" ;;
+        retrying) echo "an attempt failed; the source starts again from scratch" ;;
+        *) echo "" ;;
+    esac
+}
 
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_for() { for _ in $(seq 100); do [ -e "$1" ] && return 0; sleep 0.05; done; echo "timed out waiting for $1" >&2; exit 1; }
@@ -55,10 +71,23 @@ writer=$!
 sleep 0.5
 
 echo "== flexnbd mirror (bandwidth limited to 32 MiB/s so the writer overlaps the copy)"
-"$flexnbd" mirror --sock source.sock --addr 127.0.0.1 --port "$dst_port"
-"$flexnbd" mirror-speed --sock source.sock --max-speed $((32 << 20))
+"$flexnbd" mirror --sock source.sock --addr 127.0.0.1 --port "$dst_port" | sed 's/^/   flexnbd mirror: /'
+echo "      -> the source reached the destination, checked that the sizes match, and started copying"
+"$flexnbd" mirror-speed --sock source.sock --max-speed $((32 << 20)) | sed 's/^/   flexnbd mirror-speed: /'
+echo "      -> the bandwidth limit is in force"
+echo "   The source's status every half second (flexnbd status --sock source.sock):"
+echo "   migration_phase: what the source is doing; migration_bytes_sent: data the destination"
+echo "   acknowledged; migration_bytes_zeroed: holes sent as zero ranges (no data on the wire);"
+echo "   migration_passes: passes over the blocks written during the copy."
 for _ in $(seq 6); do
-    "$flexnbd" status --sock source.sock 2>/dev/null | tr ' ' '\n' | grep -E '^migration_(phase|bytes_sent|bytes_zeroed|passes)=' | tr '\n' ' ' && echo || true
+    line=$("$flexnbd" status --sock source.sock 2>/dev/null) || break
+    keys=$(echo "$line" | tr ' ' '\n' | grep -E '^migration_(phase|bytes_sent|bytes_zeroed|passes)=' | tr '\n' ' ')
+    key() { echo "$line" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+    phase=$(key migration_phase)
+    mib() { awk -v b="${1:-0}" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
+    echo "   $keys"
+    echo "      -> $phase: $(explain_phase "$phase")"
+    echo "         ($(mib "$(key migration_bytes_sent)") of data and $(mib "$(key migration_bytes_zeroed)") of holes so far)"
     sleep 0.5
 done
 status=0
@@ -72,8 +101,11 @@ for _ in $(seq 100); do
     "$flexnbd" status --sock destination.sock 2>/dev/null | grep -q 'rebind=serving' && break
     sleep 0.1
 done
-"$flexnbd" status --sock destination.sock | tr ' ' '\n' | grep -E '^(has_control|handoff_phase|rebind)='
-nbdinfo "nbd://127.0.0.1:$src_port" | sed -n '1,3p'
+"$flexnbd" status --sock destination.sock | tr ' ' '\n' | grep -E '^(has_control|handoff_phase|rebind)=' | sed 's/^/   /'
+echo "   has_control=true: the destination holds every acknowledged write and accepts writes;"
+echo "   handoff_phase=committed: it received the source's Commit; rebind=serving: it serves the"
+echo "   file on the address the source used. nbdinfo (libnbd) connects there and sees:"
+nbdinfo "nbd://127.0.0.1:$src_port" | sed -n '1,3p' | sed 's/^/   /'
 
 echo "== Every acknowledged write is on the destination, and every other byte too"
 cp source.img expected.img 2>/dev/null || true
