@@ -78,3 +78,5 @@ uninstall:
 man:
 	$(CARGO) run --quiet -- help --man > man/flexnbd.1.new
 	mv man/flexnbd.1.new man/flexnbd.1
+	$(CARGO) run --quiet -- help --man flexnbd-proxy > man/flexnbd-proxy.1.new
+	mv man/flexnbd-proxy.1.new man/flexnbd-proxy.1

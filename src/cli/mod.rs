@@ -84,10 +84,20 @@ fn help_mode(rest: &[String]) -> i32 {
             0
         }
         // Hidden: the manual page, for `man/flexnbd.1` (see `tests/man.rs`).
-        Some(name) if name == "--man" => {
-            print!("{}", man::flexnbd_page());
-            0
-        }
+        Some(name) if name == "--man" => match rest.get(1).map(String::as_str) {
+            None | Some("flexnbd") => {
+                print!("{}", man::flexnbd_page());
+                0
+            }
+            Some("flexnbd-proxy") => {
+                print!("{}", crate::proxy::options::man_page());
+                0
+            }
+            Some(_) => {
+                eprint!("{}", spec::general_help());
+                1
+            }
+        },
         Some(name) => match spec::find(name).filter(|m| m.in_help_mode) {
             Some(mode) => {
                 print!("{}", mode.help());

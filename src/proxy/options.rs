@@ -155,24 +155,92 @@ const OPTS: &[Opt] = &[
     },
 ];
 
+const USAGE: &str = "flexnbd-proxy --addr ADDR [--port PORT] --conn-addr ADDR --conn-port PORT \
+     [--bind ADDR] [--cache[=BYTES]] [--newstyle]";
+const SUMMARY: &str = "Proxy NBD clients on ADDR:PORT to the server on --conn-addr:--conn-port, \
+     reconnecting and resending requests when the server goes away.";
+const UPSTREAM_TIMEOUT_TEXT: &str = "FLEXNBD_UPSTREAM_TIMEOUT=SECONDS (default 30): reconnect \
+     when upstream moves no byte for this long while requests are outstanding.";
+
 /// The help text: usage, description, one tab-indented line per option.
 pub fn help() -> String {
-    let mut out = String::from(
-        "Usage: flexnbd-proxy --addr ADDR [--port PORT] --conn-addr ADDR --conn-port PORT \
-         [--bind ADDR] [--cache[=BYTES]] [--newstyle]\n\n\
-         Proxy NBD clients on ADDR:PORT to the server on --conn-addr:--conn-port, \
-         reconnecting and resending requests when the server goes away.\n\n",
-    );
+    let mut out = format!("Usage: {USAGE}\n\n{SUMMARY}\n\n");
     for o in OPTS {
         let short = o.short.map(|s| format!(",-{s}")).unwrap_or_default();
         let arg = o.value.map(|v| format!(" <{v}>")).unwrap_or_default();
         out.push_str(&format!("\t--{}{short}{arg}\t{}\n", o.long, o.help));
     }
-    out.push_str(
-        "\nEnvironment: FLEXNBD_UPSTREAM_TIMEOUT=SECONDS (default 30): reconnect when \
-         upstream moves no byte for this long while requests are outstanding.\n",
-    );
+    out.push_str(&format!("\nEnvironment: {UPSTREAM_TIMEOUT_TEXT}\n"));
     out
+}
+
+/// The manual page `flexnbd-proxy(1)`, from the same table as [`help`] (`flexnbd help
+/// --man flexnbd-proxy` prints it; `man/flexnbd-proxy.1` is checked against it).
+pub fn man_page() -> String {
+    use crate::cli::man::{command_page, CommandPage, ManOpt};
+    let options: Vec<ManOpt> = OPTS
+        .iter()
+        .map(|o| ManOpt {
+            long: o.long,
+            short: o.short,
+            value: o.value.or((o.long == "cache").then_some("BYTES")),
+            optional_value: o.long == "cache",
+            help: o.help.strip_prefix("--cache[=BYTES]: ").unwrap_or(o.help),
+        })
+        .collect();
+    command_page(&CommandPage {
+        name: "flexnbd-proxy",
+        summary: "keep NBD clients connected across server restarts and migrations",
+        synopsis: &[USAGE],
+        description: &[
+            SUMMARY,
+            "It runs next to the client (a VM's host), connects to the upstream server first \
+             (exit 1 if it cannot), then accepts clients: old-style NBD by default, fixed \
+             new-style with --newstyle. Each client gets its own upstream connection; many \
+             requests are in flight at once (64 and 64 MiB per client), and replies are \
+             relayed as they arrive. A WRITE is acknowledged only once upstream \
+             acknowledged it.",
+            "When upstream fails (the connection ends, an error, a bad reply, or no byte \
+             moving for the upstream timeout while requests are outstanding) the proxy \
+             reconnects every 3 seconds and sends every unanswered request again, in the \
+             client's order; the client sees a pause, never an error. After a migration's \
+             hand-off the destination serves on the source's address (flexnbd listen \
+             --rebind-addr/--rebind-port) and the proxy reconnects there.",
+        ],
+        options: &options,
+        sections: &[
+            (
+                "ENVIRONMENT",
+                &[("FLEXNBD_UPSTREAM_TIMEOUT", UPSTREAM_TIMEOUT_TEXT)],
+            ),
+            (
+                "SIGNALS",
+                &[(
+                    "SIGINT, SIGTERM, SIGQUIT",
+                    "Close the listening socket (removing a UNIX socket's path), the clients' \
+                     and the upstream connections, and exit 0.",
+                )],
+            ),
+            (
+                "EXIT STATUS",
+                &[
+                    ("0", "Stopped by a signal."),
+                    (
+                        "1",
+                        "Invalid arguments, upstream unreachable at startup (the proxy then \
+                         never listens), or the listening socket could not be created.",
+                    ),
+                ],
+            ),
+            (
+                "SEE ALSO",
+                &[(
+                    "",
+                    "flexnbd(1); docs/proxy.md in the source or the installed documentation.",
+                )],
+            ),
+        ],
+    })
 }
 
 fn command() -> Command {
