@@ -425,13 +425,21 @@ def measure_fio(ctx, test, srv) -> Measurement:
     """One fio job = one libnbd handle = one NBD connection; the nbd engine
     issues nbd_aio_* requests, so iodepth N really means N requests in
     flight on that connection. We check that in fio's iodepth histogram."""
+    return fio_measure(ctx, test, srv.port, [srv], test.unit)[0]
+
+
+def fio_measure(ctx, test, port, watched, unit) -> "tuple[Measurement, List[float]]":
+    """measure_fio against port, in `unit` ("IOPS" or "MiB/s"). watched:
+    Running processes whose CPU seconds during the run are returned, in
+    order; the first one's is the Measurement's server CPU."""
     output = os.path.join(ctx.workdir, "fio.json")
     if os.path.exists(output):
         os.unlink(output)
-    argv = fio_argv(ctx, test, srv.port, output)
-    cpu0 = server_cpu(srv)
+    argv = fio_argv(ctx, test, port, output)
+    cpu0 = [server_cpu(w) for w in watched]
     run_client(argv, timeout=ctx.runtime + 60, what="fio")
-    cpu_s = server_cpu(srv) - cpu0
+    cpus = [server_cpu(w) - c for w, c in zip(watched, cpu0)]
+    cpu_s = cpus[0]
     try:
         with open(output) as f:
             text = f.read()
@@ -445,7 +453,7 @@ def measure_fio(ctx, test, srv) -> Measurement:
     d = job[rw]
     if not d.get("io_bytes"):
         raise BenchError("fio did no %s I/O: %s" % (rw, shlex.join(argv)))
-    value = d["iops"] if test.unit == "IOPS" else d["bw_bytes"] / MIB
+    value = d["iops"] if unit == "IOPS" else d["bw_bytes"] / MIB
     pct = d.get("clat_ns", {}).get("percentile", {})
     lat = pct.get("50.000000")
     p99 = pct.get("99.000000")
@@ -457,7 +465,7 @@ def measure_fio(ctx, test, srv) -> Measurement:
     info.update(cpu_info(cpu_s, requests=requests))
     if p99 is not None:
         info["p99_us"] = p99 / 1000.0
-    return Measurement(value, lat / 1000.0 if lat is not None else None, info)
+    return Measurement(value, lat / 1000.0 if lat is not None else None, info), cpus
 
 
 def measure_nbdcopy(ctx, test, srv) -> Measurement:
@@ -1430,6 +1438,89 @@ def measure_writer_cost(ctx, test, _srv) -> Measurement:
     return Measurement(info["active_iops"] / info["idle_iops"], None, info)
 
 
+# --------------------------------------------------------------------------
+# Proxy rows: fio against `flexnbd serve` directly, then through
+# `flexnbd-proxy` in front of the same server (or the other way round, alternating
+# from round to round). Like the migration rows they run once per round with
+# their own processes (kind "migration", so under the first condition only);
+# the figure is the proxy's throughput / the direct throughput.
+
+
+def proxy_binary(ctx) -> str:
+    """flexnbd-proxy next to the flexnbd binary measured."""
+    return os.path.join(os.path.dirname(ctx.flexnbd), "flexnbd-proxy")
+
+
+def proxy_argv(ctx, port, upstream_port):
+    return [proxy_binary(ctx), "--addr", HOST, "--port", str(port),
+            "--conn-addr", HOST, "--conn-port", str(upstream_port)]
+
+
+# The upstream server (plain old-style flexnbd serve) and the proxy, as
+# Servers for Running (the proxy's "file" is the upstream port).
+PROXY_UPSTREAM = Server("proxy-upstream", "flexnbd serve", "proxy", lambda c: c.flexnbd, flexnbd_argv())
+PROXY = Server("flexnbd-proxy", "flexnbd-proxy", "proxy", proxy_binary,
+               lambda c, port, up: proxy_argv(c, port, up))
+
+
+def measure_proxy(ctx, test, _srv) -> Measurement:
+    """One flexnbd serve on the fixture; fio directly against it, and fio
+    through a flexnbd-proxy (started for that leg only) in front of it, in
+    an order alternating from round to round. Value: proxy / direct."""
+    unit = test.params["figure"]
+    info: Dict[str, object] = {"figure_unit": unit}
+    legs = ["direct", "proxy"]
+    if ctx.round % 2:
+        legs.reverse()
+    info["first"] = legs[0]
+    with Running(ctx, PROXY_UPSTREAM, ctx.files[test.serves]) as srv:
+        for i, leg in enumerate(legs):
+            if i:
+                settle(ctx)
+            if leg == "direct":
+                m, cpus = fio_measure(ctx, test, srv.port, [srv], unit)
+            else:
+                with Running(ctx, PROXY, str(srv.port)) as proxy:
+                    m, cpus = fio_measure(ctx, test, proxy.port, [srv, proxy], unit)
+            requests = m.info["requests"]
+            info[leg] = m.value
+            info[leg + "_p50_us"] = m.lat_us
+            info[leg + "_p99_us"] = m.info.get("p99_us")
+            info[leg + "_at_depth_pct"] = m.info["at_depth_pct"]
+            info[leg + "_requests"] = requests
+            info[leg + "_server_cpu_us"] = cpus[0] * 1e6 / requests if requests else None
+            if leg == "proxy":
+                info["proxy_cpu_us"] = cpus[1] * 1e6 / requests if requests else None
+    return Measurement(info["proxy"] / info["direct"] if info["direct"] else None, None, info)
+
+
+def proxy_commands(ctx, t) -> str:
+    """The header's description of a proxy row."""
+    fio = shlex.join(fio_argv(ctx, t, 0, "OUT.json"))
+    lines = ["server:      " + shlex.join(PROXY_UPSTREAM.argv(ctx, "SPORT", os.path.basename(ctx.files.get(
+                 t.serves, FIXTURES[t.serves].file)))),
+             "direct:      " + fio.replace("127.0.0.1:0", "127.0.0.1:SPORT"),
+             "proxy:       " + shlex.join(proxy_argv(ctx, "PPORT", "SPORT"))
+             + "   (started for this leg only)",
+             "through it:  " + fio.replace("127.0.0.1:0", "127.0.0.1:PPORT"),
+             "figure:      proxy %s / direct %s (fio's jobs[0].read); direct and proxy alternate "
+             "going first, round by round; CPU: utime + stime of the server and of the proxy "
+             "during each fio run / requests completed" % (t.params["figure"], t.params["figure"])]
+    return ("\n" + " " * 21).join(lines)
+
+
+def proxy_progress(m) -> str:
+    i = m.info
+    u = i["figure_unit"]
+    return ("ratio %.3f  direct %s %s (server CPU %s us/req, p50 %s us)  proxy %s %s (server CPU %s us/req, "
+            "proxy CPU %s us/req, p50 %s us)  %s first%s"
+            % (m.value, fmt(i["direct"]), u, num(i["direct_server_cpu_us"], 1), num(i["direct_p50_us"], 1),
+               fmt(i["proxy"]), u, num(i["proxy_server_cpu_us"], 1), num(i["proxy_cpu_us"], 1),
+               num(i["proxy_p50_us"], 1), i["first"],
+               "".join("  WARNING: only %.1f%% of %s I/O at depth 16" % (i[k + "_at_depth_pct"], k)
+                       for k in ("direct", "proxy") if i[k + "_at_depth_pct"] < 90.0)))
+
+
 def migration_commands(ctx, t) -> str:
     """The header's description of a migration row: command lines and what
     is timed."""
@@ -1494,6 +1585,8 @@ PAUSE_STEPS = [
 def migration_progress(test, m) -> str:
     """The progress line's figure and details for a migration trial."""
     i = m.info
+    if test.measure is measure_proxy:
+        return proxy_progress(m)
     if m.value is None:
         return "FAILED: %s" % i["failed"]
     if test.measure is measure_migration_writer:
@@ -1569,6 +1662,15 @@ TESTS = [
          measure_migration_writer, serves="data", kind="migration"),
     Test("writer-cost", "the writer's IOPS and p99: no migration, background mode, active mode",
          "ratio", 0.0, measure_writer_cost, serves="data", kind="migration"),
+    # flexnbd-proxy in front of flexnbd serve vs. flexnbd serve directly, both
+    # at QD16 on one connection: throughput through the proxy / direct, at
+    # least 0.8 (the proxy costs at most 20 %). Run like the migration rows.
+    Test("proxy-randread-4k-qd16", "4 KiB random read, QD16: through flexnbd-proxy / direct",
+         "ratio", 0.8, measure_proxy, serves="data", kind="migration",
+         params={"rw": "randread", "bs": "4k", "iodepth": 16, "figure": "IOPS"}),
+    Test("proxy-read-1m-qd16", "1 MiB sequential read, QD16: through flexnbd-proxy / direct",
+         "ratio", 0.8, measure_proxy, serves="data", kind="migration",
+         params={"rw": "read", "bs": "1M", "iodepth": 16, "figure": "MiB/s"}),
 ]
 
 
@@ -1752,8 +1854,10 @@ def check_tools(ctx, servers, tests):
                 needed.setdefault(ctx.flexnbd, []).append("test %s" % t.id)
                 if t.measure is measure_migration:
                     needed.setdefault("nbdcopy", []).append("test %s" % t.id)
-                if t.measure in (measure_migration_writer, measure_writer_cost):
+                if t.measure in (measure_migration_writer, measure_writer_cost, measure_proxy):
                     needed.setdefault("fio", []).append("test %s" % t.id)
+                if t.measure is measure_proxy:
+                    needed.setdefault(proxy_binary(ctx), []).append("test %s" % t.id)
             continue
         tool = {measure_fio: "fio", measure_qemu_img_bench: "qemu-img"}.get(t.measure, "nbdcopy")
         needed.setdefault(tool, []).append("test %s" % t.id)
@@ -2010,7 +2114,7 @@ class Results:
         rows = []
         for t in self.tests:
             ms = self.migration_trials(t)
-            if not ms:
+            if not ms or t.measure is measure_proxy:
                 continue
             ok = [m for m in ms if m.value is not None]
             failed = len(ms) - len(ok)
@@ -2055,6 +2159,49 @@ class Results:
                              num(r, 3), "<= %.2f" % target,
                              fail or ("PASS" if r is not None and r <= target else "MISS")])
         return rows
+
+    def proxy_rows(self):
+        """The proxy rows: per row, median ratio with its verdict, the median
+        throughputs, CPU per request and p50s of both legs."""
+        rows = []
+        for t in self.tests:
+            ms = self.migration_trials(t) if t.measure is measure_proxy else []
+            if not ms:
+                continue
+
+            def med(key):
+                vs = [m.info[key] for m in ms if m.info.get(key) is not None]
+                return statistics.median(vs) if vs else None
+
+            ratio = statistics.median(m.value for m in ms)
+            rows.append([t.id, t.params["figure"], fmt(med("direct")), fmt(med("proxy")), "%.3f" % ratio,
+                         ">= %.2f" % t.target, "PASS" if ratio >= t.target else "MISS",
+                         num(med("direct_server_cpu_us"), 1), num(med("proxy_server_cpu_us"), 1),
+                         num(med("proxy_cpu_us"), 1), num(med("direct_p50_us"), 1),
+                         num(med("proxy_p50_us"), 1),
+                         num(spread_pct([m.value for m in ms]), 0)])
+        return rows
+
+    def proxy_summary(self):
+        out = []
+        for t in self.tests:
+            ms = self.migration_trials(t) if t.measure is measure_proxy else []
+            if not ms:
+                continue
+            ratio = statistics.median(m.value for m in ms)
+
+            def med(key):
+                vs = [m.info[key] for m in ms if m.info.get(key) is not None]
+                return statistics.median(vs) if vs else None
+
+            out.append({"test": t.id, "server": "flexnbd-proxy", "condition": self.migration_condition,
+                        "unit": "ratio", "median": ratio, "target": t.target,
+                        "result": "PASS" if ratio >= t.target else "MISS", "figure_unit": t.params["figure"],
+                        **{k: med(k) for k in ("direct", "proxy", "direct_server_cpu_us",
+                                               "proxy_server_cpu_us", "proxy_cpu_us", "direct_p50_us",
+                                               "proxy_p50_us")},
+                        "trials": len(ms)})
+        return out
 
     def migration_copy_rows(self):
         rows = []
@@ -2164,7 +2311,7 @@ class Results:
                         e.update(cpu_target=CPU_TARGET, cpu_best_other=cbest[0].id if cbest else None,
                                  cpu_ratio=cratio, cpu_result=cverdict)
                     out.append(e)
-        return out
+        return out + self.proxy_summary()
 
 
 def num(v, digits=2) -> str:
@@ -2282,8 +2429,29 @@ def render(results, ctx, env, partial, table):
         if ctx.rounds > 1 and spread:
             parts.append(("Spread: (max - min) / median across rounds, percent",
                           table(["test", "condition", "unit"] + ids, spread)))
+    proxy = proxy_parts(results, table, title)
+    if proxy:
+        title = None
+    parts += proxy
     parts += migration_parts(results, table, title)
     return parts
+
+
+def proxy_parts(results, table, title):
+    """The proxy rows' table. title: the Results title when there are no
+    other tables (it carries the PARTIAL mark)."""
+    rows = results.proxy_rows()
+    if not rows:
+        return []
+    done = max(len(results.migration_trials(t)) for t in results.tests if t.measure is measure_proxy)
+    head = (title + ": proxy" if title else "Proxy")
+    return [(head + ", fio through flexnbd-proxy vs. directly against the same flexnbd serve, median of "
+             "%d round(s), condition %s; ratio = proxy / direct throughput, HIGHER is better, PASS when "
+             ">= target; CPU in us per request (server: flexnbd serve during each leg; proxy: "
+             "flexnbd-proxy itself), lower is better" % (done, results.migration_condition),
+             table(["test", "unit", "direct", "proxy", "ratio", "target", "result", "server CPU direct",
+                    "server CPU proxied", "proxy CPU", "p50 us direct", "p50 us proxy", "spread %"],
+                   rows))]
 
 
 def migration_parts(results, table, title):
@@ -2420,7 +2588,7 @@ def prepare(ctx, args, tests, servers):
     # a migration row's destination (and its baseline's), one at a time; as
     # large as the source if it came out dense
     need += max([SPARSE_SIZE if t.serves == "sparse10" else ctx.size
-                 for t in tests if t.kind == "migration"] or [0])
+                 for t in tests if t.kind == "migration" and t.measure is not measure_proxy] or [0])
     free = shutil.disk_usage(args.dir).free
     if free < need + 256 * MIB:
         raise BenchError("%s has %s free; the run needs %s" % (args.dir, human(free), human(need)))
@@ -2489,7 +2657,8 @@ def describe(ctx, args, servers, tests):
     for t in tests:
         if t.kind == "migration":
             if runs_on(t, servers):
-                env["tests"][t.id] = migration_commands(ctx, t)
+                env["tests"][t.id] = (proxy_commands(ctx, t) if t.measure is measure_proxy
+                                      else migration_commands(ctx, t))
             continue
         if t.measure is measure_fio:
             cmd = shlex.join(fio_argv(ctx, t, 0, "OUT.json")).replace("127.0.0.1:0", "127.0.0.1:PORT")
@@ -2532,6 +2701,9 @@ def print_header(env):
     if any(t.startswith("migrate-") for t in env["tests"]):
         print("         migration rows run once per round (flexnbd serve -> flexnbd listen), "
               "each against its own target, under the %s condition" % env["conditions"][0])
+    if any(t.startswith("proxy-") for t in env["tests"]):
+        print("         proxy rows run once per round (fio direct and through flexnbd-proxy, "
+              "alternating which goes first), under the %s condition" % env["conditions"][0])
     if env["servers"]:
         print("servers:")
         for sid, cmd in env["servers"].items():
