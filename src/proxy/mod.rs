@@ -71,7 +71,11 @@ pub fn main(args: Vec<OsString>) -> i32 {
     if env.is_some() {
         tracing::info!("Upstream timeout is {} s", timeout.as_secs());
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: a session's three tasks (client reader, core, upstream reply reader) hand
+    // each request and reply to one another; on one thread that is a queue push, across
+    // threads a futex wake-up and a context switch per hand-over, which cost more than the
+    // forwarding itself (measured: docs/proxy.md, "Speed").
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
