@@ -786,8 +786,9 @@ async fn fill(
     shared: &Replies,
     mid_reply: bool,
 ) -> Result<(), String> {
-    // Room for all that is awaited at once: a READ's data arrives without reallocations.
-    buf.reserve(n.saturating_sub(buf.len()));
+    // Room for all that is awaited at once (a READ's data arrives without reallocations),
+    // and for more: replies that arrived together are read together.
+    buf.reserve(n.saturating_sub(buf.len()).max(READ_AHEAD));
     while buf.len() < n {
         tokio::select! {
             read = reader.read_buf(buf) => match read {
@@ -812,6 +813,7 @@ async fn fill(
 /// always delivered before a failure that follows it is reported.
 async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
     let mut buf = BytesMut::with_capacity(4096);
+    let pool = Arc::new(Pool::default());
     loop {
         if let Err(why) = fill(&mut reader, &mut buf, SIMPLE_REPLY_LEN, &shared, false).await {
             shared.fail(why);
@@ -858,11 +860,20 @@ async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
                 let data = if reply.error == 0 && read > 0 {
                     // The length was sent as a 32-bit field, so it fits in memory.
                     let n = read as usize;
-                    if let Err(why) = fill(&mut reader, &mut buf, n, &shared, true).await {
-                        shared.fail(format!("reading the data of a READ reply failed: {why}"));
-                        return;
+                    let data = if n >= POOL_FROM {
+                        read_pooled(&mut reader, &mut buf, n, &shared, &pool).await
+                    } else {
+                        fill(&mut reader, &mut buf, n, &shared, true)
+                            .await
+                            .map(|()| buf.split_to(n).freeze())
+                    };
+                    match data {
+                        Ok(data) => data,
+                        Err(why) => {
+                            shared.fail(format!("reading the data of a READ reply failed: {why}"));
+                            return;
+                        }
                     }
-                    buf.split_to(n).freeze()
                 } else {
                     Bytes::new()
                 };
@@ -907,6 +918,112 @@ async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
             }
         }
     }
+}
+
+/// The reply reader asks the socket for at least this much at a time.
+const READ_AHEAD: usize = 64 * 1024;
+/// READ data of at least this many bytes is read into a buffer from the reader's [`Pool`].
+const POOL_FROM: usize = 64 * 1024;
+/// Bytes of free buffers a [`Pool`] keeps for reuse at most.
+const POOL_KEEP: usize = 16 << 20;
+/// Pooled buffers are a multiple of this long.
+const POOL_STEP: usize = 64 * 1024;
+
+/// Buffers for long READ data, reused once the caller drops the data: a fresh allocation
+/// per READ (and the page faults of touching it) cost more than the copy itself.
+#[derive(Default)]
+struct Pool {
+    /// Free buffers, oldest first, each initialised over its length (a multiple of
+    /// [`POOL_STEP`]).
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Pool {
+    /// A buffer of at least `n` bytes (its length), initialised.
+    fn take(&self, n: usize) -> Vec<u8> {
+        let size = n.div_ceil(POOL_STEP) * POOL_STEP;
+        if let Ok(mut free) = self.free.lock() {
+            if let Some(i) = free.iter().position(|b| b.len() == size) {
+                return free.swap_remove(i);
+            }
+        }
+        vec![0; size]
+    }
+
+    /// Keeps `buf` for reuse, dropping the oldest free buffers to stay within
+    /// [`POOL_KEEP`].
+    fn give(&self, buf: Vec<u8>) {
+        if buf.len() > POOL_KEEP {
+            return;
+        }
+        if let Ok(mut free) = self.free.lock() {
+            let mut kept: usize = free.iter().map(Vec::len).sum();
+            while kept + buf.len() > POOL_KEEP {
+                kept -= free.remove(0).len();
+            }
+            free.push(buf);
+        }
+    }
+}
+
+/// The first `len` bytes of a pooled buffer, handed back to the pool when dropped.
+struct Pooled {
+    buf: Vec<u8>,
+    len: usize,
+    pool: Arc<Pool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
+    }
+}
+
+/// Reads `n` bytes of READ data into a pooled buffer: what `buf` already holds first, then
+/// straight from the socket (no more than `n`: what follows stays for `buf`). The
+/// inactivity limit applies as in [`fill`].
+async fn read_pooled(
+    reader: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    n: usize,
+    shared: &Replies,
+    pool: &Arc<Pool>,
+) -> Result<Bytes, String> {
+    let mut data = pool.take(n);
+    let mut at = buf.len().min(n);
+    data[..at].copy_from_slice(&buf[..at]);
+    let _ = buf.split_to(at);
+    while at < n {
+        tokio::select! {
+            read = reader.read(&mut data[at..n]) => match read {
+                Ok(0) => return Err("the connection to the destination ended".into()),
+                Ok(got) => {
+                    at += got;
+                    shared.activity.store(process_ms(), Ordering::Relaxed);
+                }
+                Err(e) => return Err(format!("reading from the destination failed: {e}")),
+            },
+            () = tokio::time::sleep(TICK) => {
+                let idle = process_ms().saturating_sub(shared.activity.load(Ordering::Relaxed));
+                let limit = shared.limit_ms.load(Ordering::Relaxed);
+                if idle > limit {
+                    return Err(format!("the destination answered nothing for {limit} ms"));
+                }
+            }
+            () = shared.failed.cancelled() => return Err("cancelled".into()),
+        }
+    }
+    Ok(Bytes::from_owner(Pooled {
+        buf: data,
+        len: n,
+        pool: pool.clone(),
+    }))
 }
 
 /// The body that follows a successful reply to IDENTIFY or HANDOFF: a bounded 32-bit
@@ -1285,6 +1402,54 @@ mod tests {
         // The answer that came first is kept; the other one is gone.
         assert_eq!(first.await.unwrap().error, 0);
         assert!(second.await.is_err());
+    }
+
+    #[tokio::test]
+    async fn long_read_data_comes_whole_and_its_buffers_are_reused() {
+        let (mut engine, mut server, _) = pair(WAIT).await;
+        let n = 3 * POOL_FROM + 5;
+        for round in 0..3u8 {
+            let long = forwarded(Command::Read, 0, 1, 0, n as u64);
+            let short = forwarded(Command::Read, 0, 2, 0, 8);
+            let l = engine.forward(&long).await.unwrap();
+            let s = engine.forward(&short).await.unwrap();
+            let _ = request(&mut server).await;
+            let _ = request(&mut server).await;
+            // The long data arrives in pieces, the next reply right behind it.
+            let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8 ^ round).collect();
+            let mut reply = simple_reply(1, None).to_vec();
+            reply.extend_from_slice(&data[..1000]);
+            server.write_all(&reply).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut rest = data[1000..].to_vec();
+            rest.extend_from_slice(&simple_reply(2, None));
+            rest.extend_from_slice(b"abcdefgh");
+            server.write_all(&rest).await.unwrap();
+            let got = timeout(WAIT, l).await.unwrap().unwrap();
+            assert_eq!((got.error, got.data.len()), (0, n));
+            assert!(got.data == data[..], "round {round}: the data differs");
+            let got = timeout(WAIT, s).await.unwrap().unwrap();
+            assert_eq!(&got.data[..], b"abcdefgh");
+        }
+        assert!(!engine.has_failed());
+    }
+
+    #[test]
+    fn the_pool_keeps_a_bounded_number_of_buffers() {
+        let pool = Pool::default();
+        let buf = pool.take(POOL_FROM + 1);
+        assert_eq!(buf.len(), 2 * POOL_STEP);
+        pool.give(buf);
+        // The same size class comes back from the pool.
+        assert_eq!(pool.take(2 * POOL_STEP).len(), 2 * POOL_STEP);
+        for _ in 0..(POOL_KEEP / POOL_STEP + 10) {
+            pool.give(vec![0; POOL_STEP]);
+        }
+        let kept: usize = pool.free.lock().unwrap().iter().map(Vec::len).sum();
+        assert!(kept <= POOL_KEEP, "{kept}");
+        pool.give(vec![0; POOL_KEEP + 1]);
+        let kept: usize = pool.free.lock().unwrap().iter().map(Vec::len).sum();
+        assert!(kept <= POOL_KEEP, "{kept}");
     }
 
     #[tokio::test]
