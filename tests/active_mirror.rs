@@ -29,7 +29,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -99,17 +99,22 @@ impl FloodLog {
         out
     }
 
-    /// Offsets whose last write got no reply: (offset, contents allowed there).
-    fn unsure(&self) -> Vec<(u64, Vec<Vec<u8>>)> {
+    /// Offsets whose last write got no reply: (offset, contents allowed there): that write,
+    /// or what was there before it (the lane's previous acknowledged write, or the image's
+    /// original contents, `original`, if the lane had not written there yet).
+    fn unsure(&self, original: &[u8]) -> Vec<(u64, Vec<Vec<u8>>)> {
         self.lanes
             .iter()
             .filter_map(|lane| {
                 let (offset, seq) = lane.unsure?;
-                let mut allowed = vec![seq_block(seq)];
-                if let Some(&before) = lane.acked.get(&offset) {
-                    allowed.push(seq_block(before));
-                }
-                Some((offset, allowed))
+                let before = match lane.acked.get(&offset) {
+                    Some(&before) => seq_block(before),
+                    None => {
+                        let at = offset as usize;
+                        original[at..at + support::promise::BLOCK].to_vec()
+                    }
+                };
+                Some((offset, vec![seq_block(seq), before]))
             })
             .collect()
     }
@@ -126,14 +131,14 @@ impl FloodLog {
     }
 
     /// Checks that `path` holds every acknowledged write (and, at the unsure offsets, one
-    /// of the two candidates).
-    fn check(&self, path: &Path, what: &str) {
+    /// of the two candidates); `original` is the image the writers started from.
+    fn check(&self, path: &Path, what: &str, original: &[u8]) {
         let expected = self.expected();
         assert!(!expected.is_empty(), "{what}: no acknowledged write");
         check_holds_all(path, &expected).unwrap_or_else(|e| panic!("{what}: {e}"));
         let file = fs::File::open(path).unwrap();
         let mut buf = vec![0u8; support::promise::BLOCK];
-        for (offset, allowed) in self.unsure() {
+        for (offset, allowed) in self.unsure(original) {
             file.read_exact_at(&mut buf, offset).unwrap();
             assert!(
                 allowed.contains(&buf),
@@ -234,7 +239,10 @@ fn lane_loop(
 ) -> Lane {
     const STRIDE: u64 = 7919;
     let mine = size / BLOCK as u64 / lanes as u64;
-    assert!(!mine.is_multiple_of(STRIDE), "the stride must not divide {mine}");
+    assert!(
+        !mine.is_multiple_of(STRIDE),
+        "the stride must not divide {mine}"
+    );
     let mut lane = Lane::default();
     // Bounded in any case: no test runs this long.
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -305,6 +313,8 @@ fn mirror_mode(sock: &Path, port: u16, max_bps: u64, mode: &str) {
 
 /// A dense source with its control socket, and a fresh `listen` destination.
 struct Pair {
+    /// The source image is `pattern(seed, SIZE)`.
+    seed: u64,
     src: Image,
     dst: Image,
     sock: std::path::PathBuf,
@@ -319,6 +329,7 @@ fn pair(seed: u64) -> Pair {
     let source = start_source(&src.path, &sock);
     let target = start_listen(&dst.path, None, 0, &[]);
     Pair {
+        seed,
         src,
         dst,
         sock,
@@ -420,7 +431,11 @@ fn auto_converges_under_a_writer_that_outruns_the_link() {
         "a writer lane ended other than by the hand-off"
     );
     assert_same_files(&p.dst.path, &p.src.path, "the destination after auto");
-    log.check(&p.dst.path, "the destination after auto");
+    log.check(
+        &p.dst.path,
+        "the destination after auto",
+        &pattern(p.seed, SIZE),
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -473,7 +488,11 @@ fn background_mode_keeps_copying_while_the_writer_outruns_it() {
         log.lanes.iter().all(|l| !l.closed),
         "a writer connection was closed"
     );
-    log.check(&p.src.path, "the source after break");
+    log.check(
+        &p.src.path,
+        "the source after break",
+        &pattern(p.seed, SIZE),
+    );
     // A new client is served too (its write lands on a block of the stopped writers).
     let probe = accepts_write(p.source.sockaddr(), 0);
     assert!(probe.is_accepted(), "{probe:?}");
@@ -523,7 +542,11 @@ fn active_mode_from_the_start() {
         "a writer lane ended other than by the hand-off"
     );
     assert_same_files(&p.dst.path, &p.src.path, "the destination after active");
-    log.check(&p.dst.path, "the destination after active");
+    log.check(
+        &p.dst.path,
+        "the destination after active",
+        &pattern(p.seed, SIZE),
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -576,7 +599,11 @@ fn a_destination_that_fails_forwarded_writes() {
         "a writer lane ended other than by the hand-off"
     );
     assert_same_files(&p.dst.path, &p.src.path, "the destination after the cut");
-    log.check(&p.dst.path, "the destination after the cut");
+    log.check(
+        &p.dst.path,
+        "the destination after the cut",
+        &pattern(p.seed, SIZE),
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -650,4 +677,79 @@ fn fio_randwrite_during_an_auto_migration() {
     // fio wrote through the source: it reported I/O before the connection went away.
     assert!(text.contains("write:"), "no fio write report:\n{text}");
     assert_same_files(&p.dst.path, &p.src.path, "the destination after fio");
+}
+
+// ---------------------------------------------------------------------------------------
+// f. into a server that does not speak our hand-off
+
+/// Active mode only needs WRITE (and FLUSH) from the destination: into nbdkit, with the
+/// writers outrunning the link, the migration turns nothing special, converges, and the
+/// legacy hand-off (DISC) leaves nbdkit's file with every acknowledged write.
+#[test]
+fn active_mode_into_nbdkit() {
+    let src = Image::with_data(&pattern(76, SIZE));
+    let dst = destination(SIZE as u64);
+    let sock = src.sibling("src.sock");
+    let mut source = start_source(&src.path, &sock);
+    let (mut nbdkit, port) = (0..5)
+        .find_map(|_| {
+            let port = free_port();
+            let mut cmd = tool("nbdkit");
+            cmd.args(["-f", "-i", LOCALHOST, "-p", &port.to_string(), "file"])
+                .arg(&dst.path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let mut child = ChildGuard::new(cmd.spawn().expect("start nbdkit"));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if TcpStream::connect((LOCALHOST, port)).is_ok() {
+                    return child.try_status().is_none().then_some((child, port));
+                }
+                if child.try_status().is_some() {
+                    return None;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            None
+        })
+        .expect("nbdkit could not start");
+    let pair_source = source.sockaddr();
+    let flood = Flood::start(pair_source, SIZE as u64, LANES);
+    let watch = StatusWatch::start(&sock);
+    let started = Instant::now();
+    mirror_mode(&sock, port, LINK_BPS, "active");
+    let status = source.wait_exit(CONVERGE_TIMEOUT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the source exited with {status}; its log:\n{}",
+        source.stderr()
+    );
+    source.expect_log("does not speak our acknowledged hand-off");
+    let took = started.elapsed();
+    wait_lanes_closed(&flood);
+    let log = flood.stop();
+    assert!(log.problems().is_empty(), "writers: {:?}", log.problems());
+    let seen = watch.finish();
+    assert!(
+        max_of(&seen, "migration_forwarded_writes") > 0,
+        "no write was forwarded to nbdkit"
+    );
+    // nbdkit does not exit on DISC: stop it so that its writes are in its file.
+    let killed = Command::new("kill")
+        .args(["-TERM", &nbdkit.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    assert!(
+        nbdkit.wait_timeout(Duration::from_secs(10)).is_some(),
+        "nbdkit did not stop on SIGTERM"
+    );
+    eprintln!(
+        "active into nbdkit: completed in {took:.1?}; {} writes acknowledged",
+        log.writes
+    );
+    assert_same_files(&dst.path, &src.path, "nbdkit's file after active");
+    log.check(&dst.path, "nbdkit's file after active", &pattern(76, SIZE));
 }
