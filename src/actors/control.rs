@@ -291,13 +291,23 @@ impl Control {
         let Some(registered) = &self.mirror else {
             return Box::pin(actix::fut::ready(response(FAILED, "not mirroring")));
         };
+        // A completed hand-off stays registered until the process exits, but its actor has
+        // stopped: answer from what it reported, never from a message it cannot receive.
+        if registered.ended.is_some() {
+            return Box::pin(actix::fut::ready(response(FAILED, "mirror completed")));
+        }
         let addr = registered.addr.clone();
         Box::pin(
             addr.clone()
                 .send(Abandon::Break { force_source })
                 .into_actor(self)
                 .map(move |answer, act, _| {
-                    let answer = answer.unwrap_or(AbandonAnswer::Stopped);
+                    // The actor stopped before it could answer: the migration has ended
+                    // by itself (its `MirrorEnded` is on its way). Nothing was stopped here,
+                    // so never answer `0: mirror stopped`.
+                    let answer = answer.unwrap_or_else(|_| {
+                        AbandonAnswer::Refused("the migration has already ended".into())
+                    });
                     if answer == AbandonAnswer::Stopped {
                         act.unregister(&addr, &response(FAILED, "mirror stopped"));
                     }
