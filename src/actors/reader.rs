@@ -198,6 +198,8 @@ pub(crate) struct Reader {
     replies: mpsc::Sender<Outgoing>,
     /// How long to poll for the next request before sleeping.
     poll: PollWindow,
+    /// The connection's in-flight slots, all of them.
+    slot_count: usize,
 }
 
 impl Reader {
@@ -216,6 +218,7 @@ impl Reader {
             framer
         };
         let poll = PollWindow::new(config.busy_poll);
+        let slot_count = slots.available_permits();
         Reader {
             sock,
             buf: BytesMut::with_capacity(READ_AHEAD),
@@ -223,6 +226,7 @@ impl Reader {
             config,
             slots,
             budget_size: budget.available_permits(),
+            slot_count,
             budget,
             slot: None,
             part_budget: None,
@@ -564,6 +568,14 @@ impl Reader {
         }
     }
 
+    /// At most one of this client's requests is in flight (the one just read, still being
+    /// answered), besides the slot the reader holds for the next header: the client waits
+    /// for us, as a queue-depth-1 client does, and its next request follows our reply.
+    fn at_most_one_in_flight(&self) -> bool {
+        let held = usize::from(self.slot.is_some());
+        self.slots.available_permits() + held + 1 >= self.slot_count
+    }
+
     /// Reads more bytes. Returns false at end of stream or on an error.
     async fn fill(&mut self) -> bool {
         let need = self.framer.next_need().unwrap_or(1);
@@ -585,9 +597,11 @@ impl Reader {
         if self.framer.at_request_boundary() && self.stop.is_requested() {
             return false;
         }
-        // Waiting for the next request with nothing buffered: the time until it comes
-        // adapts the polling window.
-        let idle_since = (!mid_request).then(Instant::now);
+        // Waiting for the next request with nothing buffered and at most the request just
+        // read still in flight: the time until it comes adapts the polling window. With
+        // more in flight (queue depth 16) the next request comes when the client has taken
+        // some replies, and polling for it only took the CPU the client needs.
+        let idle_since = (!mid_request && self.at_most_one_in_flight()).then(Instant::now);
         let window = self.poll.window();
         if idle_since.is_some() && !window.is_zero() && self.poll_briefly(window).await {
             if let Some(since) = idle_since {
