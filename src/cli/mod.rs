@@ -121,7 +121,9 @@ fn parse(mode: &Mode, args: &[String]) -> Result<ArgMatches, i32> {
     })
 }
 
-fn diagnostic(mode: &str, err: &clap::Error) -> String {
+/// A getopt-style diagnostic for a clap error, prefixed with `program` (a mode of
+/// `flexnbd`, or `flexnbd-proxy`).
+pub(crate) fn diagnostic(program: &str, err: &clap::Error) -> String {
     let invalid = match err.get(ContextKind::InvalidArg) {
         Some(ContextValue::String(s)) => s.clone(),
         Some(ContextValue::Strings(v)) => v.join(" "),
@@ -130,24 +132,24 @@ fn diagnostic(mode: &str, err: &clap::Error) -> String {
     let option = invalid.split([' ', '=']).next().unwrap_or("").to_owned();
     match err.kind() {
         ErrorKind::UnknownArgument if option.starts_with("--") => {
-            format!("{mode}: unrecognized option '{option}'")
+            format!("{program}: unrecognized option '{option}'")
         }
         ErrorKind::UnknownArgument if option.starts_with('-') => {
             format!(
-                "{mode}: invalid option -- '{}'",
+                "{program}: invalid option -- '{}'",
                 option.trim_start_matches('-')
             )
         }
         ErrorKind::InvalidValue | ErrorKind::NoEquals if !option.is_empty() => {
-            format!("{mode}: option '{option}' requires an argument")
+            format!("{program}: option '{option}' requires an argument")
         }
         ErrorKind::ArgumentConflict if !option.is_empty() => {
-            format!("{mode}: option '{option}' is ambiguous or given twice")
+            format!("{program}: option '{option}' is ambiguous or given twice")
         }
         _ => {
             let text = err.to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
-            format!("{mode}: {}", first.trim_start_matches("error: "))
+            format!("{program}: {}", first.trim_start_matches("error: "))
         }
     }
 }

@@ -6,7 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
 use crate::addr::{atoi, parse_ip, parse_port};
@@ -283,7 +282,7 @@ pub fn parse(args: &[String]) -> Parsed {
         Ok(m) => m,
         Err(e) => {
             return Parsed::Invalid {
-                message: diagnostic(&e),
+                message: crate::cli::diagnostic("flexnbd-proxy", &e),
                 with_help: true,
             }
         }
@@ -360,36 +359,6 @@ pub fn upstream_timeout(env: Option<&str>) -> Duration {
     match env.map(atoi) {
         Some(secs) if secs > 0 => Duration::from_secs(secs as u64),
         _ => DEFAULT_UPSTREAM_TIMEOUT,
-    }
-}
-
-/// A getopt-style diagnostic for a clap error.
-fn diagnostic(err: &clap::Error) -> String {
-    const NAME: &str = "flexnbd-proxy";
-    let invalid = match err.get(ContextKind::InvalidArg) {
-        Some(ContextValue::String(s)) => s.clone(),
-        Some(ContextValue::Strings(v)) => v.join(" "),
-        _ => String::new(),
-    };
-    let option = invalid.split([' ', '=']).next().unwrap_or("").to_owned();
-    match err.kind() {
-        ErrorKind::UnknownArgument if option.starts_with("--") => {
-            format!("{NAME}: unrecognized option '{option}'")
-        }
-        ErrorKind::UnknownArgument if option.starts_with('-') => {
-            format!(
-                "{NAME}: invalid option -- '{}'",
-                option.trim_start_matches('-')
-            )
-        }
-        ErrorKind::InvalidValue | ErrorKind::NoEquals if !option.is_empty() => {
-            format!("{NAME}: option '{option}' requires an argument")
-        }
-        _ => {
-            let text = err.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            format!("{NAME}: {}", first.trim_start_matches("error: "))
-        }
     }
 }
 
