@@ -8,6 +8,7 @@
 //! - [`cli`]: the `flexnbd` command line; [`logging`]: flexnbd's log line format.
 //! - [`acl`], [`addr`], [`net`]: access control, address parsing, socket options.
 //! - [`rate`]: pacing a migration to its bandwidth limit.
+//! - [`tls`]: TLS credentials, handshakes and the plain-or-TLS transport.
 
 pub mod acl;
 pub mod actors;
@@ -24,3 +25,4 @@ pub mod proxy;
 pub mod rate;
 pub mod server;
 pub mod storage;
+pub mod tls;
