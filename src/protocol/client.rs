@@ -177,6 +177,15 @@ pub enum HandshakeError {
         kind: u32,
         len: u32,
     },
+    /// We asked for TLS and the server greeted old-style, which cannot negotiate it.
+    #[error("the destination is old-style and cannot do TLS")]
+    OldstyleNoTls,
+    /// STARTTLS was refused (NBD_REP_ERR_POLICY, NBD_REP_ERR_UNSUP, ...: the reply type).
+    #[error("the destination does not offer TLS (STARTTLS was answered {0:#x})")]
+    TlsNotOffered(u32),
+    /// We did not ask for TLS and the server answered NBD_REP_ERR_TLS_REQD.
+    #[error("the destination requires TLS; give --tls-creds or --tls-psk")]
+    TlsRequired,
     /// Bytes beyond the end of the handshake were fed.
     #[error("{0} bytes after the end of the handshake")]
     Trailing(usize),
@@ -193,6 +202,9 @@ pub enum Action {
     Read(usize),
     /// Send these bytes whole.
     Write(Vec<u8>),
+    /// The server acknowledged STARTTLS: run the client's TLS handshake on the connection,
+    /// then call [`tls_started`](ClientHandshake::tls_started) and go on over TLS.
+    StartTls,
     /// The handshake is complete.
     Done(Negotiated),
     /// The handshake failed; `feed` (or `closed`, `read_failed`) returned why.
@@ -210,6 +222,15 @@ enum State {
     Oldstyle,
     /// The new-style handshake flags.
     Flags,
+    /// The header of the reply to NBD_OPT_STARTTLS.
+    StartTlsReply,
+    /// Its payload (an error's message, read and dropped); `kind` is the reply type.
+    StartTlsPayload {
+        kind: u32,
+        len: usize,
+    },
+    /// STARTTLS acknowledged: the driver runs the TLS handshake.
+    AwaitingTls,
     /// An option reply's header.
     ReplyHeader,
     /// An option reply's payload.
@@ -257,6 +278,8 @@ pub struct ClientHandshake {
     want_extended: bool,
     /// Ask a new-style server for structured replies (if extended headers are not in force).
     want_structured: bool,
+    /// Upgrade to TLS (NBD_OPT_STARTTLS) before any other option.
+    want_tls: bool,
     /// What the server acknowledged.
     structured: bool,
     extended: bool,
@@ -280,8 +303,50 @@ impl ClientHandshake {
             out: None,
             want_extended: false,
             want_structured: false,
+            want_tls: false,
             structured: false,
             extended: false,
+        }
+    }
+
+    /// Upgrades a new-style connection to TLS first: after the client flags, NBD_OPT_STARTTLS;
+    /// once the server acknowledges it, [`Action::StartTls`] asks the driver for the TLS
+    /// handshake, and every other option goes over TLS. An old-style server, or one that
+    /// refuses STARTTLS, fails the handshake.
+    pub fn with_tls(mut self) -> ClientHandshake {
+        self.want_tls = true;
+        self
+    }
+
+    /// The driver's TLS handshake (after [`Action::StartTls`]) succeeded: what it feeds
+    /// from now on came over TLS.
+    pub fn tls_started(&mut self) {
+        if let State::AwaitingTls = self.state {
+            self.state = self.first_option(Vec::new());
+        }
+    }
+
+    /// Sends the first option after `prefix` (the client flags, or nothing after STARTTLS):
+    /// what was asked for first, or GO.
+    fn first_option(&mut self, mut out: Vec<u8>) -> State {
+        let asked = if self.want_extended {
+            Some(opt::EXTENDED_HEADERS)
+        } else if self.want_structured {
+            Some(opt::STRUCTURED_REPLY)
+        } else {
+            None
+        };
+        match asked {
+            None => {
+                out.extend(go_option(&self.export));
+                self.out = Some(out);
+                State::ReplyHeader
+            }
+            Some(asked) => {
+                out.extend(empty_option(asked));
+                self.out = Some(out);
+                State::OptionReplyHeader { asked }
+            }
         }
     }
 
@@ -316,6 +381,7 @@ impl ClientHandshake {
         match &self.state {
             State::Done(negotiated) => Action::Done(*negotiated),
             State::Failed => Action::Failed,
+            State::AwaitingTls => Action::StartTls,
             _ => Action::Read(self.wanted()),
         }
     }
@@ -327,11 +393,13 @@ impl ClientHandshake {
             State::Discard(_) => OLDSTYLE_HELLO_LEN - 16,
             State::Oldstyle => OLDSTYLE_HELLO_LEN,
             State::Flags => 2,
+            State::StartTlsReply => 20,
+            State::StartTlsPayload { len, .. } => *len,
             State::ReplyHeader => 20,
             State::ReplyPayload { len, .. } => *len,
             State::OptionReplyHeader { .. } => 20,
             State::OptionReplyPayload { len, .. } => *len,
-            State::Done(_) | State::Failed => return 0,
+            State::Done(_) | State::Failed | State::AwaitingTls => return 0,
         };
         target - self.buf.len()
     }
@@ -342,7 +410,7 @@ impl ClientHandshake {
             return Err(HandshakeError::Spent);
         }
         while !bytes.is_empty() {
-            if let State::Done(_) = self.state {
+            if let State::Done(_) | State::AwaitingTls = self.state {
                 return Err(self.fail(HandshakeError::Trailing(bytes.len())));
             }
             let n = self.wanted().min(bytes.len());
@@ -356,7 +424,11 @@ impl ClientHandshake {
 
     /// Moves on while the current item is complete (an empty payload is complete at once).
     fn advance(&mut self) -> Result<(), HandshakeError> {
-        while !matches!(self.state, State::Done(_) | State::Failed) && self.wanted() == 0 {
+        while !matches!(
+            self.state,
+            State::Done(_) | State::Failed | State::AwaitingTls
+        ) && self.wanted() == 0
+        {
             if let Err(e) = self.step() {
                 return Err(self.fail(e));
             }
@@ -386,6 +458,7 @@ impl ClientHandshake {
                 }
             }
             State::Discard(e) => return Err(e.into()),
+            State::Oldstyle if self.want_tls => return Err(HandshakeError::OldstyleNoTls),
             State::Oldstyle => {
                 let hello: [u8; OLDSTYLE_HELLO_LEN] = item[..].try_into().expect("a hello");
                 let hello = OldstyleHello::decode(&hello)?;
@@ -399,31 +472,52 @@ impl ClientHandshake {
             }
             State::Flags => {
                 let server_flags = u16::from_be_bytes([item[0], item[1]]);
-                let asked = if self.want_extended {
-                    Some(opt::EXTENDED_HEADERS)
-                } else if self.want_structured {
-                    Some(opt::STRUCTURED_REPLY)
+                // Without options asked for first, exactly the bytes we have always sent.
+                let flags = client_flags_for(server_flags)?;
+                if self.want_tls {
+                    let mut out = flags;
+                    out.extend(empty_option(opt::STARTTLS));
+                    self.out = Some(out);
+                    State::StartTlsReply
                 } else {
-                    None
-                };
-                match asked {
-                    // The default: exactly the bytes we have always sent.
-                    None => {
-                        self.out = Some(go_request(server_flags, &self.export)?);
-                        State::ReplyHeader
-                    }
-                    Some(asked) => {
-                        let mut out = client_flags_for(server_flags)?;
-                        out.extend(empty_option(asked));
-                        self.out = Some(out);
-                        State::OptionReplyHeader { asked }
-                    }
+                    self.first_option(flags)
                 }
             }
+            State::StartTlsReply => {
+                let header: [u8; 20] = item[..].try_into().expect("20 bytes");
+                let (option, kind, len) = decode_option_reply(&header)?;
+                if option != opt::STARTTLS || (kind == rep::ACK && len != 0) {
+                    return Err(HandshakeError::UnexpectedReply {
+                        asked: opt::STARTTLS,
+                        option,
+                        kind,
+                        len,
+                    });
+                }
+                State::StartTlsPayload {
+                    kind,
+                    len: len as usize,
+                }
+            }
+            State::StartTlsPayload { kind, .. } => match kind {
+                rep::ACK => State::AwaitingTls,
+                other if other & rep::ERR != 0 => return Err(HandshakeError::TlsNotOffered(other)),
+                other => {
+                    return Err(HandshakeError::UnexpectedReply {
+                        asked: opt::STARTTLS,
+                        option: opt::STARTTLS,
+                        kind: other,
+                        len: item.len() as u32,
+                    })
+                }
+            },
             State::OptionReplyHeader { asked } => {
                 let header: [u8; 20] = item[..].try_into().expect("20 bytes");
                 // The length is bounded by MAX_OPTION_REPLY here.
                 let (option, kind, len) = decode_option_reply(&header)?;
+                if kind == rep::ERR_TLS_REQD && !self.want_tls {
+                    return Err(HandshakeError::TlsRequired);
+                }
                 let unexpected = HandshakeError::UnexpectedReply {
                     asked,
                     option,
@@ -490,9 +584,10 @@ impl ClientHandshake {
                         extended: self.extended,
                     })
                 }
+                rep::ERR_TLS_REQD if !self.want_tls => return Err(HandshakeError::TlsRequired),
                 other => return Err(HandshakeError::Refused(other)),
             },
-            done @ (State::Done(_) | State::Failed) => done,
+            done @ (State::Done(_) | State::Failed | State::AwaitingTls) => done,
         };
         Ok(())
     }
@@ -664,6 +759,11 @@ mod tests {
                     at += k;
                 }
                 Action::Write(bytes) => sent.extend(bytes),
+                // The bytes stand for what TLS carries: the handshake itself is the driver's.
+                Action::StartTls => {
+                    sent.extend_from_slice(b"<TLS>");
+                    handshake.tls_started();
+                }
                 Action::Done(negotiated) => {
                     assert_eq!(at, server.len(), "stopped before the end");
                     return (Ok(negotiated), sent);
@@ -671,6 +771,139 @@ mod tests {
                 Action::Failed => panic!("failed without an error"),
             }
         }
+    }
+
+    fn reply_to(option: u32, kind: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn starttls_first_then_go_over_tls() {
+        let mut server = greeting(NEW_FLAGS);
+        server.extend(reply_to(opt::STARTTLS, rep::ACK, &[]));
+        server.extend(option_reply(rep::INFO, &info_export(SIZE, 0x4d)));
+        server.extend(option_reply(rep::ACK, &[]));
+        for piece in [1, 5, 1000] {
+            let mut h = ClientHandshake::new("disk").with_tls();
+            let (result, sent) = drive(&mut h, &server, piece);
+            assert_eq!(result.unwrap().size, SIZE);
+            let mut expected = (client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES)
+                .to_be_bytes()
+                .to_vec();
+            expected.extend(empty_option(opt::STARTTLS));
+            expected.extend_from_slice(b"<TLS>");
+            expected.extend(go_option("disk"));
+            assert_eq!(sent, expected);
+        }
+        // With extended headers asked for: asked over TLS, after the upgrade.
+        let mut server = greeting(NEW_FLAGS);
+        server.extend(reply_to(opt::STARTTLS, rep::ACK, &[]));
+        server.extend(reply_to(opt::EXTENDED_HEADERS, rep::ACK, &[]));
+        server.extend(option_reply(rep::INFO, &info_export(SIZE, 0x4d)));
+        server.extend(option_reply(rep::ACK, &[]));
+        let mut h = ClientHandshake::new("").with_tls().with_extended_headers();
+        let (result, sent) = drive(&mut h, &server, 7);
+        assert!(result.unwrap().extended);
+        let tls_at = sent.windows(5).position(|w| w == b"<TLS>").unwrap();
+        assert_eq!(&sent[tls_at + 5 + 12..tls_at + 5 + 16], &[0, 0, 0, 0]);
+        assert_eq!(
+            &sent[tls_at + 5 + 8..tls_at + 5 + 12],
+            &opt::EXTENDED_HEADERS.to_be_bytes()
+        );
+    }
+
+    #[test]
+    fn tls_refusals_are_named() {
+        // Old-style cannot negotiate TLS.
+        let mut h = ClientHandshake::new("").with_tls();
+        let (result, sent) = drive(&mut h, &oldstyle_hello(), 152);
+        assert_eq!(result, Err(HandshakeError::OldstyleNoTls));
+        assert!(sent.is_empty());
+        assert_eq!(
+            HandshakeError::OldstyleNoTls.to_string(),
+            "the destination is old-style and cannot do TLS"
+        );
+        // STARTTLS refused, with a message.
+        for kind in [rep::ERR_POLICY, rep::ERR_UNSUP] {
+            let mut server = greeting(NEW_FLAGS);
+            server.extend(reply_to(opt::STARTTLS, kind, b"no TLS here"));
+            let mut h = ClientHandshake::new("").with_tls();
+            let (result, _) = drive(&mut h, &server, 3);
+            assert_eq!(result, Err(HandshakeError::TlsNotOffered(kind)));
+            assert!(HandshakeError::TlsNotOffered(kind)
+                .to_string()
+                .starts_with("the destination does not offer TLS"));
+        }
+        // Without TLS, a server that requires it: GO refused, or the first option.
+        let mut server = greeting(NEW_FLAGS);
+        server.extend(option_reply(rep::ERR_TLS_REQD, b"TLS required"));
+        let (result, _) = drive(&mut ClientHandshake::new(""), &server, 1000);
+        assert_eq!(result, Err(HandshakeError::TlsRequired));
+        let mut server = greeting(NEW_FLAGS);
+        server.extend(reply_to(opt::EXTENDED_HEADERS, rep::ERR_TLS_REQD, b""));
+        let mut h = ClientHandshake::new("").with_extended_headers();
+        let (result, _) = drive(&mut h, &server, 1000);
+        assert_eq!(result, Err(HandshakeError::TlsRequired));
+        assert_eq!(
+            HandshakeError::TlsRequired.to_string(),
+            "the destination requires TLS; give --tls-creds or --tls-psk"
+        );
+    }
+
+    /// Our client and our server, both pure: STARTTLS under required TLS, then GO.
+    #[test]
+    fn our_client_upgrades_with_our_server() {
+        use crate::protocol::newstyle::{TlsPolicy, TlsProgress};
+        let mut server = ServerNegotiation::new(NegotiationConfig {
+            export_name: "disk".into(),
+            description: None,
+            size: SIZE,
+            read_only: false,
+            block_size: BlockSize::DEFAULT,
+            can_multi_conn: true,
+            shutting_down: false,
+        })
+        .with_tls(TlsPolicy::Required);
+        let mut client = ClientHandshake::new("disk")
+            .with_tls()
+            .with_structured_replies();
+        let mut to_client = server.greeting().to_vec();
+        let mut input = BytesMut::new();
+        let mut done = None;
+        for _ in 0..100 {
+            match client.action() {
+                Action::Read(n) => {
+                    let k = n.min(to_client.len());
+                    assert!(k > 0, "the client waits for nothing");
+                    client.feed(&to_client[..k]).unwrap();
+                    to_client.drain(..k);
+                }
+                Action::Write(bytes) => {
+                    input.extend_from_slice(&bytes);
+                    match server.feed_tls(&mut input, &mut to_client).unwrap() {
+                        TlsProgress::StartTls => server.tls_started(),
+                        TlsProgress::Progress(Progress::Done(n)) => done = Some(n),
+                        TlsProgress::Progress(Progress::NeedMore) => {}
+                        TlsProgress::Progress(Progress::Aborted) => panic!("aborted"),
+                    }
+                }
+                Action::StartTls => client.tls_started(),
+                Action::Done(negotiated) => {
+                    assert_eq!(negotiated.size, SIZE);
+                    assert!(negotiated.structured);
+                    assert!(done.expect("server done").structured_replies);
+                    assert!(server.in_tls());
+                    return;
+                }
+                Action::Failed => panic!("failed"),
+            }
+        }
+        panic!("no end");
     }
 
     #[test]

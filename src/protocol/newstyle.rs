@@ -9,8 +9,17 @@
 //!
 //! What we serve is one export; the empty name (the protocol's "default export") names it
 //! too. Supported: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST and SET of
-//! meta contexts (`base:allocation` only) and EXTENDED_HEADERS. Everything else, STARTTLS
-//! included, is answered with `NBD_REP_ERR_UNSUP`.
+//! meta contexts (`base:allocation` only) and EXTENDED_HEADERS. Everything else is
+//! answered with `NBD_REP_ERR_UNSUP`.
+//!
+//! STARTTLS follows the server's [`TlsPolicy`] ([`ServerNegotiation::with_tls`]): refused
+//! with `NBD_REP_ERR_POLICY` when TLS is not offered (the default); otherwise acknowledged,
+//! after which the driver, told so by [`ServerNegotiation::feed_tls`] returning
+//! [`TlsProgress::StartTls`], sends the ACK, runs the TLS handshake on the socket and calls
+//! [`ServerNegotiation::tls_started`]: every negotiated state is forgotten and options are
+//! read again, over TLS. Under [`TlsPolicy::Required`], before the upgrade every option but
+//! STARTTLS and ABORT is answered `NBD_REP_ERR_TLS_REQD` (INFO, GO and LIST included) and
+//! EXPORT_NAME, which has no error reply, closes the connection.
 //!
 //! Bounds: an option payload is buffered only up to [`MAX_OPTION_LEN`]; a larger one is
 //! skipped as it arrives and answered with `NBD_REP_ERR_TOO_BIG` (an EXPORT_NAME longer than
@@ -140,6 +149,18 @@ impl BlockSize {
     }
 }
 
+/// Whether a server offers TLS (NBD's NOTLS, SELECTIVETLS-for-every-export and FORCEDTLS).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// No TLS: STARTTLS gets `NBD_REP_ERR_POLICY`.
+    #[default]
+    None,
+    /// Clients may upgrade; plain ones are served too.
+    Optional,
+    /// Nothing but STARTTLS and ABORT before the upgrade.
+    Required,
+}
+
 /// What the server offers, fixed for one negotiation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NegotiationConfig {
@@ -235,6 +256,30 @@ pub enum NegotiationError {
     ShuttingDown,
     #[error("negotiation is already over")]
     Finished,
+    /// EXPORT_NAME under [`TlsPolicy::Required`] before STARTTLS: it cannot be refused with
+    /// an error reply, so the connection closes.
+    #[error("EXPORT_NAME before STARTTLS, and this server requires TLS")]
+    TlsRequired,
+    /// Bytes arrived after STARTTLS and before the TLS handshake: a client must wait for the
+    /// ACK, and plaintext sent ahead could be injected by anyone on the path.
+    #[error("{0} bytes sent after STARTTLS before the TLS handshake")]
+    DataAfterStartTls(usize),
+    /// [`ServerNegotiation::feed`] was used on a negotiation that offers TLS: only
+    /// [`ServerNegotiation::feed_tls`] can report STARTTLS.
+    #[error("STARTTLS accepted by a driver that cannot run a TLS handshake")]
+    StartTlsNotDriven,
+}
+
+/// What [`ServerNegotiation::feed_tls`] concluded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsProgress {
+    /// As from [`ServerNegotiation::feed`].
+    Progress(Progress),
+    /// The client sent STARTTLS and we accept: send `out` (the ACK, after any earlier
+    /// replies), run the TLS handshake as the server, then call
+    /// [`ServerNegotiation::tls_started`] and go on feeding what arrives over TLS. `input`
+    /// is empty (bytes after STARTTLS are an error).
+    StartTls,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,6 +290,8 @@ enum State {
     Options,
     /// Skipping the payload of an oversized option as it arrives; its reply follows.
     Discarding { option: u32, remaining: u64 },
+    /// STARTTLS was acknowledged: nothing is read until the driver's TLS handshake is done.
+    AwaitingTls,
     /// Done, aborted or failed: nothing more is read.
     Finished,
 }
@@ -262,12 +309,15 @@ pub struct ServerNegotiation {
     extended: bool,
     /// Id of the selected `base:allocation` context; cleared by every SET_META_CONTEXT.
     base_allocation: Option<u32>,
+    tls: TlsPolicy,
+    /// The TLS handshake is done: options arrive encrypted.
+    in_tls: bool,
 }
 
 /// What a handled option asks of the feed loop.
 enum Step {
     Continue,
-    Finish(Progress),
+    Finish(TlsProgress),
 }
 
 impl ServerNegotiation {
@@ -284,7 +334,39 @@ impl ServerNegotiation {
             structured: false,
             extended: false,
             base_allocation: None,
+            tls: TlsPolicy::None,
+            in_tls: false,
         }
+    }
+
+    /// Offers TLS as `policy` says. The driver must then use [`feed_tls`](Self::feed_tls).
+    pub fn with_tls(mut self, policy: TlsPolicy) -> ServerNegotiation {
+        self.tls = policy;
+        self
+    }
+
+    /// The TLS handshake that followed [`TlsProgress::StartTls`] succeeded: forget what was
+    /// negotiated in plain text (structured replies, extended headers, meta contexts) as
+    /// the protocol requires, and read options again. The client flags stay, and no new
+    /// greeting is sent.
+    pub fn tls_started(&mut self) {
+        if self.state == State::AwaitingTls {
+            self.state = State::Options;
+        }
+        self.in_tls = true;
+        self.structured = false;
+        self.extended = false;
+        self.base_allocation = None;
+    }
+
+    /// Whether options now arrive over TLS.
+    pub fn in_tls(&self) -> bool {
+        self.in_tls
+    }
+
+    /// STARTTLS must come first: TLS is required and not yet in force.
+    fn tls_missing(&self) -> bool {
+        self.tls == TlsPolicy::Required && !self.in_tls
     }
 
     /// The 18 bytes the server sends first: NBDMAGIC, IHAVEOPT, handshake flags
@@ -308,9 +390,32 @@ impl ServerNegotiation {
         input: &mut BytesMut,
         out: &mut Vec<u8>,
     ) -> Result<Progress, NegotiationError> {
+        match self.feed_tls(input, out)? {
+            TlsProgress::Progress(p) => Ok(p),
+            TlsProgress::StartTls => {
+                self.state = State::Finished;
+                Err(NegotiationError::StartTlsNotDriven)
+            }
+        }
+    }
+
+    /// As [`feed`](Self::feed), for a driver that can run a TLS handshake: STARTTLS
+    /// accepted under a [`TlsPolicy`] other than `None` is reported as
+    /// [`TlsProgress::StartTls`].
+    pub fn feed_tls(
+        &mut self,
+        input: &mut BytesMut,
+        out: &mut Vec<u8>,
+    ) -> Result<TlsProgress, NegotiationError> {
         let result = self.run(input, out);
-        if !matches!(result, Ok(Progress::NeedMore)) {
-            self.state = State::Finished;
+        match &result {
+            Ok(TlsProgress::Progress(Progress::NeedMore)) => {}
+            Ok(TlsProgress::StartTls) if input.is_empty() => self.state = State::AwaitingTls,
+            Ok(TlsProgress::StartTls) => {
+                self.state = State::Finished;
+                return Err(NegotiationError::DataAfterStartTls(input.len()));
+            }
+            _ => self.state = State::Finished,
         }
         result
     }
@@ -319,13 +424,14 @@ impl ServerNegotiation {
         &mut self,
         input: &mut BytesMut,
         out: &mut Vec<u8>,
-    ) -> Result<Progress, NegotiationError> {
+    ) -> Result<TlsProgress, NegotiationError> {
+        let need_more = Ok(TlsProgress::Progress(Progress::NeedMore));
         loop {
             match self.state {
-                State::Finished => return Err(NegotiationError::Finished),
+                State::Finished | State::AwaitingTls => return Err(NegotiationError::Finished),
                 State::ClientFlags => {
                     if input.len() < 4 {
-                        return Ok(Progress::NeedMore);
+                        return need_more;
                     }
                     let flags = input.get_u32();
                     if flags & !client_flags::KNOWN != 0 {
@@ -344,7 +450,7 @@ impl ServerNegotiation {
                             option,
                             remaining: remaining - take,
                         };
-                        return Ok(Progress::NeedMore);
+                        return need_more;
                     }
                     self.state = State::Options;
                     if let Step::Finish(p) = self.oversized(option, out) {
@@ -353,7 +459,7 @@ impl ServerNegotiation {
                 }
                 State::Options => {
                     let Some(header) = input.get(..OPTION_HEADER_LEN) else {
-                        return Ok(Progress::NeedMore);
+                        return need_more;
                     };
                     let mut header = header;
                     let magic = header.get_u64();
@@ -379,7 +485,7 @@ impl ServerNegotiation {
                     // len <= MAX_OPTION_LEN: the sum cannot overflow.
                     let total = OPTION_HEADER_LEN + len as usize;
                     if input.len() < total {
-                        return Ok(Progress::NeedMore);
+                        return need_more;
                     }
                     input.advance(OPTION_HEADER_LEN);
                     let payload = input.split_to(len as usize);
@@ -396,9 +502,11 @@ impl ServerNegotiation {
     fn oversized(&mut self, option: u32, out: &mut Vec<u8>) -> Step {
         if option == opt::ABORT {
             reply(out, option, rep::ACK, &[]);
-            return Step::Finish(Progress::Aborted);
+            return Step::Finish(TlsProgress::Progress(Progress::Aborted));
         }
-        if self.config.shutting_down {
+        if self.tls_missing() && option != opt::STARTTLS {
+            reply(out, option, rep::ERR_TLS_REQD, TLS_REQUIRED);
+        } else if self.config.shutting_down {
             reply(out, option, rep::ERR_SHUTDOWN, b"server is shutting down");
         } else {
             reply(out, option, rep::ERR_TOO_BIG, b"option payload too large");
@@ -416,12 +524,19 @@ impl ServerNegotiation {
             // A client may always leave; the payload, if any, does not matter.
             opt::ABORT => {
                 reply(out, option, rep::ACK, &[]);
-                return Ok(Step::Finish(Progress::Aborted));
+                return Ok(Step::Finish(TlsProgress::Progress(Progress::Aborted)));
             }
-            opt::EXPORT_NAME => return self.export_name(data, out).map(Step::Finish),
+            opt::EXPORT_NAME if self.tls_missing() => return Err(NegotiationError::TlsRequired),
+            opt::EXPORT_NAME => {
+                return self
+                    .export_name(data, out)
+                    .map(|p| Step::Finish(TlsProgress::Progress(p)))
+            }
             _ if self.config.shutting_down => {
                 reply(out, option, rep::ERR_SHUTDOWN, b"server is shutting down");
             }
+            opt::STARTTLS => return Ok(self.starttls(data, out)),
+            _ if self.tls_missing() => reply(out, option, rep::ERR_TLS_REQD, TLS_REQUIRED),
             opt::LIST => {
                 if data.is_empty() {
                     let mut server = Vec::new();
@@ -470,6 +585,28 @@ impl ServerNegotiation {
             _ => reply(out, option, rep::ERR_UNSUP, b"option not supported"),
         }
         Ok(Step::Continue)
+    }
+
+    /// STARTTLS: acknowledged when TLS is offered, not yet in force and the option is
+    /// well-formed.
+    fn starttls(&mut self, data: &[u8], out: &mut Vec<u8>) -> Step {
+        let option = opt::STARTTLS;
+        if self.tls == TlsPolicy::None {
+            reply(
+                out,
+                option,
+                rep::ERR_POLICY,
+                b"this server does not offer TLS",
+            );
+        } else if self.in_tls {
+            reply(out, option, rep::ERR_INVALID, b"TLS is already in force");
+        } else if !data.is_empty() {
+            reply(out, option, rep::ERR_INVALID, b"STARTTLS carries no data");
+        } else {
+            reply(out, option, rep::ACK, &[]);
+            return Step::Finish(TlsProgress::StartTls);
+        }
+        Step::Continue
     }
 
     /// EXPORT_NAME: the old way to end negotiation. It has no error reply, so every refusal
@@ -571,7 +708,9 @@ impl ServerNegotiation {
         reply(out, option, rep::ACK, &[]);
         if option == opt::GO {
             let agreed = want_block_size.then_some(bs);
-            Step::Finish(Progress::Done(self.negotiated(flags, agreed)))
+            Step::Finish(TlsProgress::Progress(Progress::Done(
+                self.negotiated(flags, agreed),
+            )))
         } else {
             Step::Continue
         }
@@ -689,6 +828,9 @@ fn parse_meta_request(data: &[u8], set: bool) -> Result<(&[u8], bool), (u32, &'s
     }
     Ok((name, matched))
 }
+
+/// The message of `NBD_REP_ERR_TLS_REQD`.
+const TLS_REQUIRED: &[u8] = b"this server requires TLS: send STARTTLS first";
 
 /// Appends one option reply.
 fn reply(out: &mut Vec<u8>, option: u32, reply_type: u32, data: &[u8]) {
@@ -994,8 +1136,164 @@ mod tests {
             reply_bytes(99, rep::ERR_UNSUP, &replies[0].2)[..20]
         );
         assert_eq!(&out[12..16], &[0x80, 0, 0, 1]);
-        assert_eq!(replies[1].1, rep::ERR_UNSUP);
+        // Without TLS offered, STARTTLS is a policy refusal (and negotiation goes on).
+        assert_eq!(replies[1].1, rep::ERR_POLICY);
         done(result);
+    }
+
+    /// Feeds all of `bytes` at once to a negotiation offering TLS as `policy`.
+    fn run_tls(
+        policy: TlsPolicy,
+        bytes: &[u8],
+    ) -> (
+        ServerNegotiation,
+        Vec<u8>,
+        Result<TlsProgress, NegotiationError>,
+        BytesMut,
+    ) {
+        let mut neg = ServerNegotiation::new(config()).with_tls(policy);
+        let mut input = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        let result = neg.feed_tls(&mut input, &mut out);
+        (neg, out, result, input)
+    }
+
+    fn reply_types(out: &[u8]) -> Vec<(u32, u32)> {
+        parse_replies(out).0.iter().map(|r| (r.0, r.1)).collect()
+    }
+
+    #[test]
+    fn required_tls_refuses_everything_before_starttls() {
+        let go = option(opt::GO, &info_payload("disk", &[]));
+        let bytes = script(
+            3,
+            &[
+                option(opt::LIST, &[]),
+                option(opt::INFO, &info_payload("disk", &[])),
+                option(opt::STRUCTURED_REPLY, &[]),
+                option(opt::EXTENDED_HEADERS, &[]),
+                option(
+                    opt::SET_META_CONTEXT,
+                    &meta_payload("disk", &[BASE_ALLOCATION]),
+                ),
+                option(99, b"x"),
+                go.clone(),
+            ],
+        );
+        let (neg, out, result, _) = run_tls(TlsPolicy::Required, &bytes);
+        assert_eq!(result, Ok(TlsProgress::Progress(Progress::NeedMore)));
+        let types = reply_types(&out);
+        assert_eq!(types.len(), 7);
+        assert!(types.iter().all(|t| t.1 == rep::ERR_TLS_REQD), "{types:?}");
+        assert!(!neg.in_tls());
+        // An oversized option too.
+        let mut big = option(opt::INFO, &[]);
+        big[12..16].copy_from_slice(&(MAX_OPTION_LEN + 1).to_be_bytes());
+        big.extend(vec![0u8; MAX_OPTION_LEN as usize + 1]);
+        let (_, out, _, _) = run_tls(TlsPolicy::Required, &script(3, &[big]));
+        assert_eq!(reply_types(&out), vec![(opt::INFO, rep::ERR_TLS_REQD)]);
+        // EXPORT_NAME cannot be refused: the connection closes.
+        let (_, out, result, _) = run_tls(
+            TlsPolicy::Required,
+            &script(3, &[option(opt::EXPORT_NAME, b"disk")]),
+        );
+        assert_eq!(result, Err(NegotiationError::TlsRequired));
+        assert!(out.is_empty());
+        // ABORT is answered.
+        let (_, out, result, _) =
+            run_tls(TlsPolicy::Required, &script(3, &[option(opt::ABORT, &[])]));
+        assert_eq!(result, Ok(TlsProgress::Progress(Progress::Aborted)));
+        assert_eq!(reply_types(&out), vec![(opt::ABORT, rep::ACK)]);
+    }
+
+    #[test]
+    fn starttls_then_everything_negotiated_before_is_forgotten() {
+        // Optional: a plain client may negotiate, then upgrade.
+        let bytes = script(
+            3,
+            &[
+                option(opt::STRUCTURED_REPLY, &[]),
+                option(
+                    opt::SET_META_CONTEXT,
+                    &meta_payload("disk", &[BASE_ALLOCATION]),
+                ),
+                option(opt::STARTTLS, &[]),
+            ],
+        );
+        let (mut neg, out, result, input) = run_tls(TlsPolicy::Optional, &bytes);
+        assert_eq!(result, Ok(TlsProgress::StartTls));
+        assert!(input.is_empty());
+        let types = reply_types(&out);
+        assert_eq!(types.last(), Some(&(opt::STARTTLS, rep::ACK)));
+        // Nothing is read until the handshake is done.
+        let mut more = BytesMut::from(&option(opt::ABORT, &[])[..]);
+        let mut out = Vec::new();
+        assert_eq!(
+            neg.feed_tls(&mut more, &mut out),
+            Err(NegotiationError::Finished)
+        );
+        let (mut neg, _, _, _) = run_tls(TlsPolicy::Optional, &bytes);
+        neg.tls_started();
+        assert!(neg.in_tls());
+        // A second STARTTLS, or one with data, is invalid; then GO without structured
+        // replies or meta contexts (they were forgotten).
+        let mut input = BytesMut::new();
+        for m in [
+            option(opt::STARTTLS, &[]),
+            option(opt::STARTTLS, b"x"),
+            option(opt::GO, &info_payload("disk", &[])),
+        ] {
+            input.extend_from_slice(&m);
+        }
+        let mut out = Vec::new();
+        let Ok(TlsProgress::Progress(Progress::Done(n))) = neg.feed_tls(&mut input, &mut out)
+        else {
+            panic!("GO over TLS did not finish");
+        };
+        assert!(!n.structured_replies);
+        assert_eq!(n.base_allocation, None);
+        let types = reply_types(&out);
+        assert_eq!(types[0], (opt::STARTTLS, rep::ERR_INVALID));
+        assert_eq!(types[1], (opt::STARTTLS, rep::ERR_INVALID));
+        assert_eq!(types.last(), Some(&(opt::GO, rep::ACK)));
+    }
+
+    #[test]
+    fn required_tls_serves_after_the_upgrade() {
+        let (mut neg, out, result, _) = run_tls(
+            TlsPolicy::Required,
+            &script(3, &[option(opt::STARTTLS, &[])]),
+        );
+        assert_eq!(result, Ok(TlsProgress::StartTls));
+        assert_eq!(out, reply_bytes(opt::STARTTLS, rep::ACK, &[]));
+        neg.tls_started();
+        let mut input = BytesMut::from(&option(opt::EXPORT_NAME, b"disk")[..]);
+        let mut out = Vec::new();
+        assert!(matches!(
+            neg.feed_tls(&mut input, &mut out),
+            Ok(TlsProgress::Progress(Progress::Done(_)))
+        ));
+    }
+
+    #[test]
+    fn starttls_misuse() {
+        // Bytes pipelined after STARTTLS would be read as if they came over TLS.
+        let bytes = script(3, &[option(opt::STARTTLS, &[]), option(opt::ABORT, &[])]);
+        let (_, _, result, _) = run_tls(TlsPolicy::Optional, &bytes);
+        assert_eq!(result, Err(NegotiationError::DataAfterStartTls(16)));
+        // A driver without TLS that enabled it anyway gets an error, not a silent upgrade.
+        let mut neg = ServerNegotiation::new(config()).with_tls(TlsPolicy::Optional);
+        let mut input = BytesMut::from(&script(3, &[option(opt::STARTTLS, &[])])[..]);
+        let mut out = Vec::new();
+        assert_eq!(
+            neg.feed(&mut input, &mut out),
+            Err(NegotiationError::StartTlsNotDriven)
+        );
+        // With a payload: invalid, negotiation goes on.
+        let bytes = script(3, &[option(opt::STARTTLS, b"x")]);
+        let (_, out, result, _) = run_tls(TlsPolicy::Required, &bytes);
+        assert_eq!(result, Ok(TlsProgress::Progress(Progress::NeedMore)));
+        assert_eq!(reply_types(&out), vec![(opt::STARTTLS, rep::ERR_INVALID)]);
     }
 
     #[test]
@@ -1492,6 +1790,31 @@ mod tests {
     }
 
     proptest! {
+        /// Under required TLS, whatever options come before STARTTLS (other than ABORT and
+        /// EXPORT_NAME), each gets exactly one reply, NBD_REP_ERR_TLS_REQD, and nothing is
+        /// negotiated.
+        #[test]
+        fn required_tls_refuses_any_option(
+            options in proptest::collection::vec(
+                (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..64)),
+                0..12,
+            ),
+        ) {
+            let options: Vec<(u32, Vec<u8>)> = options
+                .into_iter()
+                .filter(|(o, _)| ![opt::ABORT, opt::EXPORT_NAME, opt::STARTTLS].contains(o))
+                .collect();
+            let messages: Vec<Vec<u8>> = options.iter().map(|(o, d)| option(*o, d)).collect();
+            let (_, out, result, input) = run_tls(TlsPolicy::Required, &script(3, &messages));
+            prop_assert_eq!(result, Ok(TlsProgress::Progress(Progress::NeedMore)));
+            prop_assert!(input.is_empty());
+            let types = reply_types(&out);
+            prop_assert_eq!(types.len(), options.len());
+            for ((o, _), (ro, rt)) in options.iter().zip(&types) {
+                prop_assert_eq!((*o, rep::ERR_TLS_REQD), (*ro, *rt));
+            }
+        }
+
         #[test]
         fn negotiation_is_independent_of_how_bytes_are_split(
             cfg in arb_config(),
