@@ -38,11 +38,12 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::acl::Acl;
 use crate::protocol::control::{
-    parse_mirror_max_bps, response, ControlRequest, MirrorAction, MirrorRequest, RequestReader,
-    Status, FAILED, MISSING_COMMAND, OK, UNKNOWN_COMMAND,
+    parse_mirror_max_bps, response, ControlRequest, MirrorAction, MirrorRequest, MirrorTls,
+    RequestReader, Status, FAILED, MISSING_COMMAND, OK, UNKNOWN_COMMAND,
 };
 use crate::protocol::handoff::MigrationId;
 use crate::storage::{AllocationMap, Backing};
+use crate::tls::ClientTls;
 
 use super::inbound::{GetTargetStatus, Inbound};
 use super::listener::{GetStatus, Listener, ReplaceAcl};
@@ -132,6 +133,14 @@ impl Registered {
 /// (ours) a second line with the cause the mirror found — the connect error, the two sizes,
 /// what was wrong with the hello. C clients stop reading at the first newline, so they see
 /// exactly C's answer; ours print the cause too.
+/// The client credentials a `mirror` names, loaded and checked.
+fn load_mirror_tls(tls: &MirrorTls) -> Result<ClientTls, crate::tls::TlsError> {
+    match tls {
+        MirrorTls::X509(dir) => ClientTls::x509(std::path::Path::new(dir)),
+        MirrorTls::Psk(file) => ClientTls::psk(std::path::Path::new(file), None),
+    }
+}
+
 fn first_failure(text: &str, cause: Option<String>) -> String {
     let mut answer = response(FAILED, text);
     if let Some(cause) = cause.filter(|c| c != text) {
@@ -257,6 +266,20 @@ impl Control {
         let Some((backing, events)) = self.migration.clone() else {
             return ready(response(FAILED, "this server cannot start a migration"));
         };
+        // Credentials are read here, by the server (the files are its), and checked whole:
+        // a bad one is answered at once, naming the file, and no migration starts.
+        let tls = match request.tls.as_ref().map(load_mirror_tls).transpose() {
+            Ok(tls) => tls.map(Arc::new),
+            Err(e) => return ready(response(FAILED, &e.to_string().replace(['\r', '\n'], " "))),
+        };
+        if let Some(tls) = &tls {
+            tracing::info!(
+                "Migration to {}:{} uses TLS: {}",
+                request.addr,
+                request.port,
+                tls.description
+            );
+        }
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         let id = MigrationId(crate::identity::random_id());
         let config = MirrorConfig {
@@ -266,6 +289,7 @@ impl Control {
             listener: self.config.listener.clone(),
             events,
             owner: ctx.address().recipient(),
+            tls,
         };
         let mirror = Mirror::new(config, first_tx);
         let stats = mirror.stats();

@@ -18,7 +18,7 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::ArgMatches;
 
 use crate::fatal;
-use crate::protocol::control::{CopyMode, Status, FORCE_SOURCE};
+use crate::protocol::control::{CopyMode, MirrorTls, Status, FORCE_SOURCE};
 
 use super::{flag, value};
 
@@ -96,6 +96,11 @@ fn validate(mode: &str, matches: &ArgMatches) -> Result<(), i32> {
     {
         messages.push(why);
     }
+    if mode == "mirror" {
+        if let Err(why) = mirror_tls(matches) {
+            messages.push(why);
+        }
+    }
     let copy_mode = (mode == "mirror").then(|| value(matches, "mode")).flatten();
     if let Some(bad) = copy_mode.filter(|m| CopyMode::parse(m).is_none()) {
         messages.push(format!(
@@ -137,6 +142,41 @@ pub(crate) fn parse_speed(text: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(scale))
         .ok_or_else(refuse)
+}
+
+/// `mirror --tls-creds` / `--tls-psk` as the named argument the server reads, with an
+/// absolute path (the server's working directory is not ours). The server loads and checks
+/// the files; this only catches a missing or unreadable one early.
+fn mirror_tls(matches: &ArgMatches) -> Result<Option<MirrorTls>, String> {
+    let (creds, psk) = (value(matches, "tls-creds"), value(matches, "tls-psk"));
+    let (option, text) = match (creds, psk) {
+        (Some(_), Some(_)) => return Err("give --tls-creds or --tls-psk, not both.".into()),
+        (None, None) => return Ok(None),
+        (Some(dir), None) => ("--tls-creds", dir),
+        (None, Some(file)) => ("--tls-psk", file),
+    };
+    let path = std::path::absolute(text).map_err(|e| format!("{option} {text}: {e}"))?;
+    // The control protocol is line-based.
+    let Some(shown) = path.to_str().filter(|p| !p.contains(['\n', '\r'])) else {
+        return Err(format!(
+            "{option}: the path {text:?} cannot be sent to the server."
+        ));
+    };
+    let readable = |p: &std::path::Path| {
+        std::fs::File::open(p)
+            .map(drop)
+            .map_err(|e| format!("{option}: {}: {e}", p.display()))
+    };
+    if creds.is_some() {
+        if !path.is_dir() {
+            return Err(format!("{option}: {shown}: not a directory"));
+        }
+        readable(&path.join("ca-cert.pem"))?;
+        Ok(Some(MirrorTls::X509(shown.to_owned())))
+    } else {
+        readable(&path)?;
+        Ok(Some(MirrorTls::Psk(shown.to_owned())))
+    }
 }
 
 /// `mirror --port`: a destination port, 1 to 65535 (port 0 cannot be connected to).
@@ -190,6 +230,10 @@ fn request_lines(mode: &str, matches: &ArgMatches) -> Vec<String> {
                     "0".to_owned(),
                     mode.to_owned(),
                 ]),
+            }
+            // A named argument after the positional ones (checked in `validate`).
+            if let Ok(Some(tls)) = mirror_tls(matches) {
+                lines.push(tls.argument());
             }
             lines
         }
@@ -362,6 +406,45 @@ mod tests {
             mirror_lines(&[&base[..], &["--mode", "auto", "-b", "10.0.0.1", "-u"]].concat()),
             ["mirror", "10.0.0.2", "4777", "unlink", "10.0.0.1", "0", "auto"]
         );
+    }
+
+    #[test]
+    fn mirror_sends_tls_as_a_named_argument() {
+        use crate::protocol::control::{ControlRequest, MirrorTls};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca-cert.pem"), "x").unwrap();
+        let d = dir.path().to_str().unwrap();
+        let lines = mirror_lines(&["-s", "S", "-l", "::1", "-p", "1", "--tls-creds", d]);
+        assert_eq!(
+            lines,
+            ["mirror", "::1", "1", "exit", &format!("tls-creds={d}")]
+        );
+        match ControlRequest::parse(&lines) {
+            ControlRequest::Mirror(m) => assert_eq!(m.tls, Some(MirrorTls::X509(d.into()))),
+            other => panic!("{other:?}"),
+        }
+        let lines = mirror_lines(&[
+            "-s",
+            "S",
+            "-l",
+            "::1",
+            "-p",
+            "1",
+            "--mode",
+            "active",
+            "--tls-creds",
+            d,
+        ]);
+        assert_eq!(lines[6], "active");
+        assert_eq!(lines[7], format!("tls-creds={d}"));
+        // Missing files are caught here already.
+        let matches = crate::cli::spec::find("mirror")
+            .unwrap()
+            .command()
+            .try_get_matches_from(["-s", "S", "--tls-psk", "/nonexistent/k.psk"])
+            .unwrap();
+        let e = mirror_tls(&matches).unwrap_err();
+        assert!(e.starts_with("--tls-psk: /nonexistent/k.psk: "), "{e}");
     }
 
     #[test]

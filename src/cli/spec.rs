@@ -246,7 +246,7 @@ pub const MODES: &[Mode] = &[
     },
     Mode {
         name: "mirror",
-        usage: "flexnbd mirror --addr ADDR --port PORT --sock SOCK [--unlink] [--bind BIND_ADDR] [--mode MODE] [--wait]",
+        usage: "flexnbd mirror --addr ADDR --port PORT --sock SOCK [--unlink] [--bind BIND_ADDR] [--mode MODE] [--tls-creds DIR | --tls-psk FILE] [--wait]",
         description: "Migrate a running server's export to the server listening on ADDR:PORT.",
         opts: &[&[
             opt("sock", 's', Value("SOCK"), "The control socket of the source server."),
@@ -261,6 +261,22 @@ pub const MODES: &[Mode] = &[
                  (a client's write to a range already copied reaches the destination before \
                  it is answered) or auto (background, then active if the passes stop \
                  shrinking; the server's default). C flexnbd servers refuse it.",
+            ),
+            long_only(
+                "tls-creds",
+                Value("DIR"),
+                "Speak TLS to the destination (STARTTLS: a new-style destination such as \
+                 nbdkit, qemu-nbd or ours with --tls) with the x509 credentials in DIR: \
+                 ca-cert.pem, the CA the destination's certificate must be signed by (the \
+                 certificate must also name ADDR), and optionally client-cert.pem and \
+                 client-key.pem for a destination that checks clients. The source server \
+                 reads the files. C flexnbd servers refuse it.",
+            ),
+            long_only(
+                "tls-psk",
+                Value("FILE"),
+                "Speak TLS to the destination with the pre-shared key of FILE's first line \
+                 (username:hexkey, as psktool writes it). The source server reads the file.",
             ),
             long_only(
                 "wait",

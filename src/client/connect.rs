@@ -1,14 +1,17 @@
 //! Connecting to an NBD server: TCP with a connect timeout and liveness options, then the
-//! handshake within a time limit.
+//! handshake within a time limit; with TLS, STARTTLS and the TLS handshake in the middle of
+//! it, each part within the same limit.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::protocol::client::{Action, ClientHandshake, HandshakeError, Negotiated};
+use crate::tls::{self, ClientTls, Stream, TlsError};
 
 /// TCP liveness of the connection: keepalive probes while nothing is outstanding, and
 /// TCP_USER_TIMEOUT for data that is never acknowledged.
@@ -21,7 +24,7 @@ pub struct LinkOptions {
 }
 
 /// How to connect.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct ConnectOptions {
     /// The local address to bind to first, if any.
     pub bind: Option<IpAddr>,
@@ -32,12 +35,16 @@ pub struct ConnectOptions {
     pub link: LinkOptions,
     /// The export asked for from a new-style server.
     pub export: String,
+    /// Upgrade to TLS with these credentials (STARTTLS: new-style servers only). A server
+    /// certificate must name the address connected to.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 /// A connected server, after its handshake.
 #[derive(Debug)]
 pub struct Connection {
-    pub stream: TcpStream,
+    /// Plain TCP, or TLS when [`ConnectOptions::tls`] was given.
+    pub stream: Stream,
     /// What the handshake settled: size, transmission flags, new-style or not.
     pub export: Negotiated,
 }
@@ -57,6 +64,9 @@ pub enum ConnectError {
     /// The handshake failed (a bad hello, a refused export, the connection ended).
     #[error("{0}")]
     Handshake(#[from] HandshakeError),
+    /// The TLS handshake failed (certificate refused, PSK mismatch, timeout, ...).
+    #[error("{0}")]
+    Tls(#[from] TlsError),
 }
 
 /// Connects to `target` and runs the handshake.
@@ -87,21 +97,68 @@ pub async fn connect(
         tracing::warn!("Couldn't set keepalive on the connection to {target}: {e}");
     }
     let mut handshake = ClientHandshake::new(&options.export);
+    if options.tls.is_some() {
+        handshake = handshake.with_tls();
+    }
     let limit = options.hello_timeout;
-    let export = match tokio::time::timeout(limit, drive(&mut stream, &mut handshake)).await {
-        Ok(result) => result?,
+    let timed_out = |handshake: &ClientHandshake| {
         // Nothing at all is "failed to respond"; a partial hello is a bad one.
-        Err(_) if handshake.received() == 0 => return Err(ConnectError::NoHello { target, limit }),
-        Err(_) => return Err(ConnectError::IncompleteHello { target, limit }),
+        if handshake.received() == 0 {
+            ConnectError::NoHello { target, limit }
+        } else {
+            ConnectError::IncompleteHello { target, limit }
+        }
     };
-    Ok(Connection { stream, export })
+    let first = tokio::time::timeout(limit, drive(&mut stream, &mut handshake)).await;
+    match first {
+        Ok(Driven::Done(export)) => {
+            return Ok(Connection {
+                stream: Stream::Plain(stream),
+                export,
+            })
+        }
+        Ok(Driven::Failed(e)) => return Err(e.into()),
+        Ok(Driven::StartTls) => {}
+        Err(_) => return Err(timed_out(&handshake)),
+    }
+    let Some(credentials) = &options.tls else {
+        return Err(HandshakeError::Spent.into());
+    };
+    let host = target.ip().to_string();
+    let mut stream = tls::connect(stream, credentials, &host, limit).await?;
+    handshake.tls_started();
+    match tokio::time::timeout(limit, drive(&mut stream, &mut handshake)).await {
+        Ok(Driven::Done(export)) => Ok(Connection { stream, export }),
+        Ok(Driven::Failed(e)) => Err(e.into()),
+        Ok(Driven::StartTls) => Err(HandshakeError::Spent.into()),
+        Err(_) => Err(ConnectError::IncompleteHello { target, limit }),
+    }
 }
 
-/// Runs `handshake` over `stream`, reading no byte beyond it.
-async fn drive(
-    stream: &mut TcpStream,
+/// Where [`drive`] stopped.
+enum Driven {
+    Done(Negotiated),
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls,
+    Failed(HandshakeError),
+}
+
+/// Runs `handshake` over `stream` until it is done or asks for TLS, reading no byte beyond
+/// it.
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     handshake: &mut ClientHandshake,
-) -> Result<Negotiated, HandshakeError> {
+) -> Driven {
+    match drive_inner(stream, handshake).await {
+        Ok(driven) => driven,
+        Err(e) => Driven::Failed(e),
+    }
+}
+
+async fn drive_inner<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    handshake: &mut ClientHandshake,
+) -> Result<Driven, HandshakeError> {
     let mut buf = [0u8; 4096];
     loop {
         match handshake.action() {
@@ -114,11 +171,17 @@ async fn drive(
                 }
             }
             Action::Write(bytes) => {
-                if let Err(e) = stream.write_all(&bytes).await {
+                // Flushed: a TLS stream may hold what was written.
+                let sent = async {
+                    stream.write_all(&bytes).await?;
+                    stream.flush().await
+                };
+                if let Err(e) = sent.await {
                     return Err(handshake.write_failed(&e.to_string()));
                 }
             }
-            Action::Done(negotiated) => return Ok(negotiated),
+            Action::StartTls => return Ok(Driven::StartTls),
+            Action::Done(negotiated) => return Ok(Driven::Done(negotiated)),
             Action::Failed => return Err(HandshakeError::Spent),
         }
     }

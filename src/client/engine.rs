@@ -22,10 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::tls::{ReadHalf, Stream, WriteHalf};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -238,7 +237,7 @@ enum Pending {
 /// A connection in its transmission phase: requests pipelined on the write half, replies
 /// matched by cookie on a reader task (which ends when the engine is dropped).
 pub struct Engine {
-    writer: OwnedWriteHalf,
+    writer: WriteHalf,
     flags: u16,
     in_flight: usize,
     zero_size: u64,
@@ -271,7 +270,7 @@ impl Engine {
     /// announced transmission `flags`. Cancelling `cancel` fails the engine; acknowledged
     /// bytes are added to `acked`.
     pub fn start(
-        stream: TcpStream,
+        stream: Stream,
         flags: u16,
         acked: Arc<Acknowledged>,
         cancel: &CancellationToken,
@@ -722,7 +721,7 @@ impl Engine {
 /// Writes all of `bytes`, failing only when no byte could be written for `limit`: the
 /// limit measures inactivity, not the whole transfer.
 async fn write_progressing(
-    writer: &mut OwnedWriteHalf,
+    writer: &mut WriteHalf,
     bytes: &[u8],
     limit: Duration,
     activity: &AtomicU64,
@@ -780,7 +779,7 @@ impl Replies {
 /// its header), whose request is no longer counted as outstanding: the limit applies all
 /// the same.
 async fn fill(
-    reader: &mut OwnedReadHalf,
+    reader: &mut ReadHalf,
     buf: &mut BytesMut,
     n: usize,
     shared: &Replies,
@@ -811,7 +810,7 @@ async fn fill(
 
 /// The reader task: matches replies to requests; any error fails the engine. An answer is
 /// always delivered before a failure that follows it is reported.
-async fn read_replies(mut reader: OwnedReadHalf, shared: Replies) {
+async fn read_replies(mut reader: ReadHalf, shared: Replies) {
     let mut buf = BytesMut::with_capacity(4096);
     let pool = Arc::new(Pool::default());
     loop {
@@ -989,7 +988,7 @@ impl Drop for Pooled {
 /// straight from the socket (no more than `n`: what follows stays for `buf`). The
 /// inactivity limit applies as in [`fill`].
 async fn read_pooled(
-    reader: &mut OwnedReadHalf,
+    reader: &mut ReadHalf,
     buf: &mut BytesMut,
     n: usize,
     shared: &Replies,
@@ -1029,7 +1028,7 @@ async fn read_pooled(
 /// The body that follows a successful reply to IDENTIFY or HANDOFF: a bounded 32-bit
 /// length, then that many bytes.
 async fn read_answer(
-    reader: &mut OwnedReadHalf,
+    reader: &mut ReadHalf,
     buf: &mut BytesMut,
     shared: &Replies,
 ) -> Result<BytesMut, String> {
@@ -1046,7 +1045,7 @@ mod tests {
     use crate::protocol::reply::simple_reply;
     use crate::protocol::request::{decode_header, Header};
     use crate::protocol::COMPACT_REQUEST_LEN;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::time::timeout;
 
     const WAIT: Duration = Duration::from_secs(5);
@@ -1060,7 +1059,7 @@ mod tests {
         let (server, _) = listener.accept().await.unwrap();
         let acked = Arc::new(Acknowledged::default());
         let engine = Engine::start(
-            client,
+            Stream::Plain(client),
             13,
             acked.clone(),
             &CancellationToken::new(),

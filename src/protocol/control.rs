@@ -87,6 +87,53 @@ pub struct MirrorRequest {
     pub max_bps: u64,
     /// How the mirror copies (ours: the optional sixth argument; C flexnbd never sends it).
     pub mode: CopyMode,
+    /// TLS to the destination (ours: a named argument after the positional ones, which C
+    /// flexnbd never sends). Only paths here: the server loads and checks the files.
+    pub tls: Option<MirrorTls>,
+}
+
+/// Credentials a `mirror` names for TLS to its destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MirrorTls {
+    /// `tls-creds=DIR`: an x509 directory (`ca-cert.pem`, optionally `client-cert.pem` and
+    /// `client-key.pem`).
+    X509(String),
+    /// `tls-psk=FILE`: a psktool key file; the first entry's username is used.
+    Psk(String),
+}
+
+/// The named `mirror` arguments: `NAME=VALUE`, after the positional ones.
+pub const TLS_CREDS_ARG: &str = "tls-creds=";
+pub const TLS_PSK_ARG: &str = "tls-psk=";
+
+impl MirrorTls {
+    /// The named argument that sends these credentials over the control socket.
+    pub fn argument(&self) -> String {
+        match self {
+            MirrorTls::X509(dir) => format!("{TLS_CREDS_ARG}{dir}"),
+            MirrorTls::Psk(file) => format!("{TLS_PSK_ARG}{file}"),
+        }
+    }
+}
+
+/// `arg` as a named argument of `mirror`, if it is one. No positional value can start
+/// like this (an address, a port, an action, a number or a mode).
+fn named_argument(arg: &str) -> Option<Result<MirrorTls, &'static str>> {
+    if let Some(dir) = arg.strip_prefix(TLS_CREDS_ARG) {
+        Some(if dir.is_empty() {
+            Err("tls-creds needs a directory")
+        } else {
+            Ok(MirrorTls::X509(dir.to_owned()))
+        })
+    } else if let Some(file) = arg.strip_prefix(TLS_PSK_ARG) {
+        Some(if file.is_empty() {
+            Err("tls-psk needs a file")
+        } else {
+            Ok(MirrorTls::Psk(file.to_owned()))
+        })
+    } else {
+        None
+    }
 }
 
 /// How a migration copies (`mirror`'s sixth argument, `flexnbd mirror --mode`).
@@ -183,8 +230,26 @@ impl ControlRequest {
     }
 }
 
-/// Checks `mirror`'s arguments in flexnbd's order; the error is the response text.
+/// Checks `mirror`'s arguments in flexnbd's order; the error is the response text. Named
+/// arguments (ours) follow the positional ones and are checked after them.
 fn parse_mirror(args: &[String]) -> Result<MirrorRequest, &'static str> {
+    let positional = args
+        .iter()
+        .position(|a| named_argument(a).is_some())
+        .unwrap_or(args.len());
+    let (args, named) = args.split_at(positional);
+    let mut request = parse_positional(args)?;
+    for arg in named {
+        let tls = named_argument(arg).ok_or("unrecognised parameters to mirror")??;
+        if request.tls.is_some() {
+            return Err("give one of tls-creds and tls-psk, once");
+        }
+        request.tls = Some(tls);
+    }
+    Ok(request)
+}
+
+fn parse_positional(args: &[String]) -> Result<MirrorRequest, &'static str> {
     if args.len() < 2 {
         return Err("mirror takes at least two parameters");
     }
@@ -223,6 +288,7 @@ fn parse_mirror(args: &[String]) -> Result<MirrorRequest, &'static str> {
         bind,
         max_bps,
         mode,
+        tls: None,
     })
 }
 
@@ -477,6 +543,7 @@ mod tests {
                 bind: Some("::1".parse().unwrap()),
                 max_bps: 1000,
                 mode: CopyMode::Auto,
+                tls: None,
             })
         );
         match ControlRequest::parse(&strings(&["mirror", "127.0.0.1", "1"])) {
@@ -486,6 +553,65 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn mirror_takes_tls_as_a_named_argument() {
+        let parse = |args: &[&str]| ControlRequest::parse(&strings(args));
+        let tls = |args: &[&str]| match parse(args) {
+            ControlRequest::Mirror(m) => m.tls,
+            other => panic!("{other:?}"),
+        };
+        // After two, five or six positional arguments; those keep their meaning.
+        assert_eq!(
+            tls(&["mirror", "::1", "4777", "tls-creds=/etc/pki/nbd"]),
+            Some(MirrorTls::X509("/etc/pki/nbd".into()))
+        );
+        match parse(&[
+            "mirror",
+            "::1",
+            "4777",
+            "nothing",
+            "0.0.0.0",
+            "1000",
+            "active",
+            "tls-psk=/k.psk",
+        ]) {
+            ControlRequest::Mirror(m) => {
+                assert_eq!(m.action, MirrorAction::Nothing);
+                assert_eq!(m.max_bps, 1000);
+                assert_eq!(m.mode, CopyMode::Active);
+                assert_eq!(m.tls, Some(MirrorTls::Psk("/k.psk".into())));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(tls(&["mirror", "::1", "4777", "exit"]), None);
+        let refused = |args: &[&str]| match parse(args) {
+            ControlRequest::MirrorRefused(text) => text,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            refused(&["mirror", "::1", "1", "tls-psk=/a", "tls-creds=/b"]),
+            "give one of tls-creds and tls-psk, once"
+        );
+        assert_eq!(
+            refused(&["mirror", "::1", "1", "tls-creds="]),
+            "tls-creds needs a directory"
+        );
+        // Positional arguments cannot follow a named one.
+        assert_eq!(
+            refused(&["mirror", "::1", "1", "tls-psk=/a", "exit"]),
+            "unrecognised parameters to mirror"
+        );
+        // The positional checks come first, as in flexnbd.
+        assert_eq!(
+            refused(&["mirror", "tls-psk=/a"]),
+            "mirror takes at least two parameters"
+        );
+        assert_eq!(
+            MirrorTls::X509("/d".into()).argument(),
+            "tls-creds=/d".to_string()
+        );
     }
 
     #[test]

@@ -32,8 +32,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::tls::ClientTls;
 use crate::{fatal, logging};
-use options::{Listen, Options, Parsed};
+use options::{Listen, Options, Parsed, UpstreamTls};
 use session::Settings;
 use upstream::Upstream;
 
@@ -133,11 +134,29 @@ async fn run(options: Options, timeout: Duration) -> i32 {
             return 1;
         }
     };
+    // Credentials are checked whole before anything else: a bad file is a startup error
+    // that names it.
+    let tls = match &options.upstream_tls {
+        None => None,
+        Some(UpstreamTls::X509(dir)) => Some(ClientTls::x509(dir)),
+        Some(UpstreamTls::Psk(file)) => Some(ClientTls::psk(file, None)),
+    };
+    let tls = match tls.transpose() {
+        Ok(tls) => tls.map(Arc::new),
+        Err(e) => {
+            fatal!("{e}");
+            return 1;
+        }
+    };
+    if let Some(tls) = &tls {
+        tracing::info!("Upstream connections use TLS: {}", tls.description);
+    }
     let upstream = Arc::new(Upstream::new(
         options.upstream,
         options.bind,
         &options.upstream_export,
         timeout,
+        tls,
     ));
     let first = tokio::select! {
         first = upstream.connect_first() => first,

@@ -38,8 +38,19 @@ pub struct Options {
     pub newstyle: bool,
     /// The export to ask a new-style upstream for.
     pub upstream_export: String,
+    /// TLS to upstream (STARTTLS; a new-style upstream only).
+    pub upstream_tls: Option<UpstreamTls>,
     /// The log threshold (`-v`/`-q`, last one wins).
     pub threshold: u8,
+}
+
+/// The credentials `--tls-creds` or `--tls-psk` name; loaded and checked at startup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpstreamTls {
+    /// An x509 directory: `ca-cert.pem`, optionally `client-cert.pem` and `client-key.pem`.
+    X509(PathBuf),
+    /// A psktool key file; its first username is used.
+    Psk(PathBuf),
 }
 
 /// What parsing the command line decided.
@@ -75,6 +86,8 @@ pub enum OptionsError {
     LongPath(String),
     #[error("{0}")]
     Port(#[from] crate::addr::BadPort),
+    #[error("give --tls-creds or --tls-psk, not both.")]
+    TlsTwice,
 }
 
 struct Opt {
@@ -135,6 +148,23 @@ const OPTS: &[Opt] = &[
         help: "The export to ask a new-style upstream for (default: the empty name).",
     },
     Opt {
+        long: "tls-creds",
+        short: None,
+        value: Some("DIR"),
+        help: "Speak TLS to upstream (STARTTLS; a new-style upstream only) with the x509 \
+               credentials in DIR: ca-cert.pem, the CA upstream's certificate must be \
+               signed by (it must also name --conn-addr), and optionally client-cert.pem and \
+               client-key.pem, presented to an upstream that asks. Every reconnection \
+               repeats the TLS handshake.",
+    },
+    Opt {
+        long: "tls-psk",
+        short: None,
+        value: Some("FILE"),
+        help: "Speak TLS to upstream with the pre-shared key of FILE's first line \
+               (username:hexkey, as psktool writes it).",
+    },
+    Opt {
         long: "help",
         short: Some('h'),
         value: None,
@@ -155,7 +185,7 @@ const OPTS: &[Opt] = &[
 ];
 
 const USAGE: &str = "flexnbd-proxy --addr ADDR [--port PORT] --conn-addr ADDR --conn-port PORT \
-     [--bind ADDR] [--cache[=BYTES]] [--newstyle]";
+     [--bind ADDR] [--cache[=BYTES]] [--newstyle] [--tls-creds DIR | --tls-psk FILE]";
 const SUMMARY: &str = "Proxy NBD clients on ADDR:PORT to the server on --conn-addr:--conn-port, \
      reconnecting and resending requests when the server goes away.";
 const UPSTREAM_TIMEOUT_TEXT: &str = "FLEXNBD_UPSTREAM_TIMEOUT=SECONDS (default 30): reconnect \
@@ -323,6 +353,12 @@ fn options(m: &ArgMatches) -> Result<Options, OptionsError> {
         Some(b) => Some(parse_ip(b).ok_or_else(|| OptionsError::BadBind(b.into()))?),
         None => None,
     };
+    let upstream_tls = match (value(m, "tls-creds"), value(m, "tls-psk")) {
+        (Some(_), Some(_)) => return Err(OptionsError::TlsTwice),
+        (Some(dir), None) => Some(UpstreamTls::X509(dir.into())),
+        (None, Some(file)) => Some(UpstreamTls::Psk(file.into())),
+        (None, None) => None,
+    };
     Ok(Options {
         listen,
         upstream: SocketAddr::new(conn_ip, parse_port(conn_port)?),
@@ -330,6 +366,7 @@ fn options(m: &ArgMatches) -> Result<Options, OptionsError> {
         cache: cache_size(value(m, "cache")),
         newstyle: m.get_flag("newstyle"),
         upstream_export: value(m, "conn-export").unwrap_or("").to_owned(),
+        upstream_tls,
         threshold: threshold(m),
     })
 }
@@ -383,6 +420,32 @@ mod tests {
         let mut v = extra.to_vec();
         v.extend(UP);
         v
+    }
+
+    #[test]
+    fn upstream_tls() {
+        let o = options(&with_up(&["-l", "0", "-p", "5000"]));
+        assert_eq!(o.upstream_tls, None);
+        let o = options(&with_up(&["-l", "0", "-p", "5000", "--tls-creds", "/pki"]));
+        assert_eq!(o.upstream_tls, Some(UpstreamTls::X509("/pki".into())));
+        let o = options(&with_up(&["-l", "0", "-p", "5000", "--tls-psk=/k.psk"]));
+        assert_eq!(o.upstream_tls, Some(UpstreamTls::Psk("/k.psk".into())));
+        match run(&with_up(&[
+            "-l",
+            "0",
+            "-p",
+            "1",
+            "--tls-psk",
+            "/k",
+            "--tls-creds",
+            "/d",
+        ])) {
+            Parsed::Invalid { message, .. } => {
+                assert_eq!(message, "give --tls-creds or --tls-psk, not both.")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(help().contains("\t--tls-creds <DIR>\t"));
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::tls::ClientTls;
+
 use crate::client::{
     connect, Acknowledged, ConnectError, ConnectOptions, Connection, Engine, EngineConfig,
     LinkOptions,
@@ -40,7 +42,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(addr: SocketAddr, bind: Option<IpAddr>, export: &str, timeout: Duration) -> Self {
+    /// `tls`: upgrade every connection (the first and each reconnection) with STARTTLS.
+    pub fn new(
+        addr: SocketAddr,
+        bind: Option<IpAddr>,
+        export: &str,
+        timeout: Duration,
+        tls: Option<Arc<ClientTls>>,
+    ) -> Self {
         let wait = timeout.min(WAIT_CAP);
         Upstream {
             addr,
@@ -55,6 +64,7 @@ impl Upstream {
                     user_timeout: timeout,
                 },
                 export: export.to_owned(),
+                tls,
             },
             timeout,
             export: Mutex::new(Export { size: 0, flags: 0 }),

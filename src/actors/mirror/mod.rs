@@ -53,6 +53,7 @@ use crate::protocol::handoff::source::{BreakDecision, Next, SourceHandoff};
 use crate::protocol::handoff::MigrationId;
 use crate::rate;
 use crate::storage::Backing;
+use crate::tls::ClientTls;
 
 use super::listener::Listener;
 use super::{Events, ServerEvent};
@@ -171,6 +172,9 @@ pub struct MirrorConfig {
     pub listener: Addr<Listener>,
     pub events: Option<Events>,
     pub owner: Recipient<MirrorEnded>,
+    /// TLS to the destination, loaded from what `request.tls` names (by the control actor,
+    /// which answers a bad file before any migration starts).
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 pub struct Mirror {

@@ -92,9 +92,9 @@ impl From<ConnectError> for AttemptError {
         let failure = match e {
             ConnectError::Connect { .. } => FirstFailure::Connect,
             ConnectError::NoHello { .. } => FirstFailure::NoHello,
-            ConnectError::IncompleteHello { .. } | ConnectError::Handshake(_) => {
-                FirstFailure::Rejected
-            }
+            ConnectError::IncompleteHello { .. }
+            | ConnectError::Handshake(_)
+            | ConnectError::Tls(_) => FirstFailure::Rejected,
         };
         AttemptError::Connect(failure, e.to_string())
     }
@@ -355,9 +355,11 @@ impl Run {
     ) -> Result<(Engine, bool), AttemptError> {
         let request = self.config.request.clone();
         let destination = self
-            .abandonable(
-                self.refusing_forwards(connect_destination(&request, self.config.backing.size())),
-            )
+            .abandonable(self.refusing_forwards(connect_destination(
+                &request,
+                self.config.tls.clone(),
+                self.config.backing.size(),
+            )))
             .await??;
         let export = destination.export;
         tracing::info!(
@@ -1051,6 +1053,7 @@ fn error_text(error: &AttemptError) -> String {
 /// attempt's result comes from here.
 async fn connect_destination(
     request: &crate::protocol::control::MirrorRequest,
+    tls: Option<Arc<crate::tls::ClientTls>>,
     size: u64,
 ) -> Result<client::Connection, AttemptError> {
     let target = SocketAddr::new(request.addr, request.port);
@@ -1065,6 +1068,7 @@ async fn connect_destination(
             user_timeout: LINK_TIMEOUT,
         },
         export: String::new(),
+        tls,
     };
     let connection = client::connect(target, &options).await?;
     let remote_size = connection.export.size;

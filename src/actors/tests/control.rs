@@ -216,6 +216,7 @@ async fn every_command_gets_its_exact_response_line() {
         bind: None,
         max_bps: u64::MAX,
         mode: crate::protocol::control::CopyMode::Background,
+        tls: None,
     };
     assert_eq!(
         ctl.exec(ControlRequest::Mirror(mirror)).await,

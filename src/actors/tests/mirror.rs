@@ -125,12 +125,14 @@ impl Source {
                     bind: None,
                     max_bps,
                     mode,
+                    tls: None,
                 },
                 id: ID,
                 backing: self.export.config.backing.clone(),
                 listener: self.listener.clone(),
                 events: Some(self.events_tx.clone()),
                 owner: self.owner.clone().recipient(),
+                tls: None,
             },
             first_tx,
         );
@@ -1814,6 +1816,7 @@ async fn control_refuses_break_while_in_doubt_and_reports_no_control() {
         bind: None,
         max_bps: u64::MAX,
         mode: crate::protocol::control::CopyMode::Background,
+        tls: None,
     };
     assert_eq!(
         exec(ControlRequest::Mirror(mirror)).await,
