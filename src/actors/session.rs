@@ -44,6 +44,11 @@ const MAX_EXTENTS: usize = 64 * 1024;
 /// Largest piece of a WRITE's payload written at once (at most the part size): a 1 MiB
 /// write goes into the file in four pieces, the first ones while the rest is arriving.
 const WRITE_PART: usize = 256 << 10;
+/// Reads at least this long whose bytes are all in the page cache are sent with
+/// `sendfile` ([`Body::Cached`]): no copy into a buffer and none out of it. Below it, the
+/// two copies cost less than the extra system calls (the page-cache check, the header sent
+/// on its own) and the lost batching of small replies into one vectored write.
+const ZERO_COPY_MIN: u64 = 64 << 10;
 /// Largest WRITE done on the session's own thread (see `Session::write`).
 const INLINE_WRITE_MAX: usize = 128 << 10;
 /// An inline write slower than this sends the session's writes to the blocking pool...
@@ -590,6 +595,15 @@ impl Session {
         if responder.style != ReplyStyle::Simple && !df && Self::is_hole(backing, offset, length) {
             // Structured replies can say "zeros here" instead of sending them.
             self.send(responder.hole(offset, length as u32));
+            return;
+        }
+        if length >= ZERO_COPY_MIN && backing.is_cached(offset, length) {
+            let body = Body::Cached {
+                backing: backing.clone(),
+                offset,
+                length,
+            };
+            self.send(responder.data(length, body));
             return;
         }
         if length > self.config.part_size as u64 {

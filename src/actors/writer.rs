@@ -7,11 +7,14 @@
 //! that is what bounds a session's memory when a client stops reading.
 
 use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
+use tokio::io::Interest;
 use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::storage::Backing;
@@ -40,6 +43,21 @@ pub(crate) enum Body {
         length: u64,
         part: usize,
     },
+    /// A read whose bytes are all in the page cache: `sendfile` hands the cached pages to
+    /// the socket, with no copy into a buffer of ours and none out of it (see
+    /// [`Backing::is_cached`]). Plain TCP only: a TLS connection must encrypt every byte.
+    Cached {
+        backing: Arc<Backing>,
+        offset: u64,
+        length: u64,
+    },
+}
+
+impl Body {
+    /// Sent by a routine of its own rather than gathered into a vectored write.
+    fn is_streamed(&self) -> bool {
+        matches!(self, Body::File { .. } | Body::Cached { .. })
+    }
 }
 
 /// A reply header, stored inline: replies are the hottest allocation site otherwise.
@@ -136,11 +154,14 @@ async fn write_batch(sock: &mut OwnedWriteHalf, batch: &mut Vec<Outgoing>) -> io
         // Send every in-memory reply up to the next file-streamed one in one go.
         let end = batch[start..]
             .iter()
-            .position(|o| matches!(o.body, Body::File { .. }))
+            .position(|o| o.body.is_streamed())
             .map_or(batch.len(), |p| start + p);
         write_vectored_all(sock, &batch[start..end]).await?;
         if end < batch.len() {
-            stream_file_reply(sock, &batch[end]).await?;
+            match batch[end].body {
+                Body::Cached { .. } => send_cached_reply(sock, &batch[end]).await?,
+                _ => stream_file_reply(sock, &batch[end]).await?,
+            }
             start = end + 1;
         } else {
             start = end;
@@ -205,4 +226,70 @@ async fn stream_file_reply(sock: &mut OwnedWriteHalf, item: &Outgoing) -> io::Re
         done += len as u64;
     }
     Ok(())
+}
+
+/// Sends a reply whose data is in the page cache: the header with MSG_MORE (so that it
+/// leaves in the same segment as the first data), then the data with `sendfile`.
+async fn send_cached_reply(sock: &mut OwnedWriteHalf, item: &Outgoing) -> io::Result<()> {
+    let Body::Cached {
+        backing,
+        offset,
+        length,
+    } = &item.body
+    else {
+        return Ok(());
+    };
+    let stream: &TcpStream = sock.as_ref();
+    let mut header = item.header.as_slice();
+    while !header.is_empty() {
+        let n = stream
+            .async_io(Interest::WRITABLE, || send_more(stream.as_fd(), header))
+            .await?;
+        header = &header[n..];
+    }
+    let mut done = 0u64;
+    while done < *length {
+        let len = (*length - done).min(SENDFILE_MAX) as usize;
+        let n = stream
+            .async_io(Interest::WRITABLE, || {
+                backing.send_to(stream.as_fd(), offset + done, len)
+            })
+            .await?;
+        if n == 0 {
+            // The file ended under the read (truncated from outside). The header promised
+            // data, so, as for a failed streamed read, only closing the connection is left.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} ended at {}", backing.path().display(), offset + done),
+            ));
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// The most one `sendfile` call is asked for (the kernel caps it near 2 GiB anyway).
+const SENDFILE_MAX: u64 = 1 << 30;
+
+/// `send(2)` with MSG_MORE: the bytes wait for what follows instead of leaving in a
+/// segment of their own (TCP_NODELAY is on for every session).
+fn send_more(socket: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `bytes` is a live slice of the given length; the kernel only reads it.
+        let n = unsafe {
+            libc::send(
+                socket.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_MORE | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
 }

@@ -1,6 +1,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +11,20 @@ use bytes::BytesMut;
 use super::allocation::{AllocationMap, DataExtents, WalkError, BLOCK};
 use super::dirty::DirtyMap;
 use super::write_behind::WriteBehind;
+
+/// `cachestat`'s system call number: 451 on every architecture (calls added since Linux 5.1
+/// share one number everywhere); the libc crate does not name it on every target.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// The page size `cachestat` counts in.
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // SAFETY: sysconf has no preconditions.
+    *PAGE.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
+    })
+}
 
 /// Errors of the storage layer. The OS error is part of the message (and deliberately not
 /// a `source`), so that a one-line report names it exactly once.
@@ -67,6 +81,9 @@ pub struct Backing {
     /// Cleared the first time the kernel says `RWF_NOWAIT` is unsupported for this file
     /// (tmpfs on older kernels); reads then go straight to plain `pread`.
     nowait_reads: AtomicBool,
+    /// Cleared the first time the kernel says it has no `cachestat` (before Linux 6.5):
+    /// [`Backing::is_cached`] then answers false, and reads take the copying path.
+    cachestat: AtomicBool,
     /// Which blocks hold data. Every write sets its blocks before it touches the file; once
     /// the background walk has built the map, all-zero blocks written into holes are skipped.
     allocation: Arc<AllocationMap>,
@@ -119,6 +136,7 @@ impl Backing {
             path: path.to_owned(),
             size,
             nowait_reads: AtomicBool::new(true),
+            cachestat: AtomicBool::new(true),
             allocation: Arc::new(AllocationMap::new(size)),
             dirty: DirtyMap::new(size),
             write_behind: WriteBehind::new(size),
@@ -223,6 +241,81 @@ impl Backing {
             done += n as usize;
         }
         Ok(NowaitRead::Done)
+    }
+
+    /// True when every page of `offset..offset + len` is in the page cache, so that
+    /// [`Backing::send_to`] on that range copies no byte from the disk and does not block.
+    /// False when some page is not, or the kernel cannot say (`cachestat` is Linux 6.5+).
+    ///
+    /// A page may still be evicted between this answer and the send; the send then waits
+    /// for the disk on the caller's thread, which is rare enough not to matter.
+    pub fn is_cached(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || !self.cachestat.load(Ordering::Relaxed) {
+            return false;
+        }
+        let page = page_size();
+        let first = offset / page;
+        let last = (offset + len - 1) / page;
+        // The kernel's `struct cachestat_range` and `struct cachestat` (uapi/linux/mman.h).
+        #[repr(C)]
+        struct Range {
+            off: u64,
+            len: u64,
+        }
+        #[repr(C)]
+        #[derive(Default)]
+        struct Stat {
+            nr_cache: u64,
+            nr_dirty: u64,
+            nr_writeback: u64,
+            nr_evicted: u64,
+            nr_recently_evicted: u64,
+        }
+        let range = Range {
+            off: first * page,
+            len: (last - first + 1) * page,
+        };
+        let mut stat = Stat::default();
+        // SAFETY: both pointers refer to live, properly laid out structs of the kernel's
+        // ABI; the kernel reads `range` and writes only `stat`, and keeps neither.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                self.file.as_raw_fd(),
+                &range as *const Range,
+                &mut stat as *mut Stat,
+                0u32,
+            )
+        };
+        if r != 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                self.cachestat.store(false, Ordering::Relaxed);
+            }
+            return false;
+        }
+        stat.nr_cache == last - first + 1
+    }
+
+    /// Sends up to `len` bytes of the file at `offset` to `socket` with `sendfile`: the
+    /// socket takes the page-cache pages themselves, so no byte is copied in user space.
+    /// Returns how many bytes were sent (`WouldBlock` when a non-blocking socket is full; 0
+    /// at the end of the file). May wait for the disk unless [`Backing::is_cached`] said
+    /// otherwise.
+    pub fn send_to(&self, socket: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<usize> {
+        let mut at = offset as libc::off_t;
+        loop {
+            // SAFETY: both descriptors are open for the duration of the call (borrowed),
+            // and `at` is a live off_t the kernel updates.
+            let n =
+                unsafe { libc::sendfile(socket.as_raw_fd(), self.file.as_raw_fd(), &mut at, len) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
     }
 
     /// Reads exactly `len` bytes at `offset`, appending them to `buf`. May block.
@@ -553,6 +646,7 @@ fn short_read(at: u64) -> io::Error {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::fd::AsFd;
 
     fn backing_with(bytes: &[u8]) -> (tempfile::NamedTempFile, Backing) {
         let mut tmp = tempfile::NamedTempFile::new().unwrap();
@@ -577,6 +671,55 @@ mod tests {
         let missing = tmp.path().with_extension("missing");
         let err = Backing::open(&missing).unwrap_err();
         assert!(err.to_string().starts_with("Couldn't open "), "{err}");
+    }
+
+    #[test]
+    fn the_page_cache_check_sees_written_and_dropped_pages() {
+        let pattern: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let (tmp, backing) = backing_with(&pattern);
+        let cached = backing.is_cached(4096, 512 << 10);
+        if !backing.cachestat.load(Ordering::Relaxed) {
+            return; // A kernel before 6.5: no answer, and none expected.
+        }
+        assert!(cached, "pages just written are in the page cache");
+        assert!(!backing.is_cached(0, 0));
+        // Clean pages can be dropped (except on tmpfs, where the cache is the storage);
+        // then the check must say so.
+        // SAFETY: statfs is plain integers, for which all zeros is a valid value.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: the descriptor is open and `fs` is a live struct the kernel fills.
+        let r = unsafe { libc::fstatfs(tmp.as_file().as_raw_fd(), &mut fs) };
+        assert_eq!(r, 0);
+        const TMPFS_MAGIC: i64 = 0x0102_1994;
+        if fs.f_type as i64 == TMPFS_MAGIC {
+            return;
+        }
+        tmp.as_file().sync_all().unwrap();
+        // SAFETY: a valid descriptor; the call only advises the kernel.
+        let r = unsafe {
+            libc::posix_fadvise(tmp.as_file().as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+        };
+        assert_eq!(r, 0);
+        assert!(!backing.is_cached(4096, 512 << 10));
+    }
+
+    #[test]
+    fn send_to_hands_the_range_to_a_socket() {
+        use std::io::Read;
+        let pattern: Vec<u8> = (0..(64u32 << 10)).map(|i| (i % 253) as u8).collect();
+        let (_tmp, backing) = backing_with(&pattern);
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut sent = 0;
+        while sent < 8192 {
+            sent += backing
+                .send_to(ours.as_fd(), 4096 + sent as u64, 8192 - sent)
+                .unwrap();
+        }
+        let mut got = vec![0u8; 8192];
+        theirs.read_exact(&mut got).unwrap();
+        assert_eq!(got, pattern[4096..4096 + 8192]);
+        // At the end of the file there is nothing left to send.
+        assert_eq!(backing.send_to(ours.as_fd(), 64 << 10, 512).unwrap(), 0);
     }
 
     #[test]
