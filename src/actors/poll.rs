@@ -14,7 +14,65 @@
 //! An idle or slow client therefore costs no polling at all, and a client in a tight
 //! request/reply loop costs at most the maximum per request. `--busy-poll 0` turns it off.
 
-use std::time::Duration;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How often the host's run queue is sampled for [`host_has_spare_cpu`].
+const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+
+/// True when the host had, at the last sample (at most [`SAMPLE_EVERY`] old), no more
+/// runnable threads than CPUs: a CPU to spare for polling.
+///
+/// Polling only pays while it takes a CPU nobody else wants. On a busy host (other work
+/// runnable beside us) a polling thread spends its share of the CPU on nothing, the
+/// scheduler then preempts it for the other work, and the request it polled for waits a
+/// whole time slice: measured beside two CPU-bound processes, polling made queue-depth-1
+/// reads slower than sleeping at once. A sleeping thread instead keeps its claim, and the
+/// scheduler runs it first when its request arrives.
+///
+/// The sample is the instantaneous count of runnable threads in `/proc/loadavg` (the
+/// sampling thread included), read at most every 10 ms for the whole process. Without
+/// `/proc`, the answer is always true (the `--busy-poll` window alone decides).
+pub(crate) fn host_has_spare_cpu() -> bool {
+    static SPARE: AtomicBool = AtomicBool::new(true);
+    static SAMPLED_AT: AtomicU64 = AtomicU64::new(0);
+    static SAMPLER: OnceLock<Option<(File, usize, Instant)>> = OnceLock::new();
+    let Some((loadavg, cpus, epoch)) = SAMPLER.get_or_init(|| {
+        let file = File::open("/proc/loadavg").ok()?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Some((file, cpus, Instant::now()))
+    }) else {
+        return true;
+    };
+    // Nanoseconds since `epoch`, plus one so that 0 means "never sampled".
+    let now = epoch.elapsed().as_nanos() as u64 + 1;
+    let last = SAMPLED_AT.load(Ordering::Relaxed);
+    let stale = last == 0 || now.saturating_sub(last) >= SAMPLE_EVERY.as_nanos() as u64;
+    if stale
+        && SAMPLED_AT
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let mut text = [0u8; 128];
+        if let Ok(n) = loadavg.read_at(&mut text, 0) {
+            if let Some(runnable) = runnable_threads(&text[..n]) {
+                SPARE.store(runnable <= *cpus, Ordering::Relaxed);
+            }
+        }
+    }
+    SPARE.load(Ordering::Relaxed)
+}
+
+/// The runnable-thread count of a `/proc/loadavg` line (`0.98 1.12 1.29 2/345 12345`: the
+/// `2`).
+fn runnable_threads(loadavg: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(loadavg).ok()?;
+    let field = text.split_ascii_whitespace().nth(3)?;
+    field.split('/').next()?.parse().ok()
+}
 
 /// The polling window of one connection. Pure bookkeeping: the reader measures how long it
 /// waited for each request and asks how long to poll before the next one.
@@ -64,6 +122,15 @@ impl PollWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_runnable_count_of_a_loadavg_line() {
+        assert_eq!(runnable_threads(b"0.98 1.12 1.29 2/345 12345\n"), Some(2));
+        assert_eq!(runnable_threads(b"0.00 0.01 0.05 17/1024 1"), Some(17));
+        assert_eq!(runnable_threads(b"0.98 1.12 1.29"), None);
+        assert_eq!(runnable_threads(b"a b c x/y z"), None);
+        assert_eq!(runnable_threads(&[0xff, 0xfe]), None);
+    }
 
     fn us(n: u64) -> Duration {
         Duration::from_micros(n)

@@ -31,7 +31,7 @@ use crate::protocol::request::{
 use crate::protocol::structured::{ReplyStyle, ReplyTo};
 use crate::protocol::{Command, Errno};
 
-use super::poll::PollWindow;
+use super::poll::{host_has_spare_cpu, PollWindow};
 use super::writer::{Outgoing, Permits};
 
 /// Bytes read ahead of what the framer needs, so that pipelined small requests arrive in
@@ -603,7 +603,11 @@ impl Reader {
         // some replies, and polling for it only took the CPU the client needs.
         let idle_since = (!mid_request && self.at_most_one_in_flight()).then(Instant::now);
         let window = self.poll.window();
-        if idle_since.is_some() && !window.is_zero() && self.poll_briefly(window).await {
+        if idle_since.is_some()
+            && !window.is_zero()
+            && host_has_spare_cpu()
+            && self.poll_briefly(window).await
+        {
             if let Some(since) = idle_since {
                 self.poll.record(since.elapsed());
             }

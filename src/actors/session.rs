@@ -101,7 +101,7 @@ impl SessionConfig {
     pub const DEFAULT_PART: usize = 8 << 20;
     pub const DEFAULT_BUDGET: usize = 32 << 20;
     /// `--busy-poll`'s default.
-    pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
+    pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
 }
 
 /// Why a session is asked to close.

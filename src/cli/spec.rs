@@ -108,7 +108,7 @@ const SERVER_OPTS: &[Opt] = &[
         "busy-poll",
         Value("MICROSECONDS"),
         "After answering, poll for the next request up to this long before sleeping; the \
-         window adapts to the client (default 50, 0 to never poll).",
+         window adapts to the client, and it does not poll while the host has no idle CPU (default 200, 0 to never poll).",
     ),
     opt(
         "read-only",
