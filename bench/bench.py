@@ -275,6 +275,7 @@ class Server:
     tool: Callable[["Ctx"], str]  # the executable (checked before running)
     argv: Callable[["Ctx", int, str], List[str]]  # (ctx, port, file) -> command line
     target: Optional[float] = None  # candidates: a floor under every row's target
+    by_default: bool = True  # False: runs only when named in --servers
 
 
 def flexnbd_argv(*extra):
@@ -302,6 +303,24 @@ SERVERS = [
         lambda c: c.flexnbd,
         flexnbd_argv("--newstyle"),
         target=1.0,
+    ),
+    # Busy-polling variants, for choosing --busy-poll's default (run only when
+    # named in --servers): never poll, and a long window.
+    Server(
+        "flexnbd-poll0",
+        "flexnbd --busy-poll 0",
+        "candidate",
+        lambda c: c.flexnbd,
+        flexnbd_argv("--busy-poll", "0"),
+        by_default=False,
+    ),
+    Server(
+        "flexnbd-poll500",
+        "flexnbd --busy-poll 500",
+        "candidate",
+        lambda c: c.flexnbd,
+        flexnbd_argv("--busy-poll", "500"),
+        by_default=False,
     ),
     Server(
         "qemu-nbd",
@@ -2554,7 +2573,7 @@ def _raise_interrupted(signum, frame):
 
 def select(items, wanted, what):
     if not wanted:
-        return list(items)
+        return [i for i in items if getattr(i, "by_default", True)]
     ids = [w.strip() for w in wanted.split(",") if w.strip()]
     known = {i.id: i for i in items}
     bad = [w for w in ids if w not in known]
