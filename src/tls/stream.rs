@@ -16,8 +16,11 @@ use tokio::net::TcpStream;
 use tokio_openssl::SslStream;
 
 /// Vectored writes of TLS halves gather at most this much into one buffer (one `SSL_write`,
-/// so the header of a reply and its payload share a record) before writing.
-const COALESCE: usize = 64 * 1024;
+/// so the header of a reply and its payload share a record) before writing: one full
+/// record. With ENABLE_PARTIAL_WRITE (set on our contexts) an `SSL_write` returns after
+/// each record, so gathering more would copy bytes only to copy them again on the next
+/// call.
+const COALESCE: usize = 16 * 1024;
 
 /// A connection: plain TCP or TLS.
 #[derive(Debug)]

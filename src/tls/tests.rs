@@ -298,3 +298,95 @@ async fn stalled_and_closed_handshakes_end() {
     );
     closer.await.unwrap();
 }
+
+/// Writes `slices` whole through a TLS write half, as the server's writer does.
+async fn write_all_vectored(w: &mut WriteHalf, slices: &[&[u8]]) {
+    let mut slices: Vec<std::io::IoSlice<'_>> =
+        slices.iter().map(|s| std::io::IoSlice::new(s)).collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = w.write_vectored(slices).await.unwrap();
+        assert!(n > 0);
+        std::io::IoSlice::advance_slices(&mut slices, n);
+    }
+}
+
+/// The bytes a TLS 1.3 record adds to its plaintext: the inner content type and the
+/// AEAD tag (no padding from OpenSSL by default).
+const TLS13_OVERHEAD: usize = 17;
+
+/// Reads TLS 1.3 application data records off the raw socket under a TLS client until
+/// `plaintext` bytes have arrived; returns each record's plaintext length.
+async fn raw_records(tcp: &TcpStream, plaintext: usize) -> Vec<usize> {
+    let mut raw = Vec::new();
+    let mut lengths = Vec::new();
+    let mut parsed = 0;
+    while lengths.iter().sum::<usize>() < plaintext {
+        tcp.readable().await.unwrap();
+        let mut chunk = [0u8; 64 * 1024];
+        match tcp.try_read(&mut chunk) {
+            Ok(0) => panic!("the connection ended"),
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => panic!("{e}"),
+        }
+        while raw.len() >= parsed + 5 {
+            let len = usize::from(u16::from_be_bytes([raw[parsed + 3], raw[parsed + 4]]));
+            if raw.len() < parsed + 5 + len {
+                break;
+            }
+            assert_eq!(raw[parsed], 23, "an application data record");
+            lengths.push(len - TLS13_OVERHEAD);
+            parsed += 5 + len;
+        }
+    }
+    assert_eq!(parsed, raw.len(), "nothing follows the records");
+    lengths
+}
+
+/// A reply header and its payload, written with one vectored write, go in one record when
+/// they fit (a 4 KiB READ reply is one record, not a 16-byte record and another), and a
+/// large payload goes in full 16 KiB records.
+#[tokio::test]
+async fn replies_are_written_in_few_full_records() {
+    let (_dir, c) = creds();
+    let server = ServerTls::x509(&c.pki, false).unwrap();
+    let client = ClientTls::x509(&c.pki).unwrap();
+    let (listener, addr) = pair().await;
+    const BIG: usize = 1 << 20;
+    let writing = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let stream = accept(tcp, &server, LIMIT).await.unwrap();
+        let (mut r, mut w) = stream.into_split();
+        let mut ping = [0u8; 4];
+        r.read_exact(&mut ping).await.unwrap();
+        w.write_all(b"pong").await.unwrap();
+        let header = [7u8; 16];
+        write_all_vectored(&mut w, &[&header, &[1u8; 4096]]).await;
+        let data = vec![2u8; BIG];
+        write_all_vectored(&mut w, &[&header, &data]).await;
+        // Keeps the connection open until the client has read everything.
+        let _ = r.read(&mut ping).await;
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut stream = connect(tcp, &client, "127.0.0.1", LIMIT).await.unwrap();
+    // A round trip first, so that the session tickets a TLS 1.3 server sends after the
+    // handshake are consumed by OpenSSL rather than counted here.
+    stream.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    stream.read_exact(&mut pong).await.unwrap();
+    let mut records = tokio::time::timeout(LIMIT, raw_records(stream.tcp(), 16 + 4096 + 16 + BIG))
+        .await
+        .unwrap();
+    let big = records.split_off(1);
+    let small = records;
+    assert_eq!(small, [16 + 4096], "a 4 KiB reply in one record");
+    let expected = (16 + BIG).div_ceil(16 * 1024);
+    assert_eq!(big.len(), expected, "records of a 1 MiB reply: {big:?}");
+    assert!(
+        big[..big.len() - 1].iter().all(|&len| len == 16 * 1024),
+        "records of a 1 MiB reply are full: {big:?}"
+    );
+    drop(stream);
+    writing.await.unwrap();
+}
