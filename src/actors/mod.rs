@@ -20,6 +20,7 @@ pub mod control;
 pub mod inbound;
 pub mod listener;
 pub mod mirror;
+mod negotiate;
 mod poll;
 mod reader;
 pub mod rebind;

@@ -7,10 +7,15 @@
 //! TCP pushes back. The requests it yields have already been checked against the export's
 //! rules, so the session only executes.
 //!
-//! A new-style connection starts with negotiation: the reader feeds the client's options to
-//! the pure [`ServerNegotiation`] state machine, sends its replies through the writer, and
-//! once transmission starts switches its header style and rules to what was negotiated and
-//! tells the session (so that replies use the negotiated encoding from then on).
+//! A new-style connection is negotiated before the reader exists (`actors::negotiate`, on
+//! the whole connection, because STARTTLS replaces the socket with a TLS session); the
+//! reader starts on its half of whatever the negotiation ended on, with the header style
+//! and rules negotiated, and first tells the session (so that replies use the negotiated
+//! encoding from then on).
+//!
+//! The socket is a [`ReadHalf`]: plain TCP (the socket's own half, as fast as before) or
+//! TLS. Only a plain socket is busy-polled: `try_read` exists only for it, and over TLS
+//! the decryption, not the wake-up, is what a request costs.
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,18 +26,18 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::protocol::newstyle::{Negotiated, Progress, ServerNegotiation};
+use crate::protocol::newstyle::Negotiated;
 use crate::protocol::request::{
     Dialect, ExportRules, Frame, HeaderStyle, Modern, RequestFramer, Verdict,
 };
 use crate::protocol::structured::{ReplyStyle, ReplyTo};
 use crate::protocol::{Command, Errno};
+use crate::tls::ReadHalf;
 
 use super::poll::{host_has_spare_cpu, PollWindow};
-use super::writer::{Outgoing, Permits};
+use super::writer::Permits;
 
 /// Bytes read ahead of what the framer needs, so that pipelined small requests arrive in
 /// few system calls.
@@ -68,6 +73,9 @@ pub(crate) enum Incoming {
         style: ReplyStyle,
         /// The id of `base:allocation`, for block status replies.
         base_allocation: Option<u32>,
+        /// The connection is TLS: every byte must be encrypted, so no reply may be sent
+        /// with `sendfile`.
+        tls: bool,
     },
 }
 
@@ -145,11 +153,19 @@ impl ReaderStop {
     }
 }
 
-/// The whole of new-style negotiation must end within this, with or without `-k` (qemu-nbd
-/// allows 10 s too); it includes sending the option replies.
-pub(crate) const NEGOTIATION_LIMIT: Duration = Duration::from_secs(10);
-/// Input fed to the negotiation at once (see `Reader::negotiate_steps`).
-const NEGOTIATION_SLICE: usize = 4096;
+/// What a reader shares with its session, made by the session before the reader exists
+/// (a new-style reader starts only after negotiation).
+#[derive(Clone, Default)]
+pub(crate) struct ReaderSignals {
+    /// Set when the client sent NBD_CMD_DISC.
+    pub disconnect: Arc<std::sync::atomic::AtomicBool>,
+    /// Set while the reader holds the slot of a request whose header has not started to
+    /// arrive: an idle connection holds it, and the killswitch must not count it as a
+    /// request in flight (flexnbd §11: idle connections are never timed out).
+    pub spare_slot: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by the session when it closes.
+    pub stop: Arc<ReaderStop>,
+}
 
 /// Limits and settings of a reader.
 pub(crate) struct ReaderConfig {
@@ -168,14 +184,12 @@ pub(crate) struct ReaderConfig {
 }
 
 pub(crate) struct Reader {
-    sock: OwnedReadHalf,
+    sock: ReadHalf,
     buf: BytesMut,
     framer: RequestFramer,
     config: ReaderConfig,
     slots: Arc<Semaphore>,
     budget: Arc<Semaphore>,
-    /// The budget's total: a share larger than this could never be granted.
-    budget_size: usize,
     /// The slot for the next header, acquired before its bytes are read.
     slot: Option<OwnedSemaphorePermit>,
     /// The budget for the next payload part, acquired before its bytes are read.
@@ -184,18 +198,9 @@ pub(crate) struct Reader {
     /// A hand-off message whose payload is arriving.
     handoff: Option<(Verdict, ReplyTo, Permits)>,
     stopped: bool,
-    /// Set when the client sent NBD_CMD_DISC.
-    pub disconnect: Arc<std::sync::atomic::AtomicBool>,
-    /// Set while the reader holds the slot of a request whose header has not started to
-    /// arrive: an idle connection holds it, and the killswitch must not count it as a
-    /// request in flight (flexnbd §11: idle connections are never timed out).
-    pub spare_slot: Arc<std::sync::atomic::AtomicBool>,
-    /// Set by the session when it closes.
-    pub stop: Arc<ReaderStop>,
-    /// New-style negotiation, until transmission starts.
-    negotiation: Option<ServerNegotiation>,
-    /// The writer's channel, for negotiation replies (requests are answered by the session).
-    replies: mpsc::Sender<Outgoing>,
+    disconnect: Arc<std::sync::atomic::AtomicBool>,
+    spare_slot: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<ReaderStop>,
     /// How long to poll for the next request before sleeping.
     poll: PollWindow,
     /// The connection's in-flight slots, all of them.
@@ -203,14 +208,17 @@ pub(crate) struct Reader {
 }
 
 impl Reader {
+    /// A reader of `sock`, which starts with the bytes of `buffered` (read past the end of
+    /// negotiation: the first requests).
     pub fn new(
-        sock: OwnedReadHalf,
+        sock: ReadHalf,
+        mut buffered: BytesMut,
         config: ReaderConfig,
         slots: Arc<Semaphore>,
         budget: Arc<Semaphore>,
-        negotiation: Option<ServerNegotiation>,
-        replies: mpsc::Sender<Outgoing>,
+        signals: ReaderSignals,
     ) -> Reader {
+        buffered.reserve(READ_AHEAD);
         let framer = RequestFramer::new(HeaderStyle::Compact, config.write_part);
         let framer = if config.rules.migration_target {
             framer.with_handoff()
@@ -221,11 +229,10 @@ impl Reader {
         let slot_count = slots.available_permits();
         Reader {
             sock,
-            buf: BytesMut::with_capacity(READ_AHEAD),
+            buf: buffered,
             framer,
             config,
             slots,
-            budget_size: budget.available_permits(),
             slot_count,
             budget,
             slot: None,
@@ -233,11 +240,9 @@ impl Reader {
             write: None,
             handoff: None,
             stopped: false,
-            disconnect: Default::default(),
-            spare_slot: Default::default(),
-            stop: Default::default(),
-            negotiation,
-            replies,
+            disconnect: signals.disconnect,
+            spare_slot: signals.spare_slot,
+            stop: signals.stop,
             poll,
         }
     }
@@ -251,13 +256,6 @@ impl Reader {
     }
 
     async fn next(&mut self) -> Option<Incoming> {
-        if self.negotiation.is_some() && !self.stopped {
-            let negotiated = self.negotiate().await;
-            if negotiated.is_none() {
-                self.stopped = true;
-            }
-            return negotiated;
-        }
         loop {
             if self.stopped {
                 return None;
@@ -297,86 +295,16 @@ impl Reader {
         }
     }
 
-    /// Runs new-style negotiation to its end, within [`NEGOTIATION_LIMIT`]. Returns the
-    /// `Negotiated` item, or `None` if the client aborted, failed, went away or took too
-    /// long: a client that stops after the greeting (or in the middle of an option) must
-    /// not hold its client slot for ever.
-    async fn negotiate(&mut self) -> Option<Incoming> {
-        match tokio::time::timeout(NEGOTIATION_LIMIT, self.negotiate_steps()).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                tracing::warn!(
-                    "Client {} did not finish negotiating within {} s; closing it",
-                    self.config.peer,
-                    NEGOTIATION_LIMIT.as_secs()
-                );
-                None
-            }
-        }
-    }
-
-    async fn negotiate_steps(&mut self) -> Option<Incoming> {
-        // Options are fed a slice of input at a time, so that one message of replies stays
-        // small (a 16-byte LIST can draw a reply a hundred times its size), and queued
-        // replies hold the payload budget until they are written: a client that sends
-        // options without reading the replies is bounded by the budget, not by the channel's
-        // count of messages.
-        let mut slice = NEGOTIATION_SLICE;
-        loop {
-            let negotiation = self.negotiation.as_mut()?;
-            let mut out = Vec::new();
-            let take = self.buf.len().min(slice);
-            let offered_all = take == self.buf.len();
-            let mut input = self.buf.split_to(take);
-            let progress = negotiation.feed(&mut input, &mut out);
-            let unused = input.len();
-            input.unsplit(self.buf.split());
-            self.buf = input;
-            if !out.is_empty() {
-                let share = out.len().min(self.budget_size) as u32;
-                let bytes = self.budget.clone().acquire_many_owned(share).await.ok()?;
-                let reply = Outgoing::raw_holding(Bytes::from(out), bytes);
-                self.replies.send(reply).await.ok()?;
-            }
-            match progress {
-                // More is buffered than was offered: go on without reading, with a larger
-                // slice if this one held no complete option.
-                Ok(Progress::NeedMore) if !offered_all => {
-                    slice = if unused == take {
-                        slice.saturating_mul(2)
-                    } else {
-                        NEGOTIATION_SLICE
-                    };
-                }
-                Ok(Progress::NeedMore) => {
-                    slice = NEGOTIATION_SLICE;
-                    if !self.fill().await {
-                        return None;
-                    }
-                }
-                Ok(Progress::Done(negotiated)) => {
-                    self.negotiation = None;
-                    return Some(self.start_transmission(&negotiated));
-                }
-                Ok(Progress::Aborted) => {
-                    tracing::info!("Client {} ended negotiation", self.config.peer);
-                    return None;
-                }
-                Err(e) => {
-                    tracing::warn!("Negotiation with client {} failed: {e}", self.config.peer);
-                    return None;
-                }
-            }
-        }
-    }
-
-    fn start_transmission(&mut self, negotiated: &Negotiated) -> Incoming {
+    /// Switches to what new-style negotiation agreed on (over TLS if `tls`); the item
+    /// returned tells the session.
+    pub fn start_transmission(&mut self, negotiated: &Negotiated, tls: bool) -> Incoming {
         tracing::info!(
-            "Client {} negotiated: structured replies {}, extended headers {}, block status {}",
+            "Client {} negotiated: structured replies {}, extended headers {}, block status {}{}",
             self.config.peer,
             negotiated.structured_replies,
             negotiated.extended_headers,
-            negotiated.base_allocation.is_some()
+            negotiated.base_allocation.is_some(),
+            if tls { ", over TLS" } else { "" }
         );
         self.framer.set_style(negotiated.header_style());
         self.config.rules.dialect = Dialect::Modern(Modern {
@@ -387,6 +315,7 @@ impl Reader {
         Incoming::Negotiated {
             style: negotiated.reply_style(),
             base_allocation: negotiated.base_allocation,
+            tls,
         }
     }
 
@@ -539,11 +468,15 @@ impl Reader {
     /// Polls the socket for up to `window` before the reader goes to sleep (see
     /// [`PollWindow`]). True when bytes arrived; false when the window closed, the session
     /// asked the reader to stop, or the socket reported its end or an error (the blocking
-    /// read that follows sees it again and reports it).
+    /// read that follows sees it again and reports it). A TLS connection is never polled
+    /// (false at once): its bytes must go through the TLS session.
     async fn poll_briefly(&mut self, window: Duration) -> bool {
+        let Some(sock) = self.sock.as_plain_mut() else {
+            return false;
+        };
         let deadline = Instant::now() + window;
         loop {
-            match self.sock.try_read_buf(&mut self.buf) {
+            match sock.try_read_buf(&mut self.buf) {
                 Ok(n) => return n > 0,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => return false,
@@ -605,6 +538,7 @@ impl Reader {
         let window = self.poll.window();
         if idle_since.is_some()
             && !window.is_zero()
+            && !self.sock.is_tls()
             && host_has_spare_cpu()
             && self.poll_briefly(window).await
         {

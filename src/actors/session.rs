@@ -24,16 +24,19 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
+use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::protocol::handoff::{encode_answer, encode_identity, HandoffReply, HandoffRequest};
-use crate::protocol::newstyle::{NegotiationConfig, ServerNegotiation};
+use crate::protocol::newstyle::NegotiationConfig;
 use crate::protocol::reply::simple_reply;
 use crate::protocol::request::{ExportRules, Verdict};
 use crate::protocol::structured::{Extent as StatusExtent, ReplyStyle, ReplyTo};
 use crate::protocol::Errno;
 use crate::storage::allocation::BLOCK;
 use crate::storage::{Backing, NowaitRead, ZeroError};
+use crate::tls::Stream;
 
 /// `base:allocation` status bits.
 const STATE_HOLE: u64 = 1;
@@ -57,7 +60,9 @@ const INLINE_WRITE_SLOW: Duration = Duration::from_millis(2);
 const INLINE_WRITE_BACKOFF: Duration = Duration::from_secs(1);
 
 use super::inbound::{HandoffMessage, WriteGate, WriteRight};
-use super::reader::{Incoming, Reader, ReaderConfig, ReaderStop, WriteCompletion};
+pub use super::negotiate::SessionTls;
+use super::negotiate::{negotiate, Negotiation};
+use super::reader::{Incoming, Reader, ReaderConfig, ReaderSignals, ReaderStop, WriteCompletion};
 use super::write_queue::{WriteJob, WriteQueue};
 use super::writer::{self, Body, Header, Outgoing, Permits};
 use super::ClientId;
@@ -72,6 +77,9 @@ pub struct SessionConfig {
     pub hello: Bytes,
     /// Fixed new-style negotiation (`--newstyle`); `None` for old-style.
     pub newstyle: Option<NegotiationConfig>,
+    /// TLS offered in new-style negotiation (`--tls on|require`); `None`: STARTTLS is
+    /// refused. Unused without `newstyle` (old-style cannot negotiate).
+    pub tls: Option<SessionTls>,
     /// Every WRITE durable before its reply (`--sync-writes`, what C flexnbd always does).
     pub sync_writes: bool,
     /// Requests in flight per connection (64 by default).
@@ -300,6 +308,8 @@ pub struct Session {
     /// The runtime of this session's thread, where a forwarded write waits for the
     /// destination (see [`ReplyPath`]).
     runtime: Option<tokio::runtime::Handle>,
+    /// The connection is TLS (once negotiated): reads are never sent with `sendfile`.
+    tls: bool,
 }
 
 impl Session {
@@ -335,6 +345,7 @@ impl Session {
             handoff_target: None,
             inline_writes_from: None,
             runtime: None,
+            tls: false,
         }
     }
 
@@ -345,16 +356,85 @@ impl Session {
         self
     }
 
+    /// Starts the writer task and the reader stream. An old-style connection is split at
+    /// once (the writer sends the hello). A new-style one is negotiated first, on the whole
+    /// connection (`actors::negotiate`: STARTTLS replaces the socket with a TLS session),
+    /// as the first step of the reader stream; then the stream it ended on is split, the
+    /// write half goes to the writer task, which waits for it, and the reader starts on the
+    /// read half. Either way the halves are the socket's own on plain TCP.
     fn start_io(&mut self, ctx: &mut Context<Self>) -> std::io::Result<()> {
         let socket = self.socket.take().ok_or(std::io::ErrorKind::NotConnected)?;
         let stream = tokio::net::TcpStream::from_std(socket)?;
         self.killer = stream.as_fd().try_clone_to_owned().ok();
-        let (read_half, write_half) = stream.into_split();
+        let stream = Stream::Plain(stream);
 
         let (tx, rx) = mpsc::channel(self.config.max_in_flight + 1);
-        self.replies = Some(tx.clone());
+        self.replies = Some(tx);
         self.runtime = Some(tokio::runtime::Handle::current());
-        let writer = actix_rt::spawn(writer::run(write_half, self.config.hello.clone(), rx));
+        let signals = ReaderSignals::default();
+        self.disconnect = signals.disconnect.clone();
+        self.spare_slot = signals.spare_slot.clone();
+        self.reader_stop = signals.stop.clone();
+        let reader_config = ReaderConfig {
+            rules: self.config.rules,
+            part_size: self.config.part_size,
+            write_part: self.config.part_size.min(WRITE_PART),
+            sync_writes: self.config.sync_writes,
+            killswitch: self.config.killswitch,
+            peer: self.peer,
+            busy_poll: self.config.busy_poll,
+        };
+        let (slots, budget) = (self.slots.clone(), self.budget.clone());
+
+        let (writer, reader) = match self.config.newstyle.clone() {
+            None => {
+                let (read_half, write_half) = stream.into_split();
+                let writer = writer::run(write_half, self.config.hello.clone(), rx);
+                let reader = Reader::new(
+                    read_half,
+                    BytesMut::new(),
+                    reader_config,
+                    slots,
+                    budget,
+                    signals,
+                );
+                (Either::Left(writer), Either::Left(reader.into_stream()))
+            }
+            Some(negotiation) => {
+                let (half_tx, half_rx) = tokio::sync::oneshot::channel();
+                let writer = async move {
+                    match half_rx.await {
+                        Ok(write_half) => writer::run(write_half, Bytes::new(), rx).await,
+                        // Negotiation failed: nothing to write.
+                        Err(_) => Ok(()),
+                    }
+                };
+                let (tls, peer) = (self.config.tls.clone(), self.peer);
+                let start = async move {
+                    let Negotiation {
+                        stream,
+                        buffered,
+                        negotiated,
+                    } = negotiate(stream, negotiation, tls, peer).await?;
+                    let tls = stream.is_tls();
+                    let (read_half, write_half) = stream.into_split();
+                    half_tx.send(write_half).ok()?;
+                    let mut reader =
+                        Reader::new(read_half, buffered, reader_config, slots, budget, signals);
+                    let first = reader.start_transmission(&negotiated, tls);
+                    Some(
+                        futures_util::stream::once(std::future::ready(first))
+                            .chain(reader.into_stream()),
+                    )
+                };
+                let reader = futures_util::stream::once(start)
+                    .filter_map(std::future::ready)
+                    .flatten();
+                (Either::Right(writer), Either::Right(reader))
+            }
+        };
+
+        let writer = actix_rt::spawn(writer);
         ctx.spawn(writer.into_actor(self).map(|result, act, ctx| {
             act.writer_done = true;
             match result {
@@ -368,27 +448,7 @@ impl Session {
                 act.begin_close("its connection failed", ctx);
             }
         }));
-
-        let reader = Reader::new(
-            read_half,
-            ReaderConfig {
-                rules: self.config.rules,
-                part_size: self.config.part_size,
-                write_part: self.config.part_size.min(WRITE_PART),
-                sync_writes: self.config.sync_writes,
-                killswitch: self.config.killswitch,
-                peer: self.peer,
-                busy_poll: self.config.busy_poll,
-            },
-            self.slots.clone(),
-            self.budget.clone(),
-            self.config.newstyle.clone().map(ServerNegotiation::new),
-            tx.clone(),
-        );
-        self.disconnect = reader.disconnect.clone();
-        self.spare_slot = reader.spare_slot.clone();
-        self.reader_stop = reader.stop.clone();
-        self.reader = Some(ctx.add_stream(reader.into_stream()));
+        self.reader = Some(ctx.add_stream(reader));
         if let Some(limit) = self.config.killswitch {
             ctx.run_interval(Duration::from_secs(1), move |act, _| {
                 act.check_killswitch(limit)
@@ -436,9 +496,11 @@ impl Session {
             Incoming::Negotiated {
                 style,
                 base_allocation,
+                tls,
             } => {
                 self.style = style;
                 self.base_allocation = base_allocation;
+                self.tls = tls;
                 return;
             }
         };
@@ -597,7 +659,8 @@ impl Session {
             self.send(responder.hole(offset, length as u32));
             return;
         }
-        if length >= ZERO_COPY_MIN && backing.is_cached(offset, length) {
+        // Never over TLS: every byte must be encrypted, `sendfile` would send it in clear.
+        if !self.tls && length >= ZERO_COPY_MIN && backing.is_cached(offset, length) {
             let body = Body::Cached {
                 backing: backing.clone(),
                 offset,

@@ -5,6 +5,12 @@
 //! side by side with no copy. It is the only place that writes to the socket, so replies are
 //! never interleaved. A reply's permits are released only after its bytes were written:
 //! that is what bounds a session's memory when a client stops reading.
+//!
+//! The socket is a [`WriteHalf`]: plain TCP (the socket's own half: a vectored write is one
+//! `writev`, as before) or TLS, where a vectored write joins a reply header with the start
+//! of its payload so that both go in one record, and large payloads go in full 16 KiB
+//! records. `sendfile` is for plain TCP only: a cached read that reaches the writer of a
+//! TLS connection (the session never sends one) is read and encrypted like a streamed one.
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -13,11 +19,11 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::io::Interest;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::storage::Backing;
+use crate::tls::WriteHalf;
 
 /// Replies gathered into one vectored write at most.
 const BATCH: usize = 64;
@@ -112,24 +118,11 @@ pub(crate) struct Outgoing {
     pub permits: Permits,
 }
 
-impl Outgoing {
-    /// Negotiation replies that hold `share` of the payload budget until written.
-    pub fn raw_holding(bytes: Bytes, share: OwnedSemaphorePermit) -> Outgoing {
-        Outgoing {
-            header: Header::new(&[]),
-            body: Body::Data(bytes),
-            permits: Permits {
-                slot: None,
-                bytes: Some(share),
-            },
-        }
-    }
-}
-
 /// Runs until the channel closes (every sender gone) or a write fails. Sends `hello`
-/// first, then the replies.
+/// first (nothing if it is empty: a new-style greeting was sent by the negotiation), then
+/// the replies.
 pub(crate) async fn run(
-    mut sock: OwnedWriteHalf,
+    mut sock: WriteHalf,
     hello: Bytes,
     mut replies: mpsc::Receiver<Outgoing>,
 ) -> io::Result<()> {
@@ -148,7 +141,7 @@ pub(crate) async fn run(
     sock.shutdown().await
 }
 
-async fn write_batch(sock: &mut OwnedWriteHalf, batch: &mut Vec<Outgoing>) -> io::Result<()> {
+async fn write_batch(sock: &mut WriteHalf, batch: &mut Vec<Outgoing>) -> io::Result<()> {
     let mut start = 0;
     while start < batch.len() {
         // Send every in-memory reply up to the next file-streamed one in one go.
@@ -158,9 +151,19 @@ async fn write_batch(sock: &mut OwnedWriteHalf, batch: &mut Vec<Outgoing>) -> io
             .map_or(batch.len(), |p| start + p);
         write_vectored_all(sock, &batch[start..end]).await?;
         if end < batch.len() {
-            match batch[end].body {
-                Body::Cached { .. } => send_cached_reply(sock, &batch[end]).await?,
-                _ => stream_file_reply(sock, &batch[end]).await?,
+            match &batch[end].body {
+                Body::Cached { .. } if !sock.is_tls() => {
+                    send_cached_reply(sock, &batch[end]).await?
+                }
+                body => {
+                    // A TLS session never asks for `sendfile` (the tests run with debug
+                    // assertions); were it to, the data is still read and encrypted.
+                    debug_assert!(
+                        !matches!(body, Body::Cached { .. }),
+                        "sendfile asked of a TLS connection"
+                    );
+                    stream_file_reply(sock, &batch[end]).await?
+                }
             }
             start = end + 1;
         } else {
@@ -172,7 +175,7 @@ async fn write_batch(sock: &mut OwnedWriteHalf, batch: &mut Vec<Outgoing>) -> io
     Ok(())
 }
 
-async fn write_vectored_all(sock: &mut OwnedWriteHalf, items: &[Outgoing]) -> io::Result<()> {
+async fn write_vectored_all(sock: &mut WriteHalf, items: &[Outgoing]) -> io::Result<()> {
     if items.is_empty() {
         return Ok(());
     }
@@ -198,20 +201,31 @@ async fn write_vectored_all(sock: &mut OwnedWriteHalf, items: &[Outgoing]) -> io
     Ok(())
 }
 
-async fn stream_file_reply(sock: &mut OwnedWriteHalf, item: &Outgoing) -> io::Result<()> {
-    let Body::File {
-        backing,
-        offset,
-        length,
-        part,
-    } = &item.body
-    else {
-        return Ok(());
+/// Parts a cached read is read in when it cannot be sent with `sendfile` (over TLS).
+const CACHED_PART: usize = 1 << 20;
+
+/// Sends a read part by part, each read on the blocking pool. The header goes with the
+/// first part, in one vectored write: over TLS that puts it in the first record instead of
+/// a record of its own.
+async fn stream_file_reply(sock: &mut WriteHalf, item: &Outgoing) -> io::Result<()> {
+    let (backing, offset, length, part) = match &item.body {
+        Body::File {
+            backing,
+            offset,
+            length,
+            part,
+        } => (backing, offset, length, *part),
+        Body::Cached {
+            backing,
+            offset,
+            length,
+        } => (backing, offset, length, CACHED_PART),
+        _ => return Ok(()),
     };
-    sock.write_all(item.header.as_slice()).await?;
+    let mut header = item.header.as_slice();
     let mut done = 0u64;
     while done < *length {
-        let len = (*length - done).min(*part as u64) as usize;
+        let len = (*length - done).min(part as u64) as usize;
         let at = offset + done;
         let backing = backing.clone();
         let data = tokio::task::spawn_blocking(move || {
@@ -222,20 +236,32 @@ async fn stream_file_reply(sock: &mut OwnedWriteHalf, item: &Outgoing) -> io::Re
         .map_err(io::Error::other)??;
         // A failure here, after an OK header, can only be reported by closing the
         // connection: the `?` ends the writer and the session closes the socket.
-        sock.write_all(&data).await?;
+        let mut slices = [IoSlice::new(header), IoSlice::new(&data)];
+        let mut slices = &mut slices[..];
+        while !slices.is_empty() {
+            let n = sock.write_vectored(slices).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut slices, n);
+        }
+        header = &[];
         done += len as u64;
     }
-    Ok(())
+    sock.write_all(header).await
 }
 
 /// Sends a reply whose data is in the page cache: the header with MSG_MORE (so that it
 /// leaves in the same segment as the first data), then the data with `sendfile`.
-async fn send_cached_reply(sock: &mut OwnedWriteHalf, item: &Outgoing) -> io::Result<()> {
-    let Body::Cached {
-        backing,
-        offset,
-        length,
-    } = &item.body
+async fn send_cached_reply(sock: &mut WriteHalf, item: &Outgoing) -> io::Result<()> {
+    let (
+        Body::Cached {
+            backing,
+            offset,
+            length,
+        },
+        WriteHalf::Plain(sock),
+    ) = (&item.body, &*sock)
     else {
         return Ok(());
     };

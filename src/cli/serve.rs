@@ -2,16 +2,19 @@
 //! validated [`server::Options`]; the server itself is [`crate::server`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::ArgMatches;
 
 use crate::acl::Acl;
-use crate::actors::session::SessionConfig;
+use crate::actors::session::{SessionConfig, SessionTls};
 use crate::addr::{parse_ip, parse_port};
+use crate::protocol::newstyle::TlsPolicy;
 use crate::server::{self, Mode, DEFAULT_MAX_CLIENTS};
+use crate::tls::{ServerTls, TlsMode};
 use crate::{fatal, logging};
 
 use super::{flag, value};
@@ -114,6 +117,7 @@ fn options(mode: &str, matches: &ArgMatches) -> anyhow::Result<server::Options> 
             bail!("--{option} needs --newstyle: old-style NBD has no export names or descriptions");
         }
     }
+    let tls = tls_options(matches, newstyle)?;
     Ok(server::Options {
         mode,
         addr,
@@ -135,7 +139,55 @@ fn options(mode: &str, matches: &ArgMatches) -> anyhow::Result<server::Options> 
                 value(matches, "description").map(str::to_owned),
             )
         }),
+        tls,
     })
+}
+
+/// `--tls`, `--tls-creds`, `--tls-verify-peer` and `--tls-psk`, checked together, with the
+/// credentials loaded: a file that is missing or wrong stops the server at startup, with
+/// an error that names it, rather than failing every client's handshake.
+fn tls_options(matches: &ArgMatches, newstyle: bool) -> anyhow::Result<Option<SessionTls>> {
+    let mode = match value(matches, "tls") {
+        None => TlsMode::Off,
+        Some(text) => TlsMode::parse(text)?,
+    };
+    let creds = value(matches, "tls-creds");
+    let psk = value(matches, "tls-psk");
+    let verify_peer = flag(matches, "tls-verify-peer");
+    let policy = match mode {
+        TlsMode::Off => {
+            if creds.is_some() || psk.is_some() || verify_peer {
+                bail!(
+                    "--tls-creds, --tls-psk and --tls-verify-peer need --tls on or --tls require"
+                );
+            }
+            return Ok(None);
+        }
+        TlsMode::On => TlsPolicy::Optional,
+        TlsMode::Require => TlsPolicy::Required,
+    };
+    if !newstyle {
+        bail!(
+            "--tls {mode} needs --newstyle: old-style NBD cannot negotiate, so it cannot \
+             start TLS"
+        );
+    }
+    let creds = match (creds, psk) {
+        (Some(dir), None) => ServerTls::x509(Path::new(dir), verify_peer),
+        (None, Some(file)) => {
+            if verify_peer {
+                bail!("--tls-verify-peer needs --tls-creds: PSK clients have no certificate");
+            }
+            ServerTls::psk(Path::new(file))
+        }
+        (None, None) => bail!("--tls {mode} needs --tls-creds DIR or --tls-psk FILE"),
+        (Some(_), Some(_)) => bail!("give --tls-creds or --tls-psk, not both"),
+    }
+    .context("loading the TLS credentials")?;
+    Ok(Some(SessionTls {
+        policy,
+        creds: Arc::new(creds),
+    }))
 }
 
 /// `--rebind-addr` and `--rebind-port`, both or neither.

@@ -137,6 +137,32 @@ const SERVER_OPTS: &[Opt] = &[
         Value("TEXT"),
         "New-style: the export's description.",
     ),
+    long_only(
+        "tls",
+        Value("MODE"),
+        "New-style: TLS (STARTTLS). off (the default): refused; on: clients may upgrade, \
+         plain ones are served too; require: every option but STARTTLS is refused until the \
+         client has upgraded. on and require need --tls-creds or --tls-psk.",
+    ),
+    long_only(
+        "tls-creds",
+        Value("DIR"),
+        "The x509 credentials for --tls, as qemu's tls-creds-x509 lays them out: \
+         server-cert.pem, server-key.pem and ca-cert.pem (the CA of client certificates, \
+         with --tls-verify-peer).",
+    ),
+    long_only(
+        "tls-verify-peer",
+        Flag,
+        "With --tls-creds: serve only clients that present a certificate signed by \
+         ca-cert.pem.",
+    ),
+    long_only(
+        "tls-psk",
+        Value("FILE"),
+        "The pre-shared keys for --tls: username:hexkey lines, as psktool writes them; a \
+         client must use one of the usernames and its key.",
+    ),
 ];
 
 /// `serve`'s own options.
@@ -189,7 +215,7 @@ const SOCK_ONLY: &[Opt] = &[opt(
 pub const MODES: &[Mode] = &[
     Mode {
         name: "serve",
-        usage: "flexnbd serve --addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny] [--killswitch] [ACL_ENTRY...]",
+        usage: "flexnbd serve --addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny] [--killswitch] [--newstyle [--tls on|require (--tls-creds DIR [--tls-verify-peer] | --tls-psk FILE)]] [ACL_ENTRY...]",
         description: "Serve FILE over NBD on ADDR:PORT to the clients the access control list admits.",
         opts: &[SERVER_OPTS, SERVE_OPTS],
         positional: Some("ACL_ENTRY"),
@@ -197,7 +223,7 @@ pub const MODES: &[Mode] = &[
     },
     Mode {
         name: "listen",
-        usage: "flexnbd listen --addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny] [--rebind-addr ADDR --rebind-port PORT] [ACL_ENTRY...]",
+        usage: "flexnbd listen --addr ADDR --port PORT --file FILE [--sock SOCK] [--default-deny] [--rebind-addr ADDR --rebind-port PORT] [--newstyle [--tls on|require (--tls-creds DIR [--tls-verify-peer] | --tls-psk FILE)]] [ACL_ENTRY...]",
         description: "Receive a migration into FILE on ADDR:PORT, then exit (or serve the file on the rebind address).",
         opts: &[SERVER_OPTS, LISTEN_OPTS],
         positional: Some("ACL_ENTRY"),

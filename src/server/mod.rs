@@ -29,11 +29,11 @@ use crate::actors::control::{Control, ControlConfig, MigrationSummary, StopContr
 use crate::actors::inbound::{AttachListener, Inbound, StopInbound, WriteGate};
 use crate::actors::listener::{Listener, ListenerConfig, Shutdown};
 use crate::actors::rebind::Rebinder;
-use crate::actors::session::SessionConfig;
+use crate::actors::session::{SessionConfig, SessionTls};
 use crate::actors::write_queue::WriteQueue;
 use crate::actors::{Events, ServerEvent};
 use crate::protocol::handshake::OldstyleHello;
-use crate::protocol::newstyle::{BlockSize, NegotiationConfig, ServerNegotiation};
+use crate::protocol::newstyle::{BlockSize, NegotiationConfig, ServerNegotiation, TlsPolicy};
 use crate::protocol::request::{Dialect, ExportRules};
 use crate::protocol::tflags;
 use crate::storage::Backing;
@@ -98,6 +98,9 @@ pub struct Options {
     /// `--newstyle`: the export name (`--export-name`, empty by default) and description
     /// (`--description`) to negotiate; `None` speaks flexnbd's old-style protocol.
     pub newstyle: Option<(String, Option<String>)>,
+    /// `--tls on|require` with the credentials loaded (`--tls-creds`, `--tls-psk`), for
+    /// new-style connections; `None` for `--tls off`.
+    pub tls: Option<SessionTls>,
 }
 
 /// Runs a server to its end and returns the process's exit status: 0 after a signal
@@ -166,6 +169,13 @@ impl Server {
             opts.file.display(),
             backing.size()
         );
+        if let Some(tls) = &opts.tls {
+            let how = match tls.policy {
+                TlsPolicy::Required => "required",
+                _ => "offered",
+            };
+            tracing::info!("TLS {how}, with the {}", tls.creds.description);
+        }
         Ok(Server {
             opts,
             backing,
@@ -250,6 +260,7 @@ fn session_config(
         },
         hello: Bytes::from(hello),
         newstyle,
+        tls: opts.tls.clone(),
         sync_writes: opts.sync_writes,
         max_in_flight: SessionConfig::DEFAULT_IN_FLIGHT,
         payload_budget: SessionConfig::DEFAULT_BUDGET,

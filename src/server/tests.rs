@@ -36,6 +36,7 @@ fn options(mode: Mode, file: &Path, sock: Option<&Path>) -> Options {
         read_only: false,
         lock: true,
         newstyle: None,
+        tls: None,
     }
 }
 

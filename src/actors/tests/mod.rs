@@ -134,6 +134,7 @@ impl Export {
             },
             hello: Bytes::copy_from_slice(&hello.encode()),
             newstyle: None,
+            tls: None,
             sync_writes: false,
             max_in_flight: limits.max_in_flight,
             payload_budget: limits.payload_budget,
