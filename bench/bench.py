@@ -276,6 +276,9 @@ class Server:
     argv: Callable[["Ctx", int, str], List[str]]  # (ctx, port, file) -> command line
     target: Optional[float] = None  # candidates: a floor under every row's target
     by_default: bool = True  # False: runs only when named in --servers
+    # serves over TLS (x509, the credentials in ctx.tls_dir): runs only on the
+    # TLS rows (Test.tls), which run only on TLS servers
+    tls: bool = False
 
 
 def flexnbd_argv(*extra):
@@ -340,6 +343,102 @@ SERVERS = [
         lambda c, port, path: ["nbdkit", "-f", "-i", HOST, "-p", str(port), "file", path],
     ),
 ]
+
+
+# TLS servers (x509, --tls require): the TLS rows' columns. Credentials are
+# made once per run by make_tls_credentials() in the work directory.
+def flexnbd_tls_argv(ctx, port, path):
+    return flexnbd_argv("--newstyle", "--tls", "require", "--tls-creds", ctx.tls_dir)(ctx, port, path)
+
+
+SERVERS += [
+    Server("flexnbd-tls", "flexnbd --newstyle --tls require", "candidate", lambda c: c.flexnbd,
+           flexnbd_tls_argv, tls=True),
+    Server(
+        "qemu-nbd-tls",
+        "qemu-nbd --tls-creds",
+        "reference",
+        lambda c: "qemu-nbd",
+        lambda c, port, path: [
+            "qemu-nbd", "-f", "raw", "-b", HOST, "-p", str(port), "-x", "", "-t",
+            "--shared=16", "--cache=writeback", "--aio=threads",
+            "--object", "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir=%s" % c.tls_dir,
+            "--tls-creds", "tls0", path,
+        ],
+        tls=True,
+    ),
+    Server(
+        "nbdkit-tls",
+        "nbdkit --tls=require",
+        "reference",
+        lambda c: "nbdkit",
+        lambda c, port, path: ["nbdkit", "-f", "-i", HOST, "-p", str(port), "--tls=require",
+                               "--tls-certificates=%s" % c.tls_dir, "file", path],
+        tls=True,
+    ),
+]
+
+
+def nbd_uri(ctx, server: "Server", port) -> str:
+    """libnbd's URI of a server: nbds:// with the run's CA for TLS servers."""
+    if server.tls:
+        return "nbds://%s:%s/?tls-certificates=%s" % (HOST, port, ctx.tls_dir)
+    return "nbd://%s:%s" % (HOST, port)
+
+
+# openssl configuration: the extensions GnuTLS (qemu-nbd, nbdkit, libnbd)
+# insists on, as in src/tls/testing.rs. A config of our own, so that the
+# system's openssl.cnf adds nothing.
+TLS_REQ_CONF = """[req]
+distinguished_name = dn
+prompt = no
+[dn]
+O = flexnbd bench
+CN = %s
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+"""
+TLS_LEAF_EXT = """basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = %s
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+%s"""
+
+
+def make_tls_credentials(dir_path):
+    """A CA, a server certificate for 127.0.0.1, ::1 and localhost, and a
+    client certificate, made with the openssl CLI and laid out as qemu's
+    tls-creds-x509, nbdkit's --tls-certificates, libnbd's tls-certificates and
+    flexnbd's --tls-creds expect."""
+    os.makedirs(dir_path, exist_ok=True)
+
+    def path(name):
+        return os.path.join(dir_path, name)
+
+    def write(name, text):
+        with open(path(name), "w") as f:
+            f.write(text)
+
+    def run(*argv):
+        r = subprocess.run(["openssl", *argv], capture_output=True, timeout=60)
+        if r.returncode != 0:
+            raise BenchError("openssl %s failed: %s" % (shlex.join(argv), r.stderr.decode(errors="replace")))
+
+    write("ca.cnf", TLS_REQ_CONF % "bench CA")
+    run("req", "-x509", "-config", path("ca.cnf"), "-extensions", "ca", "-newkey", "rsa:2048", "-nodes",
+        "-keyout", path("ca-key.pem"), "-out", path("ca-cert.pem"), "-days", "30")
+    for leaf, usage, san in (("server", "serverAuth", "subjectAltName = IP:127.0.0.1,IP:::1,DNS:localhost\n"),
+                             ("client", "clientAuth", "")):
+        write("%s.cnf" % leaf, TLS_REQ_CONF % ("bench " + leaf))
+        write("%s.ext" % leaf, TLS_LEAF_EXT % (usage, san))
+        run("req", "-new", "-config", path("%s.cnf" % leaf), "-newkey", "rsa:2048", "-nodes",
+            "-keyout", path("%s-key.pem" % leaf), "-out", path("%s.csr" % leaf))
+        run("x509", "-req", "-in", path("%s.csr" % leaf), "-CA", path("ca-cert.pem"),
+            "-CAkey", path("ca-key.pem"), "-CAcreateserial", "-days", "30",
+            "-extfile", path("%s.ext" % leaf), "-out", path("%s-cert.pem" % leaf))
 
 
 class Running:
@@ -425,6 +524,8 @@ class Test:
     # "migration": run once per round, measure(ctx, test, None) starts its own
     # flexnbd processes (see the migration section)
     kind: str = "server"
+    # runs on the TLS servers (Server.tls) only, and the others only on plain rows
+    tls: bool = False
     # what the server's CPU is divided by: "us/req" (requests the client
     # completed) or "us/MiB" (MiB moved, where the request count is unknown)
     cpu_unit: str = "us/req"
@@ -490,7 +591,7 @@ def fio_measure(ctx, test, port, watched, unit) -> "tuple[Measurement, List[floa
 def measure_nbdcopy(ctx, test, srv) -> Measurement:
     """Wall clock of the whole nbdcopy process (connect, copy, and for the
     write direction the final flush), as MiB/s of the copied size."""
-    uri = "nbd://%s:%d" % (HOST, srv.port)
+    uri = nbd_uri(ctx, srv.server, srv.port)
     argv = ["nbdcopy"] + ctx.nbdcopy_extra
     if test.params["direction"] == "read":
         argv += [uri, "null:"]
@@ -537,6 +638,30 @@ def measure_qemu_img_bench(ctx, test, srv) -> Measurement:
     moved = count * test.params["bytes"] / MIB
     return Measurement(moved / secs, None, {"seconds": secs, "wall_seconds": wall,
                                             **cpu_info(cpu_s, requests=count)})
+
+
+def qemu_img_convert_argv(ctx, test, port, size):
+    """qemu-img convert from the server into null-co (which discards what it
+    is given): qemu's own read path, over TLS with a credentials object.
+    (qemu-img bench has no --object, so it cannot do TLS.)"""
+    source = "driver=nbd,server.type=inet,server.host=%s,server.port=%s" % (HOST, port)
+    tls = []
+    if test.tls:
+        tls = ["--object", "tls-creds-x509,id=tls0,endpoint=client,dir=%s" % ctx.tls_dir]
+        source += ",tls-creds=tls0"
+    return (["qemu-img", "convert"] + tls + ["--image-opts", source, "-n",
+            "--target-image-opts", "driver=null-co,size=%s" % size])
+
+
+def measure_qemu_img_convert(ctx, test, srv) -> Measurement:
+    """Wall clock of the whole qemu-img convert process (connect, the TLS
+    handshake, the copy), as MiB/s of the file's size."""
+    size = os.path.getsize(srv.path)
+    argv = qemu_img_convert_argv(ctx, test, srv.port, size)
+    cpu0 = server_cpu(srv)
+    secs, _, _ = run_client(argv, timeout=600, what="qemu-img convert")
+    cpu_s = server_cpu(srv) - cpu0
+    return Measurement(size / MIB / secs, None, {"seconds": secs, **cpu_info(cpu_s, mib_moved=size / MIB)})
 
 
 def allocated(path: str) -> int:
@@ -1661,6 +1786,18 @@ TESTS = [
          params={"direction": "write", "source": "src"}, cpu_unit="us/MiB"),
     qemu_img_bench_test("qemu-img-bench-read", "qemu-img bench 1 MiB read, QD8", False, 1.0),
     qemu_img_bench_test("qemu-img-bench-write", "qemu-img bench 1 MiB write, QD8", True, 1.0),
+    # qemu's read path as a whole-file copy, the plain twin of the TLS row
+    # below (qemu-img bench cannot do TLS).
+    Test("qemu-img-convert-read", "qemu-img convert server -> null-co", "MiB/s", 1.0,
+         measure_qemu_img_convert, skip=("flexnbd-sync",), cpu_unit="us/MiB"),
+    # TLS (x509, --tls require on every server): read throughput on the TLS
+    # servers only; `plain` names the plain row the cost of TLS is taken
+    # against (flexnbd-tls here / flexnbd-newstyle there, same run).
+    Test("tls-nbdcopy-read", "TLS: nbdcopy nbds://server -> null:", "MiB/s", 1.0, measure_nbdcopy,
+         params={"direction": "read", "plain": "nbdcopy-read"}, cpu_unit="us/MiB", tls=True),
+    Test("tls-qemu-img-convert-read", "TLS: qemu-img convert server -> null-co (tls-creds-x509)", "MiB/s",
+         1.0, measure_qemu_img_convert, params={"plain": "qemu-img-convert-read"}, cpu_unit="us/MiB",
+         tls=True),
     # --sync-writes changes nothing on a copy from the server: not run.
     # Old-style flexnbd has no block status, so nbdcopy reads every byte of
     # it; it is shown for reference, without a verdict.
@@ -1768,6 +1905,7 @@ class Ctx:
         self.size = args.size
         self.flexnbd = args.flexnbd
         self.workdir = None
+        self.tls_dir = "TLS_DIR"  # set by prepare()
         self.files: Dict[str, str] = {}
         self.sparse_checked: Dict[str, Dict[str, object]] = {}  # server id -> block-status map
         self.migration_checked: set = set()  # migration rows whose copies were compared
@@ -1878,7 +2016,8 @@ def check_tools(ctx, servers, tests):
                 if t.measure is measure_proxy:
                     needed.setdefault(proxy_binary(ctx), []).append("test %s" % t.id)
             continue
-        tool = {measure_fio: "fio", measure_qemu_img_bench: "qemu-img"}.get(t.measure, "nbdcopy")
+        tool = {measure_fio: "fio", measure_qemu_img_bench: "qemu-img",
+                measure_qemu_img_convert: "qemu-img"}.get(t.measure, "nbdcopy")
         needed.setdefault(tool, []).append("test %s" % t.id)
         if t.measure is measure_nbdcopy_sparse:
             needed.setdefault("nbdinfo", []).append("test %s" % t.id)
@@ -1886,6 +2025,8 @@ def check_tools(ctx, servers, tests):
         needed.setdefault("nbdcopy", []).append("probing the servers")
         needed.setdefault("nbdinfo", []).append("probing the servers")
     needed.setdefault("cat", []).append("page-caching the files")
+    if any(s.tls for s in probed_servers(tests, servers)):
+        needed.setdefault("openssl", []).append("making the TLS credentials")
     missing = []
     for tool, whys in needed.items():
         why = ", ".join(whys)
@@ -1904,7 +2045,7 @@ def probe(ctx, server) -> Dict[str, object]:
     nbdcopy how many connections it would open. Also proves early that every
     server starts, before the long part of the run."""
     with Running(ctx, server, ctx.files["probe"]) as srv:
-        uri = "nbd://%s:%d" % (HOST, srv.port)
+        uri = nbd_uri(ctx, server, srv.port)
         _, out, _ = run_client(["nbdinfo", "--json", "--no-content", uri], 30, "nbdinfo")
         info = json.loads(out)
         exp = info["exports"][0]
@@ -2619,6 +2760,10 @@ def prepare(ctx, args, tests, servers):
     if kind != "ext4":
         print("warning: %s is on %s, not ext4" % (args.dir, kind), file=sys.stderr)
     ctx.workdir = tempfile.mkdtemp(prefix="flexnbd-bench.", dir=args.dir)
+    ctx.tls_dir = os.path.join(ctx.workdir, "tls")
+    if any(s.tls for s in probed_servers(tests, servers)):
+        print("making TLS credentials in %s (openssl)" % ctx.tls_dir, file=sys.stderr, flush=True)
+        make_tls_credentials(ctx.tls_dir)
     to_probe = probed_servers(tests, servers)
     for name in fixtures:
         if name != "probe" and to_probe and not ctx.probes:
@@ -2684,6 +2829,9 @@ def describe(ctx, args, servers, tests):
         elif t.measure is measure_qemu_img_bench:
             cmd = shlex.join(qemu_img_bench_argv(ctx, t, 0)).replace("127.0.0.1:0", "127.0.0.1:PORT")
             cmd += "   (figure: COUNT x 1 MiB / the run time qemu-img reports)"
+        elif t.measure is measure_qemu_img_convert:
+            cmd = shlex.join(qemu_img_convert_argv(ctx, t, "PORT", "SIZE"))
+            cmd += "   (timed: wall clock of the process)"
         elif t.measure is measure_nbdcopy_sparse:
             cmd = shlex.join(sparse_copy_argv(ctx, "nbd://%s:PORT" % HOST,
                                               os.path.join(ctx.workdir, "sparse-copy.raw")))
@@ -2691,7 +2839,8 @@ def describe(ctx, args, servers, tests):
                     "allocated size, bytes compared and nbdinfo --map once per server, copy deleted)"
                     % os.path.basename(ctx.files[t.serves]))
         else:
-            uri = "nbd://%s:PORT" % HOST
+            uri = ("nbds://%s:PORT/?tls-certificates=%s" % (HOST, ctx.tls_dir) if t.tls
+                   else "nbd://%s:PORT" % HOST)
             src = ctx.files.get(t.params.get("source", ""), "")
             cmd = shlex.join(["nbdcopy"] + ctx.nbdcopy_extra +
                              ([uri, "null:"] if t.params["direction"] == "read" else ["--flush", src, uri]))
@@ -2762,7 +2911,7 @@ def runs_on(test, servers):
     variant is selected."""
     if test.kind == "migration":
         return [MIGRATION] if any(s.id.startswith("flexnbd") for s in servers) else []
-    return [s for s in servers if s.id not in test.skip]
+    return [s for s in servers if s.id not in test.skip and s.tls == test.tls]
 
 
 def probed_servers(tests, servers):
@@ -2848,6 +2997,8 @@ def report(results, ctx, env, args, partial):
         print("server CPU ratio = the variant's CPU per request / lowest of (%s); PASS when <= %.2f."
               % (", ".join(refs), CPU_TARGET))
         print("conditions: %s." % conditions_text(results.conditions))
+    for line in tls_cost_lines(results):
+        print(line)
     if env.get("cached_end"):
         print("page cache at the end: %s" % ", ".join(
             "%s %s" % (n, "?" if p is None else "%.0f%%" % p) for n, p in env["cached_end"].items()))
@@ -2859,6 +3010,25 @@ def report(results, ctx, env, args, partial):
         with open(args.json, "w") as f:
             json.dump({"env": env, "summary": results.summary_json(), "trials": results.to_json()}, f, indent=1)
         print("wrote %s" % args.json)
+
+
+def tls_cost_lines(results) -> List[str]:
+    """The cost of TLS for flexnbd: its median on each TLS row against its
+    plain new-style median on the row named by params["plain"], same run."""
+    servers = {s.id: s for s in results.servers}
+    tests = {t.id: t for t in results.tests}
+    tls_srv, plain_srv = servers.get("flexnbd-tls"), servers.get("flexnbd-newstyle")
+    lines = []
+    for t in results.tests:
+        plain = tests.get(t.params.get("plain", ""))
+        if not t.tls or plain is None or tls_srv is None or plain_srv is None:
+            continue
+        for c in results.conditions:
+            a, b = results.median(t, tls_srv, c), results.median(plain, plain_srv, c)
+            if a and b:
+                lines.append("cost of TLS (%s): flexnbd %s %.0f %s over TLS vs %.0f plain (--newstyle): "
+                             "%.2f of plain" % (c, t.id, a, t.unit, b, a / b))
+    return lines
 
 
 def write_markdown(results, ctx, env, partial, path):
@@ -2879,6 +3049,7 @@ def write_markdown(results, ctx, env, partial, path):
         ]
     for title, table in render(results, ctx, env, partial, md_table):
         out += ["**%s**" % title, "", table, ""]
+    out += [l + "." for l in tls_cost_lines(results)] + ([""] if tls_cost_lines(results) else [])
     if env:
         out += ["Command lines (PORT is a free port chosen per trial):", "", "```"]
         out += ["%-16s %s" % kv for kv in env["servers"].items()]
