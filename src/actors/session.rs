@@ -47,8 +47,8 @@ const MAX_EXTENTS: usize = 64 * 1024;
 /// Largest piece of a WRITE's payload written at once (at most the part size): a 1 MiB
 /// write goes into the file in four pieces, the first ones while the rest is arriving.
 const WRITE_PART: usize = 256 << 10;
-/// Reads at least this long whose bytes are all in the page cache are sent with
-/// `sendfile` ([`Body::Cached`]): no copy into a buffer and none out of it. Below it, the
+/// Reads at least this long whose bytes are all in the page cache, alone in flight, are
+/// sent with `sendfile` ([`Body::Cached`]): no copy into a buffer and none out of it. Below it, the
 /// two copies cost less than the extra system calls (the page-cache check, the header sent
 /// on its own) and the lost batching of small replies into one vectored write.
 const ZERO_COPY_MIN: u64 = 64 << 10;
@@ -660,7 +660,11 @@ impl Session {
             return;
         }
         // Never over TLS: every byte must be encrypted, `sendfile` would send it in clear.
-        if !self.tls && length >= ZERO_COPY_MIN && backing.is_cached(offset, length) {
+        if !self.tls
+            && length >= ZERO_COPY_MIN
+            && self.alone_in_flight()
+            && backing.is_cached(offset, length)
+        {
             let body = Body::Cached {
                 backing: backing.clone(),
                 offset,
@@ -695,6 +699,15 @@ impl Session {
             Err(e) => responder.read_failed(length, e),
         };
         self.send(reply);
+    }
+
+    /// The request being executed is this client's only one in flight (the reader may
+    /// hold one more slot, for a header it waits for). `sendfile` pays only then: with
+    /// several large reads queued, the socket fills, each call sends a part, and the
+    /// client is woken once per part; measured with qemu-img bench (1 MiB, 8 in flight),
+    /// replies sent with it took 1.7-2.5 s where copied ones took 1.15-1.3 s.
+    fn alone_in_flight(&self) -> bool {
+        self.slots.available_permits() + 2 >= self.config.max_in_flight
     }
 
     /// True when the allocation map (once built) says the whole range is unallocated. A
