@@ -22,7 +22,7 @@ use super::stream::Stream;
 use super::TlsError;
 
 /// TLS 1.2 ciphers for certificates (forward secret, AEAD), and for PSK (GnuTLS's
-/// defaults include these). TLS 1.3 suites are OpenSSL's defaults.
+/// defaults include these). TLS 1.3 suites: [`TLS13_SUITES`].
 const X509_CIPHERS: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:\
      ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:\
      ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:\
@@ -30,6 +30,13 @@ const X509_CIPHERS: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-S
 const PSK_CIPHERS: &str = "ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES128-CBC-SHA256:\
      ECDHE-PSK-AES256-CBC-SHA384:DHE-PSK-AES128-GCM-SHA256:DHE-PSK-AES256-GCM-SHA384:\
      DHE-PSK-CHACHA20-POLY1305:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384";
+
+/// TLS 1.3 suites, AES-128-GCM first and chosen by the server's order: with AES
+/// instructions it costs both ends about a third less per byte than AES-256-GCM (the
+/// order OpenSSL and GnuTLS clients offer), and every byte of a disk goes through it. The
+/// others stay available to clients that do not offer it.
+const TLS13_SUITES: &str =
+    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
 
 /// A context with what both sides share: TLS 1.2 at least, no compression, and the write
 /// modes that let an async writer retry (ACCEPT_MOVING_WRITE_BUFFER) and make progress a
@@ -42,13 +49,15 @@ fn base(method: SslMethod, ciphers: &str) -> Result<SslContextBuilder, TlsError>
             | SslOptions::NO_SSLV3
             | SslOptions::NO_TLSV1
             | SslOptions::NO_TLSV1_1
-            | SslOptions::NO_RENEGOTIATION,
+            | SslOptions::NO_RENEGOTIATION
+            | SslOptions::CIPHER_SERVER_PREFERENCE,
     );
     ctx.set_min_proto_version(Some(SslVersion::TLS1_2))?;
     ctx.set_mode(
         SslMode::AUTO_RETRY | SslMode::ACCEPT_MOVING_WRITE_BUFFER | SslMode::ENABLE_PARTIAL_WRITE,
     );
     ctx.set_cipher_list(ciphers)?;
+    ctx.set_ciphersuites(TLS13_SUITES)?;
     Ok(ctx)
 }
 
