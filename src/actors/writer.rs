@@ -190,7 +190,12 @@ async fn write_vectored_all(sock: &mut WriteHalf, items: &[Outgoing]) -> io::Res
             }
         }
     }
-    let mut slices = &mut slices[..];
+    write_slices_all(sock, &mut slices).await
+}
+
+/// Writes every byte of `slices` with vectored writes.
+async fn write_slices_all(sock: &mut WriteHalf, slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    let mut slices = slices;
     while !slices.is_empty() {
         let n = sock.write_vectored(slices).await?;
         if n == 0 {
@@ -236,15 +241,7 @@ async fn stream_file_reply(sock: &mut WriteHalf, item: &Outgoing) -> io::Result<
         .map_err(io::Error::other)??;
         // A failure here, after an OK header, can only be reported by closing the
         // connection: the `?` ends the writer and the session closes the socket.
-        let mut slices = [IoSlice::new(header), IoSlice::new(&data)];
-        let mut slices = &mut slices[..];
-        while !slices.is_empty() {
-            let n = sock.write_vectored(slices).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            IoSlice::advance_slices(&mut slices, n);
-        }
+        write_slices_all(sock, &mut [IoSlice::new(header), IoSlice::new(&data)]).await?;
         header = &[];
         done += len as u64;
     }
