@@ -673,6 +673,14 @@ impl Session {
             self.send(responder.data(length, body));
             return;
         }
+        // Over TLS every byte is copied into a record anyway: give `SSL_write` the cached
+        // pages themselves rather than a copy of them.
+        if self.tls {
+            if let Some(bytes) = backing.cached_bytes(offset, length as usize) {
+                self.send(responder.data(length, Body::Data(bytes)));
+                return;
+            }
+        }
         if length > self.config.part_size as u64 {
             let body = Body::File {
                 backing: backing.clone(),

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::allocation::{AllocationMap, DataExtents, WalkError, BLOCK};
 use super::dirty::DirtyMap;
+use super::mapping::Mapping;
 use super::write_behind::WriteBehind;
 
 /// `cachestat`'s system call number: 451 on every architecture (calls added since Linux 5.1
@@ -91,6 +92,10 @@ pub struct Backing {
     dirty: DirtyMap,
     /// Where writeback was started early since the last flush.
     write_behind: WriteBehind,
+    /// The whole export mapped read-only, made the first time [`Backing::cached_bytes`]
+    /// is asked (by a TLS session); `None` inside if mapping failed, which is logged once
+    /// and leaves those reads on the copying path.
+    mapping: std::sync::OnceLock<Option<Arc<Mapping>>>,
 }
 
 impl Backing {
@@ -140,6 +145,7 @@ impl Backing {
             allocation: Arc::new(AllocationMap::new(size)),
             dirty: DirtyMap::new(size),
             write_behind: WriteBehind::new(size),
+            mapping: std::sync::OnceLock::new(),
         })
     }
 
@@ -294,6 +300,29 @@ impl Backing {
             return false;
         }
         stat.nr_cache == last - first + 1
+    }
+
+    /// `offset..offset + len` as `Bytes` over the page cache's own pages (see
+    /// `storage::mapping`), when every page of the range is cached; `None` otherwise, and
+    /// the caller reads the range into a buffer. For replies that are copied anyway (TLS
+    /// encrypts every byte): the copy into a buffer is saved, and touching the pages does
+    /// not wait for the disk.
+    pub fn cached_bytes(&self, offset: u64, len: usize) -> Option<Bytes> {
+        if !self.is_cached(offset, len as u64) {
+            return None;
+        }
+        let mapping = self.mapping.get_or_init(|| {
+            Mapping::new(&self.file, self.size)
+                .map(Arc::new)
+                .map_err(|e| {
+                    tracing::warn!(
+                        "could not map {} ({e}): TLS reads are copied through a buffer",
+                        self.path.display()
+                    )
+                })
+                .ok()
+        });
+        mapping.as_ref()?.bytes(offset, len)
     }
 
     /// Sends up to `len` bytes of the file at `offset` to `socket` with `sendfile`: the
@@ -701,6 +730,22 @@ mod tests {
         };
         assert_eq!(r, 0);
         assert!(!backing.is_cached(4096, 512 << 10));
+    }
+
+    #[test]
+    fn cached_bytes_are_the_file_and_follow_writes() {
+        let pattern: Vec<u8> = (0..(256u32 << 10)).map(|i| (i % 249) as u8).collect();
+        let (_tmp, backing) = backing_with(&pattern);
+        if !backing.cachestat.load(Ordering::Relaxed) || !backing.is_cached(0, 4096) {
+            return; // No cachestat: never mapped, and reads take the copying path.
+        }
+        let bytes = backing.cached_bytes(5000, 70_000).expect("cached range");
+        assert_eq!(&bytes[..], &pattern[5000..75_000]);
+        backing.write_at(b"new bytes", 5000, false).unwrap();
+        let again = backing.cached_bytes(5000, 9).expect("cached range");
+        assert_eq!(&again[..], b"new bytes");
+        // Past the export: no bytes, whatever the cache holds.
+        assert!(backing.cached_bytes(backing.size() - 10, 11).is_none());
     }
 
     #[test]

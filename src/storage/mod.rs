@@ -10,6 +10,7 @@ mod backing;
 pub mod bitmap;
 pub mod dirty;
 pub mod lock;
+mod mapping;
 mod write_behind;
 
 pub use allocation::{AllocationMap, MapState};
