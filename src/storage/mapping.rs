@@ -11,7 +11,10 @@
 //!
 //! What a mapping costs, and why it is acceptable here:
 //! - a page touched through it counts in the process's RSS (`RssFile`: page-cache pages,
-//!   shared with the cache, not memory of ours);
+//!   shared with the cache, not memory of ours), and the kernel reclaims mapped pages
+//!   later than unmapped ones. So the mapping is emptied (`MADV_DONTNEED`: page-table
+//!   entries dropped, the page cache untouched) each time [`RELEASE_EVERY`] bytes have been
+//!   handed out: RSS stays bounded, and the pages age as any page cache does;
 //! - if the file were truncated below the export size while served, touching the missing
 //!   pages would raise SIGBUS. The export size is fixed when the server starts and the
 //!   file is locked against a second server; shrinking an image under a running server
@@ -20,15 +23,24 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+/// After this many bytes handed out, the mapping's page-table entries are dropped, which
+/// bounds the pages it holds mapped (RSS) to about this much plus the replies being sent.
+/// Refaulting a cached page afterwards maps 16 at a time (the kernel's fault-around), far
+/// cheaper than the copy the mapping saves.
+pub const RELEASE_EVERY: u64 = 64 << 20;
 
 /// `len` bytes of a file, mapped `PROT_READ`, `MAP_SHARED`.
 #[derive(Debug)]
 pub struct Mapping {
     base: *mut libc::c_void,
     len: usize,
+    /// Bytes handed out since the mapping was last emptied (see [`RELEASE_EVERY`]).
+    handed_out: AtomicU64,
 }
 
 // SAFETY: the mapping is read-only and never moved or resized; reading it from several
@@ -61,7 +73,11 @@ impl Mapping {
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Mapping { base, len })
+        Ok(Mapping {
+            base,
+            len,
+            handed_out: AtomicU64::new(0),
+        })
     }
 
     /// The mapped bytes.
@@ -81,11 +97,34 @@ impl Mapping {
         if end > self.len {
             return None;
         }
+        let before = self.handed_out.fetch_add(len as u64, Ordering::Relaxed);
+        if before + len as u64 >= RELEASE_EVERY {
+            self.handed_out.store(0, Ordering::Relaxed);
+            self.release();
+        }
         Some(Bytes::from_owner(MappedRange {
             mapping: self.clone(),
             start,
             end,
         }))
+    }
+}
+
+impl Mapping {
+    /// Drops every page-table entry of the mapping. The page cache keeps the pages; the
+    /// next touch maps them again, with the file's current contents. Slices being read at
+    /// that moment (replies being written) simply fault their pages back in.
+    fn release(&self) {
+        // SAFETY: `base`/`len` are the live mapping; MADV_DONTNEED on a shared file mapping
+        // changes no byte anyone reads (later reads see the file, as before), it only
+        // makes the next access fault.
+        let r = unsafe { libc::madvise(self.base, self.len, libc::MADV_DONTNEED) };
+        if r != 0 {
+            tracing::debug!(
+                "madvise(DONTNEED) on the export mapping: {}",
+                io::Error::last_os_error()
+            );
+        }
     }
 }
 
@@ -146,6 +185,40 @@ mod tests {
         assert!(map.bytes(u64::MAX, 1).is_none());
         assert_eq!(map.bytes(8191, 1).unwrap()[..], [7u8]);
         assert!(Mapping::new(f.as_file(), 0).is_err());
+    }
+
+    /// The mapping's resident size in KiB, from `/proc/self/smaps` (what RSS counts).
+    fn resident_kib(map: &Mapping) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let head = format!("{:x}-", map.base as usize);
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+        lines
+            .find_map(|l| l.strip_prefix("Rss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("the mapping is listed in smaps")
+    }
+
+    #[test]
+    fn releasing_empties_the_mapping_and_keeps_every_byte() {
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 241) as u8).collect();
+        let f = file_with(&data);
+        let map = Arc::new(Mapping::new(f.as_file(), data.len() as u64).unwrap());
+        let held = map.bytes(1000, 300_000).unwrap();
+        let whole = map.bytes(0, data.len()).unwrap();
+        assert_eq!(&whole[..], &data[..]);
+        assert!(resident_kib(&map) >= 1024, "every page was touched");
+        map.release();
+        assert_eq!(resident_kib(&map), 0, "released: no page mapped");
+        // Slices taken before the release still read the file.
+        assert_eq!(&held[..], &data[1000..301_000]);
+        assert_eq!(&whole[..], &data[..]);
+        // Handing out more than the bound releases on its own.
+        let rounds = (RELEASE_EVERY >> 20) as usize + 1;
+        for _ in 0..rounds {
+            let b = map.bytes(0, data.len()).unwrap();
+            assert_eq!(b[b.len() - 1], data[data.len() - 1]);
+        }
+        assert!(map.handed_out.load(Ordering::Relaxed) < RELEASE_EVERY);
     }
 
     #[test]
