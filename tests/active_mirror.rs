@@ -36,6 +36,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use support::cluster::*;
+use support::nbdkit::start_nbdkit;
 use support::promise::{accepts_write, check_holds_all, seq_block};
 use support::relay::{Fault, Relay};
 use support::*;
@@ -691,29 +692,7 @@ fn active_mode_into_nbdkit() {
     let dst = destination(SIZE as u64);
     let sock = src.sibling("src.sock");
     let mut source = start_source(&src.path, &sock);
-    let (mut nbdkit, port) = (0..5)
-        .find_map(|_| {
-            let port = free_port();
-            let mut cmd = tool("nbdkit");
-            cmd.args(["-f", "-i", LOCALHOST, "-p", &port.to_string(), "file"])
-                .arg(&dst.path)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            let mut child = ChildGuard::new(cmd.spawn().expect("start nbdkit"));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if TcpStream::connect((LOCALHOST, port)).is_ok() {
-                    return child.try_status().is_none().then_some((child, port));
-                }
-                if child.try_status().is_some() {
-                    return None;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-            None
-        })
-        .expect("nbdkit could not start");
+    let (mut nbdkit, port) = start_nbdkit(&[], &dst.path);
     let pair_source = source.sockaddr();
     let flood = Flood::start(pair_source, SIZE as u64, LANES);
     let watch = StatusWatch::start(&sock);

@@ -4,14 +4,13 @@
 
 mod support;
 
-use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::Stdio;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use flexnbd::tls::testing::{generate, TestCredentials};
 use support::cluster::*;
+use support::nbdkit::start_nbdkit;
 use support::proxy::{assert_qemu_ok, proxy_bin, qemu_io, Proxy};
 use support::*;
 
@@ -23,49 +22,30 @@ fn credentials() -> (tempfile::TempDir, TestCredentials) {
     (dir, creds)
 }
 
-/// `nbdkit -f --tls=require TLS... file FILE` on a free loopback port, once it accepts
-/// connections.
-fn start_nbdkit(file: &Path, tls: &[String]) -> (ChildGuard, u16) {
-    (0..5)
-        .find_map(|_| {
-            let port = free_port();
-            let mut cmd = tool("nbdkit");
-            cmd.args([
-                "-f",
-                "-i",
-                LOCALHOST,
-                "-p",
-                &port.to_string(),
-                "--tls=require",
-            ])
-            .args(tls)
-            .arg("file")
-            .arg(file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-            let mut child = ChildGuard::new(cmd.spawn().expect("start nbdkit"));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if TcpStream::connect((LOCALHOST, port)).is_ok() {
-                    return child.try_status().is_none().then_some((child, port));
-                }
-                if child.try_status().is_some() {
-                    return None;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-            None
-        })
-        .expect("nbdkit could not start")
+/// The kind of TLS credentials a test has nbdkit require and our side present.
+#[derive(Clone, Copy)]
+enum Tls {
+    X509,
+    Psk,
 }
 
-fn x509_args(dir: &Path) -> Vec<String> {
-    vec![format!("--tls-certificates={}", dir.display())]
-}
+impl Tls {
+    /// nbdkit's options for [`start_nbdkit`]: require TLS, with these credentials from `c`.
+    fn nbdkit_options(self, c: &TestCredentials) -> Vec<String> {
+        let creds = match self {
+            Tls::X509 => format!("--tls-certificates={}", c.pki.display()),
+            Tls::Psk => format!("--tls-psk={}", c.psk.display()),
+        };
+        vec!["--tls=require".to_string(), creds]
+    }
 
-fn psk_args(file: &Path) -> Vec<String> {
-    vec![format!("--tls-psk={}", file.display())]
+    /// Our side's options (the mirror's and the proxy's) for the same credentials from `c`.
+    fn client_options(self, c: &TestCredentials) -> [&str; 2] {
+        match self {
+            Tls::X509 => ["--tls-creds", c.pki.to_str().unwrap()],
+            Tls::Psk => ["--tls-psk", c.psk.to_str().unwrap()],
+        }
+    }
 }
 
 /// Stops nbdkit (it does not exit on DISC) so that its file is complete.
@@ -77,34 +57,72 @@ fn stop(mut nbdkit: ChildGuard) {
     );
 }
 
-/// A whole migration into nbdkit over TLS: the source exits 0 and nbdkit's file is the
-/// source's.
-fn migrate_into_nbdkit(nbdkit_tls: &[String], mirror_tls: &[&str]) {
-    let src = Image::with_data(&pattern(161, SIZE));
-    let dst = destination(SIZE as u64);
-    let sock = src.sibling("src.sock");
-    let mut source = start_source(&src.path, &sock);
-    let (nbdkit, port) = start_nbdkit(&dst.path, nbdkit_tls);
-    start_mirror(&sock, port, mirror_tls);
-    assert_exit(&mut source, 0, "the source");
-    source.expect_log("uses TLS");
-    stop(nbdkit);
-    assert_same_files(&dst.path, &src.path, "nbdkit's file after a TLS migration");
+/// A migration's two ends before the mirror: `flexnbd serve` of SIZE bytes of
+/// `pattern(seed)` with its control socket, and a zeroed destination image of that size.
+/// The fields drop in order: the source is stopped before its files are removed.
+struct Ends {
+    source: Server,
+    sock: PathBuf,
+    dst: Image,
+    src: Image,
 }
 
-#[test]
-fn mirror_into_nbdkit_with_x509() {
+/// Sets up [`Ends`] for a test: the source's image from `seed`, the destination, the
+/// source started.
+fn ends(seed: u64) -> Ends {
+    let src = Image::with_data(&pattern(seed, SIZE));
+    let dst = destination(SIZE as u64);
+    let sock = src.sibling("src.sock");
+    let source = start_source(&src.path, &sock);
+    Ends {
+        source,
+        sock,
+        dst,
+        src,
+    }
+}
+
+impl Ends {
+    /// [`assert_still_serving`] for these ends' source.
+    fn assert_still_serving(&self) {
+        assert_still_serving(&self.source, &self.src, &self.sock);
+    }
+}
+
+/// Runs `flexnbd mirror` from the source at `sock` to `port` with `extra`, which must be
+/// refused (exit 1); returns its stdout and stderr together for the caller's checks.
+fn mirror_refused(sock: &Path, port: u16, extra: &[&str]) -> String {
+    let out = mirror_cli(sock, port, extra);
+    let text = format!("{}{}", out.stdout_str(), out.stderr);
+    assert_eq!(out.code(), Some(1), "{text}");
+    text
+}
+
+/// A whole migration into nbdkit over TLS: the source exits 0 and nbdkit's file is the
+/// source's.
+fn migrate_into_nbdkit(tls: Tls) {
     let (_dir, c) = credentials();
-    migrate_into_nbdkit(
-        &x509_args(&c.pki),
-        &["--tls-creds", c.pki.to_str().unwrap()],
+    let mut e = ends(161);
+    let (nbdkit, port) = start_nbdkit(&tls.nbdkit_options(&c), &e.dst.path);
+    start_mirror(&e.sock, port, &tls.client_options(&c));
+    assert_exit(&mut e.source, 0, "the source");
+    e.source.expect_log("uses TLS");
+    stop(nbdkit);
+    assert_same_files(
+        &e.dst.path,
+        &e.src.path,
+        "nbdkit's file after a TLS migration",
     );
 }
 
 #[test]
+fn mirror_into_nbdkit_with_x509() {
+    migrate_into_nbdkit(Tls::X509);
+}
+
+#[test]
 fn mirror_into_nbdkit_with_psk() {
-    let (_dir, c) = credentials();
-    migrate_into_nbdkit(&psk_args(&c.psk), &["--tls-psk", c.psk.to_str().unwrap()]);
+    migrate_into_nbdkit(Tls::Psk);
 }
 
 /// The source keeps serving its own file after a refused mirror, and is not mirroring.
@@ -123,48 +141,36 @@ fn assert_still_serving(source: &Server, src: &Image, sock: &Path) {
 #[test]
 fn mirror_trusting_another_ca_is_refused_with_the_cause() {
     let (_dir, c) = credentials();
-    let src = Image::with_data(&pattern(162, SIZE));
-    let dst = destination(SIZE as u64);
-    let sock = src.sibling("src.sock");
-    let source = start_source(&src.path, &sock);
-    let (nbdkit, port) = start_nbdkit(&dst.path, &x509_args(&c.pki));
-    let out = mirror_cli(&sock, port, &["--tls-creds", c.other.to_str().unwrap()]);
-    let text = format!("{}{}", out.stdout_str(), out.stderr);
-    assert_eq!(out.code(), Some(1), "{text}");
+    let e = ends(162);
+    let (nbdkit, port) = start_nbdkit(&Tls::X509.nbdkit_options(&c), &e.dst.path);
+    let text = mirror_refused(&e.sock, port, &["--tls-creds", c.other.to_str().unwrap()]);
     assert!(text.contains("Mirror was rejected"), "{text}");
     assert!(
         text.contains("the server's certificate was refused"),
         "the cause is missing: {text}"
     );
-    assert_still_serving(&source, &src, &sock);
+    e.assert_still_serving();
     stop(nbdkit);
 }
 
 #[test]
 fn mirror_without_credentials_into_required_tls_says_so() {
     let (_dir, c) = credentials();
-    let src = Image::with_data(&pattern(163, SIZE));
-    let dst = destination(SIZE as u64);
-    let sock = src.sibling("src.sock");
-    let source = start_source(&src.path, &sock);
-    let (nbdkit, port) = start_nbdkit(&dst.path, &psk_args(&c.psk));
-    let out = mirror_cli(&sock, port, &[]);
-    let text = format!("{}{}", out.stdout_str(), out.stderr);
-    assert_eq!(out.code(), Some(1), "{text}");
+    let e = ends(163);
+    let (nbdkit, port) = start_nbdkit(&Tls::Psk.nbdkit_options(&c), &e.dst.path);
+    let text = mirror_refused(&e.sock, port, &[]);
     assert!(
         text.contains("the destination requires TLS; give --tls-creds or --tls-psk"),
         "{text}"
     );
-    assert_still_serving(&source, &src, &sock);
+    e.assert_still_serving();
     // With the other key: refused as well, and the source still serves.
-    let out = mirror_cli(&sock, port, &["--tls-psk", c.other_psk.to_str().unwrap()]);
-    let text = format!("{}{}", out.stdout_str(), out.stderr);
-    assert_eq!(out.code(), Some(1), "{text}");
+    let text = mirror_refused(&e.sock, port, &["--tls-psk", c.other_psk.to_str().unwrap()]);
     assert!(
         text.contains("closed the connection during the TLS handshake (the server does not accept our PSK username or key)"),
         "{text}"
     );
-    assert_still_serving(&source, &src, &sock);
+    e.assert_still_serving();
     stop(nbdkit);
 }
 
@@ -197,9 +203,7 @@ fn bad_credentials_are_named() {
     std::fs::copy(c.pki.join("ca-cert.pem"), mixed.join("ca-cert.pem")).unwrap();
     std::fs::copy(c.pki.join("client-cert.pem"), mixed.join("client-cert.pem")).unwrap();
     std::fs::copy(c.other.join("client-key.pem"), mixed.join("client-key.pem")).unwrap();
-    let out = mirror_cli(&sock, 1, &["--tls-creds", mixed.to_str().unwrap()]);
-    let text = format!("{}{}", out.stdout_str(), out.stderr);
-    assert_eq!(out.code(), Some(1), "{text}");
+    let text = mirror_refused(&sock, 1, &["--tls-creds", mixed.to_str().unwrap()]);
     assert!(
         text.contains(&format!(
             "{}: the private key does not match the certificate",
@@ -209,23 +213,7 @@ fn bad_credentials_are_named() {
     );
     assert_still_serving(&source, &src, &sock);
     // The proxy refuses to start, naming the file.
-    let out = run_tool(
-        std::process::Command::new(proxy_bin()).args([
-            "--addr",
-            LOCALHOST,
-            "--port",
-            &free_port().to_string(),
-            "--conn-addr",
-            LOCALHOST,
-            "--conn-port",
-            "1",
-            "--tls-creds",
-            c.expired.to_str().unwrap(),
-        ]),
-        None,
-        TOOL_TIMEOUT,
-    );
-    assert_eq!(out.code(), Some(1), "{out:?}");
+    let out = proxy_refused(&c.expired);
     // A client directory reads only ca-cert.pem and the client pair: the expired server
     // certificate is not its business; the proxy therefore got past the credentials and
     // failed to reach upstream.
@@ -233,6 +221,17 @@ fn bad_credentials_are_named() {
         out.stderr.contains("Couldn't connect to upstream"),
         "{out:?}"
     );
+    let out = proxy_refused(&mixed);
+    assert!(
+        out.stderr
+            .contains(&mixed.join("client-key.pem").display().to_string()),
+        "{out:?}"
+    );
+}
+
+/// Runs `flexnbd-proxy --tls-creds CREDS` towards port 1 (where nothing listens), which
+/// must fail to start (exit 1); returns its output for the caller's checks of the cause.
+fn proxy_refused(creds: &Path) -> ToolOutput {
     let out = run_tool(
         std::process::Command::new(proxy_bin()).args([
             "--addr",
@@ -244,25 +243,22 @@ fn bad_credentials_are_named() {
             "--conn-port",
             "1",
             "--tls-creds",
-            mixed.to_str().unwrap(),
+            creds.to_str().unwrap(),
         ]),
         None,
         TOOL_TIMEOUT,
     );
     assert_eq!(out.code(), Some(1), "{out:?}");
-    assert!(
-        out.stderr
-            .contains(&mixed.join("client-key.pem").display().to_string()),
-        "{out:?}"
-    );
+    out
 }
 
 /// The proxy in front of `nbdkit --tls=require`: qemu-io writes and reads through it.
-fn proxy_into_nbdkit(nbdkit_tls: &[String], proxy_tls: &[&str]) {
+fn proxy_into_nbdkit(tls: Tls) {
+    let (_dir, c) = credentials();
     let dst = destination(SIZE as u64);
-    let (nbdkit, port) = start_nbdkit(&dst.path, nbdkit_tls);
+    let (nbdkit, port) = start_nbdkit(&tls.nbdkit_options(&c), &dst.path);
     let upstream = SocketAddr::new(LOOPBACK, port);
-    let mut proxy = Proxy::start(upstream, proxy_tls, &[]);
+    let mut proxy = Proxy::start(upstream, &tls.client_options(&c), &[]);
     let out = qemu_io(
         &proxy.uri(),
         &[
@@ -281,15 +277,10 @@ fn proxy_into_nbdkit(nbdkit_tls: &[String], proxy_tls: &[&str]) {
 
 #[test]
 fn proxy_upstream_over_tls_x509() {
-    let (_dir, c) = credentials();
-    proxy_into_nbdkit(
-        &x509_args(&c.pki),
-        &["--tls-creds", c.pki.to_str().unwrap()],
-    );
+    proxy_into_nbdkit(Tls::X509);
 }
 
 #[test]
 fn proxy_upstream_over_tls_psk() {
-    let (_dir, c) = credentials();
-    proxy_into_nbdkit(&psk_args(&c.psk), &["--tls-psk", c.psk.to_str().unwrap()]);
+    proxy_into_nbdkit(Tls::Psk);
 }

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod nbdkit;
 pub mod promise;
 pub mod proxy;
 pub mod relay;
