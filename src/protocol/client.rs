@@ -628,16 +628,7 @@ mod tests {
 
     #[test]
     fn our_client_negotiates_with_our_server() {
-        let server_config = NegotiationConfig {
-            export_name: "disk".into(),
-            description: None,
-            size: 1 << 20,
-            read_only: false,
-            block_size: BlockSize::DEFAULT,
-            can_multi_conn: true,
-            shutting_down: false,
-        };
-        let mut server = ServerNegotiation::new(server_config);
+        let mut server = ServerNegotiation::new(our_config("disk", 1 << 20));
         let greeting = server.greeting();
         let first16: [u8; 16] = greeting[..16].try_into().unwrap();
         assert_eq!(classify(&first16), Ok(Greeting::Newstyle));
@@ -706,13 +697,46 @@ mod tests {
         out
     }
 
-    fn option_reply(kind: u32, payload: &[u8]) -> Vec<u8> {
+    /// A server's reply of `kind` with `payload` to the client's `option`.
+    fn reply_for(option: u32, kind: u32, payload: &[u8]) -> Vec<u8> {
         let mut out = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
-        out.extend_from_slice(&opt::GO.to_be_bytes());
+        out.extend_from_slice(&option.to_be_bytes());
         out.extend_from_slice(&kind.to_be_bytes());
         out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         out.extend_from_slice(payload);
         out
+    }
+
+    /// A server's reply of `kind` with `payload` to GO.
+    fn option_reply(kind: u32, payload: &[u8]) -> Vec<u8> {
+        reply_for(opt::GO, kind, payload)
+    }
+
+    /// A new-style server's bytes: the greeting with `flags`, then each of `replies`.
+    fn server_bytes(flags: u16, replies: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = greeting(flags);
+        for reply in replies {
+            out.extend_from_slice(reply);
+        }
+        out
+    }
+
+    /// [`NegotiationConfig`] of our server for `export` of `size` bytes, writable.
+    fn our_config(export: &str, size: u64) -> NegotiationConfig {
+        NegotiationConfig {
+            export_name: export.into(),
+            description: None,
+            size,
+            read_only: false,
+            block_size: BlockSize::DEFAULT,
+            can_multi_conn: true,
+            shutting_down: false,
+        }
+    }
+
+    /// Our server's negotiation for `export` of [`SIZE`] bytes.
+    fn our_server(export: &str) -> ServerNegotiation {
+        ServerNegotiation::new(our_config(export, SIZE))
     }
 
     fn info_export(size: u64, flags: u16) -> Vec<u8> {
@@ -724,16 +748,22 @@ mod tests {
 
     const NEW_FLAGS: u16 = hflags::FIXED_NEWSTYLE | hflags::NO_ZEROES;
 
-    /// A new-style server's bytes: greeting, an INFO that is not the export's, the export's
-    /// INFO, then the ACK.
-    fn newstyle_transcript() -> Vec<u8> {
-        let mut out = greeting(NEW_FLAGS);
+    /// A server's replies to GO: an INFO that is not the export's, the export's INFO, then
+    /// the ACK.
+    fn go_replies() -> Vec<u8> {
         let mut name = info::NAME.to_be_bytes().to_vec();
         name.extend_from_slice(b"disk");
-        out.extend(option_reply(rep::INFO, &name));
-        out.extend(option_reply(rep::INFO, &info_export(SIZE, 0x4d)));
-        out.extend(option_reply(rep::ACK, &[]));
-        out
+        [
+            option_reply(rep::INFO, &name),
+            option_reply(rep::INFO, &info_export(SIZE, 0x4d)),
+            option_reply(rep::ACK, &[]),
+        ]
+        .concat()
+    }
+
+    /// A new-style server's bytes: greeting, then [`go_replies`].
+    fn newstyle_transcript() -> Vec<u8> {
+        server_bytes(NEW_FLAGS, &[go_replies()])
     }
 
     /// Drives `handshake` with `server`'s bytes in pieces of at most `piece`, as a driver
@@ -773,21 +803,16 @@ mod tests {
         }
     }
 
-    fn reply_to(option: u32, kind: u32, payload: &[u8]) -> Vec<u8> {
-        let mut out = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
-        out.extend_from_slice(&option.to_be_bytes());
-        out.extend_from_slice(&kind.to_be_bytes());
-        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        out.extend_from_slice(payload);
-        out
-    }
-
     #[test]
     fn starttls_first_then_go_over_tls() {
-        let mut server = greeting(NEW_FLAGS);
-        server.extend(reply_to(opt::STARTTLS, rep::ACK, &[]));
-        server.extend(option_reply(rep::INFO, &info_export(SIZE, 0x4d)));
-        server.extend(option_reply(rep::ACK, &[]));
+        let server = server_bytes(
+            NEW_FLAGS,
+            &[
+                reply_for(opt::STARTTLS, rep::ACK, &[]),
+                option_reply(rep::INFO, &info_export(SIZE, 0x4d)),
+                option_reply(rep::ACK, &[]),
+            ],
+        );
         for piece in [1, 5, 1000] {
             let mut h = ClientHandshake::new("disk").with_tls();
             let (result, sent) = drive(&mut h, &server, piece);
@@ -801,11 +826,15 @@ mod tests {
             assert_eq!(sent, expected);
         }
         // With extended headers asked for: asked over TLS, after the upgrade.
-        let mut server = greeting(NEW_FLAGS);
-        server.extend(reply_to(opt::STARTTLS, rep::ACK, &[]));
-        server.extend(reply_to(opt::EXTENDED_HEADERS, rep::ACK, &[]));
-        server.extend(option_reply(rep::INFO, &info_export(SIZE, 0x4d)));
-        server.extend(option_reply(rep::ACK, &[]));
+        let server = server_bytes(
+            NEW_FLAGS,
+            &[
+                reply_for(opt::STARTTLS, rep::ACK, &[]),
+                reply_for(opt::EXTENDED_HEADERS, rep::ACK, &[]),
+                option_reply(rep::INFO, &info_export(SIZE, 0x4d)),
+                option_reply(rep::ACK, &[]),
+            ],
+        );
         let mut h = ClientHandshake::new("").with_tls().with_extended_headers();
         let (result, sent) = drive(&mut h, &server, 7);
         assert!(result.unwrap().extended);
@@ -830,8 +859,7 @@ mod tests {
         );
         // STARTTLS refused, with a message.
         for kind in [rep::ERR_POLICY, rep::ERR_UNSUP] {
-            let mut server = greeting(NEW_FLAGS);
-            server.extend(reply_to(opt::STARTTLS, kind, b"no TLS here"));
+            let server = server_bytes(NEW_FLAGS, &[reply_for(opt::STARTTLS, kind, b"no TLS here")]);
             let mut h = ClientHandshake::new("").with_tls();
             let (result, _) = drive(&mut h, &server, 3);
             assert_eq!(result, Err(HandshakeError::TlsNotOffered(kind)));
@@ -840,12 +868,16 @@ mod tests {
                 .starts_with("the destination does not offer TLS"));
         }
         // Without TLS, a server that requires it: GO refused, or the first option.
-        let mut server = greeting(NEW_FLAGS);
-        server.extend(option_reply(rep::ERR_TLS_REQD, b"TLS required"));
+        let server = server_bytes(
+            NEW_FLAGS,
+            &[option_reply(rep::ERR_TLS_REQD, b"TLS required")],
+        );
         let (result, _) = drive(&mut ClientHandshake::new(""), &server, 1000);
         assert_eq!(result, Err(HandshakeError::TlsRequired));
-        let mut server = greeting(NEW_FLAGS);
-        server.extend(reply_to(opt::EXTENDED_HEADERS, rep::ERR_TLS_REQD, b""));
+        let server = server_bytes(
+            NEW_FLAGS,
+            &[reply_for(opt::EXTENDED_HEADERS, rep::ERR_TLS_REQD, b"")],
+        );
         let mut h = ClientHandshake::new("").with_extended_headers();
         let (result, _) = drive(&mut h, &server, 1000);
         assert_eq!(result, Err(HandshakeError::TlsRequired));
@@ -859,16 +891,7 @@ mod tests {
     #[test]
     fn our_client_upgrades_with_our_server() {
         use crate::protocol::newstyle::{TlsPolicy, TlsProgress};
-        let mut server = ServerNegotiation::new(NegotiationConfig {
-            export_name: "disk".into(),
-            description: None,
-            size: SIZE,
-            read_only: false,
-            block_size: BlockSize::DEFAULT,
-            can_multi_conn: true,
-            shutting_down: false,
-        })
-        .with_tls(TlsPolicy::Required);
+        let mut server = our_server("disk").with_tls(TlsPolicy::Required);
         let mut client = ClientHandshake::new("disk")
             .with_tls()
             .with_structured_replies();
@@ -961,15 +984,7 @@ mod tests {
 
     #[test]
     fn our_server_through_the_state_machine() {
-        let mut server = ServerNegotiation::new(NegotiationConfig {
-            export_name: String::new(),
-            description: None,
-            size: SIZE,
-            read_only: false,
-            block_size: BlockSize::DEFAULT,
-            can_multi_conn: true,
-            shutting_down: false,
-        });
+        let mut server = our_server("");
         let mut h = ClientHandshake::new("");
         h.feed(&server.greeting()).unwrap();
         let Action::Write(go) = h.action() else {
@@ -995,8 +1010,10 @@ mod tests {
 
     #[test]
     fn a_refused_export() {
-        let mut server = greeting(NEW_FLAGS);
-        server.extend(option_reply(rep::ERR_UNKNOWN, b"no such export"));
+        let server = server_bytes(
+            NEW_FLAGS,
+            &[option_reply(rep::ERR_UNKNOWN, b"no such export")],
+        );
         let mut h = ClientHandshake::new("");
         let (result, _) = drive(&mut h, &server, 1000);
         let error = result.unwrap_err();
@@ -1011,8 +1028,7 @@ mod tests {
 
     #[test]
     fn an_ack_without_the_export_info() {
-        let mut server = greeting(NEW_FLAGS);
-        server.extend(option_reply(rep::ACK, &[]));
+        let server = server_bytes(NEW_FLAGS, &[option_reply(rep::ACK, &[])]);
         let (result, _) = drive(&mut ClientHandshake::new(""), &server, 1000);
         assert_eq!(result, Err(HandshakeError::NoExportInfo));
         assert_eq!(
@@ -1023,18 +1039,16 @@ mod tests {
 
     #[test]
     fn bad_option_replies_are_refused() {
-        let mut server = greeting(NEW_FLAGS);
         let mut bad = option_reply(rep::ACK, &[]);
         bad[0] ^= 1;
-        server.extend(bad);
+        let server = server_bytes(NEW_FLAGS, &[bad]);
         let (result, _) = drive(&mut ClientHandshake::new(""), &server, 1000);
         assert!(matches!(
             result,
             Err(HandshakeError::Client(ClientError::BadReplyMagic(_)))
         ));
 
-        let mut server = greeting(NEW_FLAGS);
-        server.extend(option_reply(rep::INFO, &[0, 0, 1]));
+        let server = server_bytes(NEW_FLAGS, &[option_reply(rep::INFO, &[0, 0, 1])]);
         let (result, _) = drive(&mut ClientHandshake::new(""), &server, 1000);
         assert_eq!(result, Err(HandshakeError::Client(ClientError::BadInfo)));
     }
@@ -1154,18 +1168,6 @@ mod tests {
     // -----------------------------------------------------------------------------------
     // Asking for extended headers and structured replies before GO.
 
-    fn our_server(export: &str) -> ServerNegotiation {
-        ServerNegotiation::new(NegotiationConfig {
-            export_name: export.into(),
-            description: None,
-            size: SIZE,
-            read_only: false,
-            block_size: BlockSize::DEFAULT,
-            can_multi_conn: true,
-            shutting_down: false,
-        })
-    }
-
     /// Runs `h` against our own server, a write at a time. Returns what each side settled
     /// and what the client sent.
     fn converse(
@@ -1216,40 +1218,43 @@ mod tests {
         out
     }
 
-    fn reply_for(option: u32, kind: u32, payload: &[u8]) -> Vec<u8> {
-        let mut out = option_reply(kind, payload);
-        out[8..12].copy_from_slice(&option.to_be_bytes());
-        out
-    }
-
     /// A server that answers EXTENDED_HEADERS with ERR_UNSUP, acknowledges
     /// STRUCTURED_REPLY, then GO as in [`newstyle_transcript`].
     fn fallback_transcript() -> Vec<u8> {
-        let mut out = greeting(NEW_FLAGS);
-        out.extend(reply_for(
-            opt::EXTENDED_HEADERS,
-            rep::ERR_UNSUP,
-            b"option not supported",
-        ));
-        out.extend(reply_for(opt::STRUCTURED_REPLY, rep::ACK, &[]));
-        out.extend_from_slice(&newstyle_transcript()[18..]);
-        out
+        server_bytes(
+            NEW_FLAGS,
+            &[
+                reply_for(
+                    opt::EXTENDED_HEADERS,
+                    rep::ERR_UNSUP,
+                    b"option not supported",
+                ),
+                reply_for(opt::STRUCTURED_REPLY, rep::ACK, &[]),
+                go_replies(),
+            ],
+        )
     }
 
     /// Extended headers acknowledged, then GO.
     fn extended_transcript() -> Vec<u8> {
-        let mut out = greeting(NEW_FLAGS);
-        out.extend(reply_for(opt::EXTENDED_HEADERS, rep::ACK, &[]));
-        out.extend_from_slice(&newstyle_transcript()[18..]);
-        out
+        server_bytes(
+            NEW_FLAGS,
+            &[
+                reply_for(opt::EXTENDED_HEADERS, rep::ACK, &[]),
+                go_replies(),
+            ],
+        )
     }
 
     /// Structured replies acknowledged, then GO.
     fn structured_transcript() -> Vec<u8> {
-        let mut out = greeting(NEW_FLAGS);
-        out.extend(reply_for(opt::STRUCTURED_REPLY, rep::ACK, &[]));
-        out.extend_from_slice(&newstyle_transcript()[18..]);
-        out
+        server_bytes(
+            NEW_FLAGS,
+            &[
+                reply_for(opt::STRUCTURED_REPLY, rep::ACK, &[]),
+                go_replies(),
+            ],
+        )
     }
 
     #[test]
@@ -1330,10 +1335,14 @@ mod tests {
         }
 
         // Neither: GO without them.
-        let mut server = greeting(hflags::FIXED_NEWSTYLE);
-        server.extend(reply_for(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]));
-        server.extend(reply_for(opt::STRUCTURED_REPLY, rep::ERR_UNSUP, b"no"));
-        server.extend_from_slice(&newstyle_transcript()[18..]);
+        let server = server_bytes(
+            hflags::FIXED_NEWSTYLE,
+            &[
+                reply_for(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]),
+                reply_for(opt::STRUCTURED_REPLY, rep::ERR_UNSUP, b"no"),
+                go_replies(),
+            ],
+        );
         let mut h = ClientHandshake::new("d").with_extended_headers();
         let (result, sent) = drive(&mut h, &server, 7);
         let negotiated = result.unwrap();
@@ -1345,9 +1354,13 @@ mod tests {
         assert_eq!(sent, expected);
 
         // Structured replies only, refused: GO without them.
-        let mut server = greeting(NEW_FLAGS);
-        server.extend(reply_for(opt::STRUCTURED_REPLY, rep::ERR_UNSUP, &[]));
-        server.extend_from_slice(&newstyle_transcript()[18..]);
+        let server = server_bytes(
+            NEW_FLAGS,
+            &[
+                reply_for(opt::STRUCTURED_REPLY, rep::ERR_UNSUP, &[]),
+                go_replies(),
+            ],
+        );
         let mut h = ClientHandshake::new("").with_structured_replies();
         let (result, _) = drive(&mut h, &server, 1000);
         assert!(!result.unwrap().structured);
@@ -1384,8 +1397,7 @@ mod tests {
             reply_for(opt::EXTENDED_HEADERS, rep::INFO, &info_export(SIZE, 1)),
         ];
         for reply in bad {
-            let mut server = greeting(NEW_FLAGS);
-            server.extend(&reply);
+            let server = server_bytes(NEW_FLAGS, &[reply]);
             let mut h = ClientHandshake::new("").with_extended_headers();
             let (result, _) = drive(&mut h, &server, 1000);
             assert!(
@@ -1395,10 +1407,9 @@ mod tests {
             assert_eq!(h.action(), Action::Failed);
         }
         // Lengths are bounded before anything is read.
-        let mut server = greeting(NEW_FLAGS);
         let mut reply = reply_for(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]);
         reply[16..20].copy_from_slice(&(MAX_OPTION_REPLY + 1).to_be_bytes());
-        server.extend(reply);
+        let server = server_bytes(NEW_FLAGS, &[reply]);
         let mut h = ClientHandshake::new("").with_extended_headers();
         let (result, _) = drive(&mut h, &server, 1000);
         assert_eq!(
@@ -1408,10 +1419,9 @@ mod tests {
             )))
         );
         // Bad magic.
-        let mut server = greeting(NEW_FLAGS);
         let mut reply = reply_for(opt::STRUCTURED_REPLY, rep::ACK, &[]);
         reply[0] ^= 1;
-        server.extend(reply);
+        let server = server_bytes(NEW_FLAGS, &[reply]);
         let mut h = ClientHandshake::new("").with_structured_replies();
         let (result, _) = drive(&mut h, &server, 1000);
         assert!(matches!(
@@ -1442,8 +1452,7 @@ mod tests {
             &[0, 0],
         ]
         .concat();
-        let mut server = greeting(NEW_FLAGS);
-        server.extend_from_slice(&newstyle_transcript()[18..]);
+        let server = newstyle_transcript();
         let mut h = ClientHandshake::new("disk");
         let (result, sent) = drive(&mut h, &server, 1000);
         assert_eq!(sent, expected);
