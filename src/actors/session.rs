@@ -47,10 +47,11 @@ const MAX_EXTENTS: usize = 64 * 1024;
 /// Largest piece of a WRITE's payload written at once (at most the part size): a 1 MiB
 /// write goes into the file in four pieces, the first ones while the rest is arriving.
 const WRITE_PART: usize = 256 << 10;
-/// Reads at least this long whose bytes are all in the page cache, alone in flight, are
-/// sent with `sendfile` ([`Body::Cached`]): no copy into a buffer and none out of it. Below it, the
-/// two copies cost less than the extra system calls (the page-cache check, the header sent
-/// on its own) and the lost batching of small replies into one vectored write.
+/// Reads at least this long whose bytes are all in the page cache are sent without the
+/// copy into a buffer: alone in flight on plain TCP with `sendfile` ([`Body::Cached`]),
+/// otherwise written from the export's mapping (`Backing::cached_bytes`). Below it, the
+/// copy costs less than the page-cache check (a system call) and, for `sendfile`, the
+/// header sent on its own and the lost batching of small replies into one vectored write.
 const ZERO_COPY_MIN: u64 = 64 << 10;
 /// Largest WRITE done on the session's own thread (see `Session::write`).
 const INLINE_WRITE_MAX: usize = 128 << 10;
@@ -673,9 +674,10 @@ impl Session {
             self.send(responder.data(length, body));
             return;
         }
-        // Over TLS every byte is copied into a record anyway: give `SSL_write` the cached
-        // pages themselves rather than a copy of them.
-        if self.tls {
+        // Several in flight (where `sendfile` sends part by part and wakes the client for
+        // each), or over TLS (where every byte is copied into a record anyway): the reply
+        // is written from the cached pages themselves, with one copy fewer.
+        if length >= ZERO_COPY_MIN {
             if let Some(bytes) = backing.cached_bytes(offset, length as usize) {
                 self.send(responder.data(length, Body::Data(bytes)));
                 return;

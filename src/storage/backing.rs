@@ -93,7 +93,7 @@ pub struct Backing {
     /// Where writeback was started early since the last flush.
     write_behind: WriteBehind,
     /// The whole export mapped read-only, made the first time [`Backing::cached_bytes`]
-    /// is asked (by a TLS session); `None` inside if mapping failed, which is logged once
+    /// is asked; `None` inside if mapping failed, which is logged once
     /// and leaves those reads on the copying path.
     mapping: std::sync::OnceLock<Option<Arc<Mapping>>>,
 }
@@ -304,9 +304,9 @@ impl Backing {
 
     /// `offset..offset + len` as `Bytes` over the page cache's own pages (see
     /// `storage::mapping`), when every page of the range is cached; `None` otherwise, and
-    /// the caller reads the range into a buffer. For replies that are copied anyway (TLS
-    /// encrypts every byte): the copy into a buffer is saved, and touching the pages does
-    /// not wait for the disk.
+    /// the caller reads the range into a buffer. For replies that are copied anyway (into
+    /// the socket, or into TLS records): the copy into a buffer is saved, and touching the
+    /// pages does not wait for the disk.
     pub fn cached_bytes(&self, offset: u64, len: usize) -> Option<Bytes> {
         if !self.is_cached(offset, len as u64) {
             return None;
@@ -316,7 +316,7 @@ impl Backing {
                 .map(Arc::new)
                 .map_err(|e| {
                     tracing::warn!(
-                        "could not map {} ({e}): TLS reads are copied through a buffer",
+                        "could not map {} ({e}): cached reads are copied through a buffer",
                         self.path.display()
                     )
                 })

@@ -6,6 +6,10 @@
 //! was a third of a TLS session's CPU (perf, 1 GiB read with nbdcopy). Handing `SSL_write`
 //! the mapped page-cache pages instead makes its own copy the only one.
 //!
+//! The same holds for large plain READs with others in flight, where `sendfile` is slow
+//! (it sends part by part and wakes the client for each): writing them from the mapping
+//! makes the socket's copy the only one.
+//!
 //! The mapping is only read where [`super::Backing::is_cached`] has just said every page is
 //! in the page cache, so touching it does not wait for the disk on a session's thread.
 //!
