@@ -1,7 +1,8 @@
 //! Who gets served, and what one client can cost the others: access control (§8), the
 //! client limit (§5.2), and the memory bound for a client that never reads its replies.
 //! A rejected client is accepted and closed at once, so "rejected" here means: the TCP
-//! connect succeeds and the first read is EOF with no hello.
+//! connect succeeds and the first read is EOF with no hello. Also what the file itself can
+//! do to the server: an image shrunk under it must not bring it down.
 
 mod support;
 
@@ -237,4 +238,70 @@ fn clients_that_leave_free_their_slots() {
     let mut c = connect_eventually(server.sockaddr(), Duration::from_secs(10));
     c.write_at(0, &[0x42; 512]);
     assert_eq!(c.read_at(0, 512), vec![0x42; 512]);
+}
+
+/// Sends READs of `len` at each of `offsets` back to back, then reads every reply. Returns
+/// (offset, Some(data)) for a successful reply and (offset, None) for an error.
+fn pipelined_reads(c: &mut RawClient, offsets: &[u64], len: usize) -> Vec<(u64, Option<Vec<u8>>)> {
+    for &offset in offsets {
+        c.request(0, CMD_READ, offset, offset, len as u32);
+    }
+    let mut answers: Vec<(u64, Option<Vec<u8>>)> = offsets
+        .iter()
+        .map(|_| {
+            let reply = c.read_reply();
+            let data = (reply.error == 0).then(|| c.read_bytes(len));
+            (reply.handle, data)
+        })
+        .collect();
+    answers.sort_by_key(|(offset, _)| *offset);
+    let mut asked = offsets.to_vec();
+    asked.sort();
+    let answered: Vec<u64> = answers.iter().map(|(o, _)| *o).collect();
+    assert_eq!(answered, asked, "one reply per READ");
+    answers
+}
+
+/// An image shrunk under a running server (an operator's mistake) must not bring it down.
+/// Large cached READs are sent from a mapping of the export or with `sendfile`, and both
+/// are used only where `cachestat` has just found every page cached; pages past the new
+/// end of the file are not, so those READs take the copying path and fail (or read zeros),
+/// and the server goes on answering.
+#[test]
+fn an_image_shrunk_under_the_server_does_not_bring_it_down() {
+    let data = pattern(71, SIZE);
+    let img = Image::with_data(&data);
+    let mut server = Server::start(&img.path, &[]);
+    let mut c = server.connect();
+    let offsets: Vec<u64> = (0..8).map(|i| (i * MIB) as u64).collect();
+    // Through both large-read paths, with others in flight and alone.
+    for (offset, got) in pipelined_reads(&mut c, &offsets, MIB) {
+        let at = offset as usize;
+        assert_same_bytes(&got.expect("READ"), &data[at..at + MIB], "READ before");
+    }
+    assert_same_bytes(
+        &c.read_at(MIB as u64, MIB),
+        &data[MIB..2 * MIB],
+        "READ alone",
+    );
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img.path)
+        .unwrap()
+        .set_len((SIZE / 4) as u64)
+        .unwrap();
+
+    let past_end: Vec<u64> = (0..8).map(|i| (SIZE / 2 + i * MIB) as u64).collect();
+    for _ in 0..3 {
+        for (offset, got) in pipelined_reads(&mut c, &past_end, MIB) {
+            if let Some(got) = got {
+                assert_filled(&got, 0, &format!("READ at {offset} past the new end"));
+            }
+        }
+        let alone = pipelined_reads(&mut c, &past_end[..1], MIB);
+        assert_eq!(alone.len(), 1);
+    }
+    assert!(server.is_running(), "the server died: {}", server.stderr());
+    assert_same_bytes(&c.read_at(0, 256 * KIB), &data[..256 * KIB], "READ after");
 }
