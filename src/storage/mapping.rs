@@ -20,9 +20,12 @@
 //!   entries dropped, the page cache untouched) each time [`RELEASE_EVERY`] bytes have been
 //!   handed out: RSS stays bounded, and the pages age as any page cache does;
 //! - if the file were truncated below the export size while served, touching the missing
-//!   pages would raise SIGBUS. The export size is fixed when the server starts and the
-//!   file is locked against a second server; shrinking an image under a running server
-//!   already loses the guest's data (C flexnbd maps its files the same way).
+//!   pages would raise SIGBUS. Truncation drops the pages past the new end from the page
+//!   cache, so the `cachestat` check in front of every use sends those reads down the
+//!   copying path (an error reply, the server lives on: `tests/errors_and_acl.rs`); only a
+//!   truncation racing a read between the check and the copy could reach one. Shrinking
+//!   an image under a running server already loses the guest's data, and C flexnbd maps
+//!   its files without any such check.
 
 use std::fs::File;
 use std::io;
