@@ -661,31 +661,29 @@ impl Session {
             self.send(responder.hole(offset, length as u32));
             return;
         }
-        // Never over TLS: every byte must be encrypted, `sendfile` would send it in clear.
-        // Nor on a crowded host (more runnable threads than CPUs): the client then runs on
-        // our CPU, `sendfile` pushes 64 KiB at a time and the woken client preempts us
-        // after each; one vectored write from the mapping hands over the whole reply at
-        // once. Beside two CPU-bound loops, 1 MiB reads one at a time went from 800-950
-        // MiB/s with `sendfile` to 1140-2020 from the mapping (7 interleaved rounds).
-        if !self.tls
-            && length >= ZERO_COPY_MIN
-            && self.alone_in_flight()
-            && host_has_spare_cpu()
-            && backing.is_cached(offset, length)
-        {
-            let body = Body::Cached {
-                backing: backing.clone(),
-                offset,
-                length,
-            };
-            self.send(responder.data(length, body));
-            return;
-        }
-        // Several in flight (where `sendfile` sends part by part and wakes the client for
-        // each), or over TLS (where every byte is copied into a record anyway): the reply
-        // is written from the cached pages themselves, with one copy fewer.
         if length >= ZERO_COPY_MIN {
-            if let Some(bytes) = backing.cached_bytes(offset, length as usize) {
+            // Never over TLS: every byte must be encrypted, `sendfile` would send it in
+            // clear. Nor on a crowded host (more runnable threads than CPUs): the client
+            // then runs on our CPU, `sendfile` pushes 64 KiB at a time and the woken client
+            // preempts us after each; one vectored write from the mapping hands over the
+            // whole reply at once. Beside two CPU-bound loops, 1 MiB reads one at a time
+            // went from 800-950 MiB/s with `sendfile` to 1140-2020 from the mapping (7
+            // interleaved rounds).
+            if !self.tls && self.alone_in_flight() && host_has_spare_cpu() {
+                if backing.is_cached(offset, length) {
+                    let body = Body::Cached {
+                        backing: backing.clone(),
+                        offset,
+                        length,
+                    };
+                    self.send(responder.data(length, body));
+                    return;
+                }
+            } else if let Some(bytes) = backing.cached_bytes(offset, length as usize) {
+                // Several in flight (where `sendfile` sends part by part and wakes the
+                // client for each), TLS (where every byte is copied into a record anyway)
+                // or a crowded host: the reply is written from the cached pages themselves,
+                // with one copy fewer.
                 self.send(responder.data(length, Body::Data(bytes)));
                 return;
             }
